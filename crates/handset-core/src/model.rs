@@ -1,0 +1,384 @@
+//! The records handset keeps (partners, verifications, transactions, outbox
+//! messages) and the transaction resource partners read and receive.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::error::ErrorCode;
+
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident { $( $variant:ident = $text:literal ),* $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+        pub enum $name { $( #[serde(rename = $text)] $variant, )* }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[ $( $name::$variant, )* ];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $( $name::$variant => $text, )* }
+            }
+
+            pub fn parse(text: &str) -> Option<$name> {
+                match text { $( $text => Some($name::$variant), )* _ => None }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+string_enum! {
+    /// What a transaction proves.
+    Product {
+        PossessionSms = "possession.sms",
+        PossessionNetwork = "possession.network",
+        Identity = "identity",
+    }
+}
+
+impl Product {
+    pub fn is_possession(self) -> bool {
+        matches!(self, Product::PossessionSms | Product::PossessionNetwork)
+    }
+}
+
+string_enum! {
+    /// Who answers a transaction upstream.
+    ProviderName {
+        Sandbox = "sandbox",
+        Idme = "idme",
+        Veratad = "veratad",
+        Dqe = "dqe",
+    }
+}
+
+/// A transaction's state, with ID.me's codes: 210 pending, 200 success, 300 unsuccessful.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Pending,
+    Succeeded,
+    Failed,
+}
+
+impl Status {
+    pub fn code(self) -> i32 {
+        match self {
+            Status::Pending => 210,
+            Status::Succeeded => 200,
+            Status::Failed => 300,
+        }
+    }
+
+    pub fn from_code(code: i32) -> Option<Status> {
+        match code {
+            210 => Some(Status::Pending),
+            200 => Some(Status::Succeeded),
+            300 => Some(Status::Failed),
+            _ => None,
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Status::Pending => "Transaction pending review",
+            Status::Succeeded => "Transaction successfully completed",
+            Status::Failed => "Transaction unsuccessful",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        self != Status::Pending
+    }
+}
+
+/// A partner account. The API key itself is never kept, only its hash.
+#[derive(Debug, Clone)]
+pub struct Partner {
+    pub id: Uuid,
+    pub name: String,
+    pub products: Vec<Product>,
+    pub active: bool,
+    /// `whsec_...`: needed in clear to sign callbacks.
+    pub webhook_secret: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Partner {
+    pub fn enabled_for(&self, product: Product) -> bool {
+        self.products.contains(&product)
+    }
+}
+
+/// A group of transactions about one user.
+#[derive(Debug, Clone)]
+pub struct Verification {
+    pub id: Uuid,
+    pub partner_id: Uuid,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The user's name, which some providers need (Veratad).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PersonName {
+    pub first: String,
+    pub last: String,
+}
+
+/// A postal address returned by an identity match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Address {
+    pub line1: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub line2: Option<String>,
+    pub city: String,
+    pub region: String,
+    pub postal_code: String,
+    pub country: String,
+}
+
+/// One error in a final transaction's `result.errors`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ResultError {
+    pub code: u16,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub additional_info: Option<String>,
+    /// The provider's own code, verbatim (`"09"`, `"3102"`, `"FAIL: ..."`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub provider_code: Option<String>,
+}
+
+impl ResultError {
+    pub fn new(code: ErrorCode) -> Self {
+        ResultError {
+            code: code.code(),
+            message: code.message().to_owned(),
+            additional_info: None,
+            provider_code: None,
+        }
+    }
+
+    pub fn provider_code(mut self, code: impl Into<String>) -> Self {
+        self.provider_code = Some(code.into());
+        self
+    }
+
+    pub fn additional_info(mut self, info: impl Into<String>) -> Self {
+        self.additional_info = Some(info.into());
+        self
+    }
+}
+
+/// A final transaction's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum TransactionResult {
+    /// Possession proven for this number.
+    Phone {
+        phone: String,
+    },
+    /// Identity matched; the carrier's address for the holder.
+    Address {
+        address: Address,
+    },
+    Errors {
+        errors: Vec<ResultError>,
+    },
+}
+
+impl TransactionResult {
+    pub fn failure(error: ResultError) -> Self {
+        TransactionResult::Errors {
+            errors: vec![error],
+        }
+    }
+
+    /// The first error's code, when the result is a failure.
+    pub fn error_code(&self) -> Option<u16> {
+        match self {
+            TransactionResult::Errors { errors } => errors.first().map(|e| e.code),
+            _ => None,
+        }
+    }
+}
+
+/// One check of one phone number, as stored.
+#[derive(Debug, Clone)]
+pub struct Transaction {
+    pub id: Uuid,
+    pub verification_id: Uuid,
+    pub partner_id: Uuid,
+    pub product: Product,
+    pub provider: ProviderName,
+    /// E.164; `None` once purged by retention.
+    pub phone: Option<String>,
+    pub birth_date: Option<String>,
+    pub status: Status,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// Deadline for a pending check (code entry or operator redirect).
+    pub expires_at: Option<DateTime<Utc>>,
+    pub attempts_used: i32,
+    pub max_attempts: i32,
+    /// Hash of a code handset itself checks (see `crate::code_hash`); never the code.
+    pub code_hash: Option<String>,
+    /// The provider's own transaction id or session token.
+    pub provider_ref: Option<String>,
+    /// Operator URL the user is sent to (network possession).
+    pub redirect_url: Option<String>,
+    /// Where the user goes after the operator step (partner's page).
+    pub redirect_uri: Option<String>,
+    pub callback_url: Option<String>,
+    pub name: Option<PersonName>,
+    pub metadata: Value,
+    pub result: Option<TransactionResult>,
+}
+
+/// A callback to deliver, written in the same database transaction as the
+/// state change that caused it (transactional outbox).
+#[derive(Debug, Clone)]
+pub struct OutboxMessage {
+    /// Doubles as the Standard Webhooks `webhook-id`.
+    pub id: Uuid,
+    pub transaction_id: Uuid,
+    pub partner_id: Uuid,
+    pub callback_url: String,
+    /// The transaction resource at the moment it became final.
+    pub payload: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Timestamps as partners see them: RFC 3339, UTC, milliseconds.
+pub fn format_time(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StatusOut {
+    /// 210 pending, 200 success, 300 unsuccessful (final).
+    pub code: i32,
+    pub message: String,
+    pub created: String,
+    pub updated: String,
+}
+
+/// What the user must do next for a pending possession check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum NextAction {
+    EnterCode {
+        attempts_remaining: i32,
+        expires_at: String,
+    },
+    Redirect {
+        url: String,
+    },
+}
+
+/// The transaction resource: every endpoint's answer and every callback's body.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TransactionOut {
+    pub transaction_id: Uuid,
+    pub verification_id: Uuid,
+    pub product: Product,
+    pub provider: ProviderName,
+    /// E.164; null after the retention period purged it.
+    pub phone: Option<String>,
+    pub status: StatusOut,
+    pub next_action: Option<NextAction>,
+    /// Present once the transaction is final.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub result: Option<TransactionResult>,
+    #[schema(value_type = Object)]
+    pub metadata: Value,
+    pub callback_url: Option<String>,
+}
+
+impl Transaction {
+    pub fn is_final(&self) -> bool {
+        self.status.is_final()
+    }
+
+    pub fn attempts_remaining(&self) -> i32 {
+        (self.max_attempts - self.attempts_used).max(0)
+    }
+
+    pub fn next_action(&self) -> Option<NextAction> {
+        if self.is_final() {
+            return None;
+        }
+        match self.product {
+            Product::PossessionSms => Some(NextAction::EnterCode {
+                attempts_remaining: self.attempts_remaining(),
+                expires_at: self.expires_at.map(format_time).unwrap_or_default(),
+            }),
+            Product::PossessionNetwork => self
+                .redirect_url
+                .clone()
+                .map(|url| NextAction::Redirect { url }),
+            Product::Identity => None,
+        }
+    }
+
+    pub fn to_resource(&self) -> TransactionOut {
+        TransactionOut {
+            transaction_id: self.id,
+            verification_id: self.verification_id,
+            product: self.product,
+            provider: self.provider,
+            phone: self.phone.clone(),
+            status: StatusOut {
+                code: self.status.code(),
+                message: self.status.message().to_owned(),
+                created: format_time(self.created_at),
+                updated: format_time(self.updated_at),
+            },
+            next_action: self.next_action(),
+            result: if self.is_final() {
+                self.result.clone()
+            } else {
+                None
+            },
+            metadata: self.metadata.clone(),
+            callback_url: self.callback_url.clone(),
+        }
+    }
+}
+
+/// `GET /v1/verifications/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VerificationOut {
+    pub verification_id: Uuid,
+    pub created: String,
+    /// Some possession transaction of this verification succeeded.
+    pub possession_verified: bool,
+    /// Some identity transaction of this verification succeeded.
+    pub identity_verified: bool,
+    pub transactions: Vec<TransactionOut>,
+}
+
+impl VerificationOut {
+    pub fn new(verification: &Verification, transactions: &[Transaction]) -> Self {
+        let succeeded = |possession: bool| {
+            transactions
+                .iter()
+                .any(|t| t.status == Status::Succeeded && t.product.is_possession() == possession)
+        };
+        VerificationOut {
+            verification_id: verification.id,
+            created: format_time(verification.created_at),
+            possession_verified: succeeded(true),
+            identity_verified: succeeded(false),
+            transactions: transactions.iter().map(Transaction::to_resource).collect(),
+        }
+    }
+}

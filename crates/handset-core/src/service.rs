@@ -1,0 +1,638 @@
+//! The gateway service: every decision about partners' requests. Handlers call
+//! it with parsed input; it calls providers and the store through their traits.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::{Duration, Utc};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::birth_date::BirthDate;
+use crate::error::{ApiError, ErrorCode};
+use crate::model::{
+    OutboxMessage, Partner, PersonName, Product, ProviderName, ResultError, Status, Transaction,
+    TransactionResult, Verification, VerificationOut,
+};
+use crate::phone::Phone;
+use crate::provider::{CodeCheck, Outcome, Provider, ProviderError, StartRequest, Started};
+use crate::routing::Routing;
+use crate::secret::{api_key_hash, code_hash, constant_time_eq};
+use crate::store::{Finalization, Store};
+
+/// Service settings taken from config.
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    pub code_ttl: Duration,
+    pub max_attempts: i32,
+    /// handset's absolute base URL, for links it hands out.
+    pub public_url: String,
+    /// A key that must never authenticate (the development key in production).
+    pub refused_api_key: Option<String>,
+}
+
+/// A possession check to start, already parsed.
+#[derive(Debug, Clone)]
+pub struct StartPossession {
+    pub phone: Phone,
+    pub channel: Product,
+    pub provider: Option<ProviderName>,
+    pub verification_id: Option<Uuid>,
+    pub callback_url: Option<String>,
+    pub redirect_uri: Option<String>,
+    pub name: Option<PersonName>,
+    pub metadata: Value,
+}
+
+/// An identity match to start, already parsed.
+#[derive(Debug, Clone)]
+pub struct StartIdentity {
+    pub phone: Phone,
+    pub birth_date: BirthDate,
+    pub provider: Option<ProviderName>,
+    pub verification_id: Option<Uuid>,
+    pub callback_url: Option<String>,
+    pub metadata: Value,
+}
+
+/// Shape of a one-time code handset accepts before counting an attempt.
+fn code_is_well_formed(code: &str) -> bool {
+    (4..=10).contains(&code.len()) && code.bytes().all(|b| b.is_ascii_digit())
+}
+
+pub struct Gateway {
+    store: Arc<dyn Store>,
+    providers: HashMap<ProviderName, Arc<dyn Provider>>,
+    routing: Routing,
+    settings: GatewaySettings,
+    refused_key_hash: Option<String>,
+}
+
+impl Gateway {
+    pub fn new(
+        store: Arc<dyn Store>,
+        providers: Vec<Arc<dyn Provider>>,
+        routing: Routing,
+        settings: GatewaySettings,
+    ) -> Self {
+        let refused_key_hash = settings.refused_api_key.as_deref().map(api_key_hash);
+        Gateway {
+            store,
+            providers: providers.into_iter().map(|p| (p.name(), p)).collect(),
+            routing,
+            settings,
+            refused_key_hash,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn settings(&self) -> &GatewaySettings {
+        &self.settings
+    }
+
+    /// The partner behind a bearer key: unknown -> 401 1100, inactive -> 401 1200.
+    pub async fn authenticate(&self, api_key: &str) -> Result<Partner, ApiError> {
+        let hash = api_key_hash(api_key);
+        if self
+            .refused_key_hash
+            .as_deref()
+            .is_some_and(|refused| constant_time_eq(refused, &hash))
+        {
+            return Err(ApiError::new(ErrorCode::CredentialsUnknown));
+        }
+        let partner = self
+            .store
+            .partner_by_key_hash(&hash)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| ApiError::new(ErrorCode::CredentialsUnknown))?;
+        if !partner.active {
+            return Err(ApiError::new(ErrorCode::AccountInactive));
+        }
+        Ok(partner)
+    }
+
+    pub async fn start_possession(
+        &self,
+        partner: &Partner,
+        input: StartPossession,
+    ) -> Result<Transaction, ApiError> {
+        let product = input.channel;
+        ensure_enabled(partner, product)?;
+        let (verification_id, new_verification) = self
+            .verification_for(partner, input.verification_id)
+            .await?;
+        let chain = self.chain(product, &input.phone, input.provider, input.name.is_some())?;
+        let mut draft = self.draft(partner, product, verification_id, &input.phone);
+        draft.callback_url = input.callback_url;
+        draft.redirect_uri = input.redirect_uri;
+        draft.name = input.name;
+        draft.metadata = input.metadata;
+        let started = self
+            .first_available(&chain, &mut draft, &input.phone, None)
+            .await;
+        self.record_start(draft, new_verification, started).await
+    }
+
+    pub async fn start_identity(
+        &self,
+        partner: &Partner,
+        input: StartIdentity,
+    ) -> Result<Transaction, ApiError> {
+        let product = Product::Identity;
+        ensure_enabled(partner, product)?;
+        let (verification_id, new_verification) = self
+            .verification_for(partner, input.verification_id)
+            .await?;
+        let chain = self.chain(product, &input.phone, input.provider, false)?;
+        let mut draft = self.draft(partner, product, verification_id, &input.phone);
+        draft.birth_date = Some(input.birth_date.to_string());
+        draft.callback_url = input.callback_url;
+        draft.metadata = input.metadata;
+        let started = self
+            .first_available(&chain, &mut draft, &input.phone, Some(&input.birth_date))
+            .await;
+        self.record_start(draft, new_verification, started).await
+    }
+
+    /// Checks a code (sms) or refreshes the operator result (network), with
+    /// the precedence of DESIGN §9.
+    pub async fn confirm_possession(
+        &self,
+        partner: &Partner,
+        transaction_id: Uuid,
+        code: Option<&str>,
+    ) -> Result<Transaction, ApiError> {
+        // A concurrent request can change the transaction between our read and
+        // our conditional write; re-reading and deciding again settles it.
+        for _ in 0..3 {
+            let tx = self.owned_transaction(partner, transaction_id).await?;
+            if !tx.product.is_possession() {
+                return Err(ApiError::new(ErrorCode::NotPossessionCheck));
+            }
+            let now = Utc::now();
+            match tx.status {
+                Status::Succeeded => return Ok(tx),
+                Status::Failed if tx.product == Product::PossessionNetwork => return Ok(tx),
+                Status::Failed => return Err(failure_error(&tx)),
+                Status::Pending => {}
+            }
+            if tx.expires_at.is_some_and(|at| at <= now) {
+                self.expire(tx).await?;
+                return Err(ApiError::new(ErrorCode::CodeExpired));
+            }
+            if tx.product == Product::PossessionNetwork {
+                return self.refresh_network(tx, None).await;
+            }
+            if tx.attempts_used >= tx.max_attempts {
+                return Err(ApiError::new(ErrorCode::RetryLimitExceeded));
+            }
+            let code = code
+                .filter(|c| code_is_well_formed(c))
+                .ok_or_else(|| ApiError::new(ErrorCode::InvalidCode))?;
+            let Some(used) = self.store.use_attempt(tx.id, now).await.map_err(internal)? else {
+                continue;
+            };
+            let check = match &tx.code_hash {
+                Some(hash) => {
+                    if constant_time_eq(hash, &code_hash(tx.id, code)) {
+                        CodeCheck::Matched(TransactionResult::Phone {
+                            phone: tx.phone.clone().unwrap_or_default(),
+                        })
+                    } else {
+                        CodeCheck::Mismatched
+                    }
+                }
+                None => self
+                    .provider(tx.provider)?
+                    .check_code(&tx, code)
+                    .await
+                    .map_err(provider_failure)?,
+            };
+            let mut tx = Transaction {
+                attempts_used: used,
+                ..tx
+            };
+            match check {
+                CodeCheck::Matched(result) => {
+                    if self.finish(&mut tx, Status::Succeeded, result).await? {
+                        return Ok(tx);
+                    }
+                }
+                CodeCheck::Mismatched if used < tx.max_attempts => {
+                    return Err(ApiError::new(ErrorCode::InvalidCode));
+                }
+                CodeCheck::Mismatched => {
+                    let error = ResultError::new(ErrorCode::RetryLimitExceeded);
+                    self.finish(&mut tx, Status::Failed, TransactionResult::failure(error))
+                        .await?;
+                    return Err(ApiError::new(ErrorCode::RetryLimitExceeded));
+                }
+                CodeCheck::Failed(error) => {
+                    self.finish(&mut tx, Status::Failed, TransactionResult::failure(error))
+                        .await?;
+                    return Err(failure_error(&tx));
+                }
+            }
+        }
+        Err(internal("confirm did not settle after 3 reads"))
+    }
+
+    pub async fn transaction(&self, partner: &Partner, id: Uuid) -> Result<Transaction, ApiError> {
+        self.owned_transaction(partner, id).await
+    }
+
+    pub async fn verification(
+        &self,
+        partner: &Partner,
+        id: Uuid,
+    ) -> Result<VerificationOut, ApiError> {
+        let verification = self
+            .store
+            .verification(id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(not_found)?;
+        if verification.partner_id != partner.id {
+            return Err(ApiError::new(ErrorCode::VerificationNotOwned));
+        }
+        let transactions = self
+            .store
+            .transactions_of_verification(id)
+            .await
+            .map_err(internal)?;
+        Ok(VerificationOut::new(&verification, &transactions))
+    }
+
+    /// The sandbox operator page: completes a pending sandbox network check.
+    /// Anything else is 404, so the page cannot touch real providers' checks.
+    pub async fn complete_sandbox_operator(&self, id: Uuid) -> Result<Transaction, ApiError> {
+        let mut tx = self
+            .store
+            .transaction(id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(not_found)?;
+        if tx.provider != ProviderName::Sandbox || tx.product != Product::PossessionNetwork {
+            return Err(not_found());
+        }
+        if tx.status == Status::Pending {
+            if tx.expires_at.is_some_and(|at| at <= Utc::now()) {
+                return self.expire(tx).await;
+            }
+            let result = TransactionResult::Phone {
+                phone: tx.phone.clone().unwrap_or_default(),
+            };
+            if !self.finish(&mut tx, Status::Succeeded, result).await? {
+                return self
+                    .store
+                    .transaction(id)
+                    .await
+                    .map_err(internal)?
+                    .ok_or_else(not_found);
+            }
+        }
+        Ok(tx)
+    }
+
+    async fn refresh_network(
+        &self,
+        mut tx: Transaction,
+        token: Option<&str>,
+    ) -> Result<Transaction, ApiError> {
+        let outcome = self
+            .provider(tx.provider)?
+            .fetch_result(&tx, token)
+            .await
+            .map_err(provider_failure)?;
+        let (status, result) = match outcome {
+            Outcome::Pending => return Ok(tx),
+            Outcome::Succeeded(result) => (Status::Succeeded, result),
+            Outcome::Failed(error) => (Status::Failed, TransactionResult::failure(error)),
+        };
+        if self.finish(&mut tx, status, result).await? {
+            Ok(tx)
+        } else {
+            self.store
+                .transaction(tx.id)
+                .await
+                .map_err(internal)?
+                .ok_or_else(not_found)
+        }
+    }
+
+    /// Ends a pending transaction past its deadline: final 300 with 3103.
+    async fn expire(&self, mut tx: Transaction) -> Result<Transaction, ApiError> {
+        let result = TransactionResult::failure(ResultError::new(ErrorCode::CodeExpired));
+        self.finish(&mut tx, Status::Failed, result).await?;
+        Ok(tx)
+    }
+
+    /// Moves `tx` to a final state with its callback; false when another
+    /// request finalized it first.
+    async fn finish(
+        &self,
+        tx: &mut Transaction,
+        status: Status,
+        result: TransactionResult,
+    ) -> Result<bool, ApiError> {
+        tx.status = status;
+        tx.result = Some(result);
+        tx.updated_at = Utc::now();
+        let outbox = outbox_for(tx);
+        self.store
+            .finalize(Finalization {
+                transaction: tx,
+                outbox: outbox.as_ref(),
+            })
+            .await
+            .map_err(internal)
+    }
+
+    async fn owned_transaction(
+        &self,
+        partner: &Partner,
+        id: Uuid,
+    ) -> Result<Transaction, ApiError> {
+        let tx = self
+            .store
+            .transaction(id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(not_found)?;
+        if tx.partner_id != partner.id {
+            return Err(ApiError::new(ErrorCode::TransactionNotOwned));
+        }
+        Ok(tx)
+    }
+
+    async fn verification_for(
+        &self,
+        partner: &Partner,
+        requested: Option<Uuid>,
+    ) -> Result<(Uuid, Option<Verification>), ApiError> {
+        match requested {
+            Some(id) => {
+                let existing = self
+                    .store
+                    .verification(id)
+                    .await
+                    .map_err(internal)?
+                    .ok_or_else(not_found)?;
+                if existing.partner_id != partner.id {
+                    return Err(ApiError::new(ErrorCode::VerificationNotOwned));
+                }
+                Ok((id, None))
+            }
+            None => {
+                let verification = Verification {
+                    id: Uuid::new_v4(),
+                    partner_id: partner.id,
+                    created_at: Utc::now(),
+                };
+                Ok((verification.id, Some(verification)))
+            }
+        }
+    }
+
+    fn provider(&self, name: ProviderName) -> Result<&Arc<dyn Provider>, ApiError> {
+        self.providers.get(&name).ok_or_else(|| {
+            internal(format!(
+                "provider {name} of a stored transaction is not configured"
+            ))
+        })
+    }
+
+    /// The providers to try, in order. A forced provider must be configured
+    /// and able to take the number; Veratad-like providers that need a name
+    /// are skipped in a chain without one, and refused (3905) when forced or alone.
+    fn chain(
+        &self,
+        product: Product,
+        phone: &Phone,
+        forced: Option<ProviderName>,
+        has_name: bool,
+    ) -> Result<Vec<Arc<dyn Provider>>, ApiError> {
+        let names: Vec<ProviderName> = match forced {
+            Some(name) => vec![name],
+            None => self
+                .routing
+                .chain(product, phone)
+                .map(<[_]>::to_vec)
+                .unwrap_or_default(),
+        };
+        let eligible: Vec<Arc<dyn Provider>> = names
+            .iter()
+            .filter_map(|name| self.providers.get(name))
+            .filter(|p| p.accepts(product, phone))
+            .cloned()
+            .collect();
+        if eligible.is_empty() {
+            return Err(ApiError::new(ErrorCode::NoProvider));
+        }
+        if has_name {
+            return Ok(eligible);
+        }
+        let named_ok: Vec<_> = eligible
+            .iter()
+            .filter(|p| !p.needs_name(product))
+            .cloned()
+            .collect();
+        if named_ok.is_empty() {
+            return Err(ApiError::new(ErrorCode::InvalidName));
+        }
+        Ok(named_ok)
+    }
+
+    fn draft(
+        &self,
+        partner: &Partner,
+        product: Product,
+        verification_id: Uuid,
+        phone: &Phone,
+    ) -> Transaction {
+        let now = Utc::now();
+        Transaction {
+            id: Uuid::new_v4(),
+            verification_id,
+            partner_id: partner.id,
+            product,
+            provider: ProviderName::Sandbox,
+            phone: Some(phone.e164().to_owned()),
+            birth_date: None,
+            status: Status::Pending,
+            created_at: now,
+            updated_at: now,
+            expires_at: product
+                .is_possession()
+                .then(|| now + self.settings.code_ttl),
+            attempts_used: 0,
+            max_attempts: if product == Product::PossessionSms {
+                self.settings.max_attempts
+            } else {
+                0
+            },
+            code_hash: None,
+            provider_ref: None,
+            redirect_url: None,
+            redirect_uri: None,
+            callback_url: None,
+            name: None,
+            metadata: Value::Object(Default::default()),
+            result: None,
+        }
+    }
+
+    /// Tries each provider in turn; one that is unavailable before anything
+    /// reached the user is skipped for the next. Records on `draft` which
+    /// provider answered (or was tried last).
+    async fn first_available(
+        &self,
+        chain: &[Arc<dyn Provider>],
+        draft: &mut Transaction,
+        phone: &Phone,
+        birth_date: Option<&BirthDate>,
+    ) -> Result<Started, ProviderError> {
+        let mut last = ProviderError::Unavailable("no provider tried".into());
+        for provider in chain {
+            draft.provider = provider.name();
+            let request = StartRequest {
+                transaction_id: draft.id,
+                phone,
+                name: draft.name.as_ref(),
+                birth_date,
+            };
+            let answer = match draft.product {
+                Product::PossessionSms => provider.send_code(request).await,
+                Product::PossessionNetwork => {
+                    // Where the operator sends the user back; it names our transaction.
+                    let return_url = format!(
+                        "{}/providers/{}/return?transaction_id={}",
+                        self.settings.public_url,
+                        provider.name(),
+                        draft.id
+                    );
+                    provider.start_network(request, &return_url).await
+                }
+                Product::Identity => provider.start_identity(request).await,
+            };
+            match answer {
+                Err(ProviderError::Unavailable(why)) => {
+                    tracing::warn!(provider = %provider.name(), transaction_id = %draft.id, %why, "provider unavailable, trying the next");
+                    last = ProviderError::Unavailable(why);
+                }
+                answer => return answer,
+            }
+        }
+        Err(last)
+    }
+
+    /// Stores the started transaction (with its verification and, if already
+    /// final, its callback) or turns the provider's refusal into the answer.
+    async fn record_start(
+        &self,
+        mut tx: Transaction,
+        new_verification: Option<Verification>,
+        started: Result<Started, ProviderError>,
+    ) -> Result<Transaction, ApiError> {
+        let unavailable = match started {
+            Ok(started) => {
+                tx.provider_ref = started.provider_ref;
+                tx.redirect_url = started.redirect_url;
+                tx.code_hash = started.local_code.map(|code| code_hash(tx.id, &code));
+                match started.outcome {
+                    Outcome::Pending => {}
+                    Outcome::Succeeded(result) => settle(&mut tx, Status::Succeeded, result),
+                    Outcome::Failed(error) => {
+                        settle(&mut tx, Status::Failed, TransactionResult::failure(error))
+                    }
+                }
+                false
+            }
+            Err(ProviderError::Unavailable(_)) => {
+                let error = ResultError::new(ErrorCode::ProvidersUnavailable);
+                settle(&mut tx, Status::Failed, TransactionResult::failure(error));
+                true
+            }
+            Err(other) => return Err(provider_failure(other)),
+        };
+        let outbox = outbox_for(&tx);
+        self.store
+            .insert_transaction(&tx, new_verification.as_ref(), outbox.as_ref())
+            .await
+            .map_err(internal)?;
+        if unavailable {
+            return Err(ApiError::new(ErrorCode::ProvidersUnavailable));
+        }
+        Ok(tx)
+    }
+}
+
+fn settle(tx: &mut Transaction, status: Status, result: TransactionResult) {
+    tx.status = status;
+    tx.result = Some(result);
+    tx.expires_at = None;
+}
+
+/// The callback a final transaction owes its partner, if it has a callback URL.
+fn outbox_for(tx: &Transaction) -> Option<OutboxMessage> {
+    let callback_url = tx.callback_url.clone()?;
+    if !tx.is_final() {
+        return None;
+    }
+    Some(OutboxMessage {
+        id: Uuid::new_v4(),
+        transaction_id: tx.id,
+        partner_id: tx.partner_id,
+        callback_url,
+        payload: serde_json::to_value(tx.to_resource()).unwrap_or(Value::Null),
+        created_at: tx.updated_at,
+    })
+}
+
+fn ensure_enabled(partner: &Partner, product: Product) -> Result<(), ApiError> {
+    if partner.enabled_for(product) {
+        Ok(())
+    } else {
+        Err(ApiError::new(ErrorCode::ProductNotEnabled))
+    }
+}
+
+/// The answer to a confirm on a transaction that already failed.
+fn failure_error(tx: &Transaction) -> ApiError {
+    let code = tx.result.as_ref().and_then(TransactionResult::error_code);
+    match code.and_then(ErrorCode::from_code) {
+        Some(code @ (ErrorCode::RetryLimitExceeded | ErrorCode::CodeExpired)) => {
+            ApiError::new(code)
+        }
+        _ => ApiError::new(ErrorCode::NotPossessionCheck),
+    }
+}
+
+fn provider_failure(error: ProviderError) -> ApiError {
+    match error {
+        ProviderError::Rejected(api_error) => api_error,
+        ProviderError::Unavailable(why) => {
+            tracing::warn!(%why, "provider unavailable");
+            ApiError::new(ErrorCode::ProvidersUnavailable)
+        }
+        ProviderError::Misconfigured(why) => {
+            tracing::error!(%why, "a provider refused handset's credentials: check the provider configuration");
+            ApiError::new(ErrorCode::Internal)
+        }
+        ProviderError::Failed(why) => internal(why),
+    }
+}
+
+fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound)
+}
+
+/// Logs the cause for operators; the partner sees only 500 5000.
+fn internal(cause: impl std::fmt::Display) -> ApiError {
+    tracing::error!(%cause, "internal error");
+    ApiError::new(ErrorCode::Internal)
+}

@@ -1,0 +1,90 @@
+//! The storage port. `handset-store` implements it for Postgres and SQLite; the
+//! service depends only on this trait.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::model::{OutboxMessage, Partner, Transaction, Verification};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or answered with an error.
+    #[error("database error: {0}")]
+    Database(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A uniqueness rule was broken (e.g. a partner name or key already used).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// A stored value could not be read back (corrupt or from a newer version).
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+/// A new partner: its API key is given as a hash only.
+#[derive(Debug, Clone)]
+pub struct NewPartner {
+    pub partner: Partner,
+    pub api_key_hash: String,
+}
+
+/// The final state a pending transaction moves to.
+#[derive(Debug, Clone)]
+pub struct Finalization<'a> {
+    pub transaction: &'a Transaction,
+    pub outbox: Option<&'a OutboxMessage>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Applies the pending schema migrations.
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// Cheap round trip for `/ready`.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    async fn insert_partner(&self, partner: &NewPartner) -> Result<(), StoreError>;
+
+    /// Creates the partner or, when one with this id exists, sets its key hash,
+    /// products and name (used for the development partner).
+    async fn upsert_partner(&self, partner: &NewPartner) -> Result<(), StoreError>;
+
+    async fn partner_by_key_hash(&self, api_key_hash: &str) -> Result<Option<Partner>, StoreError>;
+
+    /// Returns false when no such partner exists.
+    async fn set_partner_active(&self, id: Uuid, active: bool) -> Result<bool, StoreError>;
+
+    async fn verification(&self, id: Uuid) -> Result<Option<Verification>, StoreError>;
+
+    /// Inserts a transaction, the verification it opens (if new) and, for a
+    /// transaction that is already final, its callback, in one database transaction.
+    async fn insert_transaction(
+        &self,
+        transaction: &Transaction,
+        new_verification: Option<&Verification>,
+        outbox: Option<&OutboxMessage>,
+    ) -> Result<(), StoreError>;
+
+    async fn transaction(&self, id: Uuid) -> Result<Option<Transaction>, StoreError>;
+
+    async fn transactions_of_verification(
+        &self,
+        verification_id: Uuid,
+    ) -> Result<Vec<Transaction>, StoreError>;
+
+    /// Atomically uses one code attempt of a pending, unexpired transaction.
+    /// Returns the attempts used after this one, or `None` when the transaction
+    /// is not pending, is past `now`'s expiry, or has no attempt left: the
+    /// database, not the caller, guarantees the limit under concurrency.
+    async fn use_attempt(&self, id: Uuid, now: DateTime<Utc>) -> Result<Option<i32>, StoreError>;
+
+    /// Moves a *pending* transaction to its final status and result, and
+    /// writes its callback, in one database transaction. Returns false (and
+    /// writes nothing) when the transaction was no longer pending.
+    async fn finalize(&self, finalization: Finalization<'_>) -> Result<bool, StoreError>;
+
+    /// Outbox messages in creation order (for tests and the delivery worker).
+    async fn outbox_of_transaction(
+        &self,
+        transaction_id: Uuid,
+    ) -> Result<Vec<OutboxMessage>, StoreError>;
+}

@@ -1,0 +1,144 @@
+//! Rows as both databases return them, and their conversion to domain records.
+
+use chrono::{DateTime, Utc};
+use handset_core::model::{
+    OutboxMessage, Partner, PersonName, Product, ProviderName, Status, Transaction,
+    TransactionResult, Verification,
+};
+use handset_core::store::StoreError;
+use serde_json::Value;
+use sqlx::types::Json;
+use uuid::Uuid;
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct PartnerRow {
+    id: Uuid,
+    name: String,
+    products: Json<Vec<String>>,
+    active: bool,
+    webhook_secret: String,
+    created_at: DateTime<Utc>,
+}
+
+impl TryFrom<PartnerRow> for Partner {
+    type Error = StoreError;
+
+    fn try_from(row: PartnerRow) -> Result<Self, StoreError> {
+        let products = row
+            .products
+            .0
+            .iter()
+            .map(|p| Product::parse(p).ok_or_else(|| corrupt("partners.products", p)))
+            .collect::<Result<_, _>>()?;
+        Ok(Partner {
+            id: row.id,
+            name: row.name,
+            products,
+            active: row.active,
+            webhook_secret: row.webhook_secret,
+            created_at: row.created_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct VerificationRow {
+    id: Uuid,
+    partner_id: Uuid,
+    created_at: DateTime<Utc>,
+}
+
+impl From<VerificationRow> for Verification {
+    fn from(row: VerificationRow) -> Self {
+        Verification {
+            id: row.id,
+            partner_id: row.partner_id,
+            created_at: row.created_at,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct TransactionRow {
+    id: Uuid,
+    verification_id: Uuid,
+    partner_id: Uuid,
+    product: String,
+    provider: String,
+    phone: Option<String>,
+    birth_date: Option<String>,
+    status_code: i32,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    expires_at: Option<DateTime<Utc>>,
+    attempts_used: i32,
+    max_attempts: i32,
+    code_hash: Option<String>,
+    provider_ref: Option<String>,
+    redirect_url: Option<String>,
+    redirect_uri: Option<String>,
+    callback_url: Option<String>,
+    name: Option<Json<PersonName>>,
+    metadata: Json<Value>,
+    result: Option<Json<TransactionResult>>,
+}
+
+impl TryFrom<TransactionRow> for Transaction {
+    type Error = StoreError;
+
+    fn try_from(row: TransactionRow) -> Result<Self, StoreError> {
+        Ok(Transaction {
+            id: row.id,
+            verification_id: row.verification_id,
+            partner_id: row.partner_id,
+            product: Product::parse(&row.product)
+                .ok_or_else(|| corrupt("transactions.product", &row.product))?,
+            provider: ProviderName::parse(&row.provider)
+                .ok_or_else(|| corrupt("transactions.provider", &row.provider))?,
+            phone: row.phone,
+            birth_date: row.birth_date,
+            status: Status::from_code(row.status_code)
+                .ok_or_else(|| corrupt("transactions.status_code", &row.status_code.to_string()))?,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            expires_at: row.expires_at,
+            attempts_used: row.attempts_used,
+            max_attempts: row.max_attempts,
+            code_hash: row.code_hash,
+            provider_ref: row.provider_ref,
+            redirect_url: row.redirect_url,
+            redirect_uri: row.redirect_uri,
+            callback_url: row.callback_url,
+            name: row.name.map(|n| n.0),
+            metadata: row.metadata.0,
+            result: row.result.map(|r| r.0),
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct OutboxRow {
+    id: Uuid,
+    transaction_id: Uuid,
+    partner_id: Uuid,
+    callback_url: String,
+    payload: Json<Value>,
+    created_at: DateTime<Utc>,
+}
+
+impl From<OutboxRow> for OutboxMessage {
+    fn from(row: OutboxRow) -> Self {
+        OutboxMessage {
+            id: row.id,
+            transaction_id: row.transaction_id,
+            partner_id: row.partner_id,
+            callback_url: row.callback_url,
+            payload: row.payload.0,
+            created_at: row.created_at,
+        }
+    }
+}
+
+fn corrupt(column: &str, value: &str) -> StoreError {
+    StoreError::Corrupt(format!("{column} = {value:?}"))
+}

@@ -1,0 +1,304 @@
+//! The SQL both stores run. `portable_store!` writes the one `Store`
+//! implementation for each pool type, so a query is written once and a fix
+//! applies to both databases.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use handset_core::model::{OutboxMessage, Partner, Transaction, Verification};
+use handset_core::store::{Finalization, NewPartner, Store, StoreError};
+use sqlx::types::Json;
+use sqlx::{PgPool, SqlitePool};
+use uuid::Uuid;
+
+use crate::rows::{OutboxRow, PartnerRow, TransactionRow, VerificationRow};
+
+/// Postgres, the production store.
+#[derive(Clone)]
+pub struct PgStore {
+    pub(crate) pool: PgPool,
+}
+
+impl PgStore {
+    pub fn new(pool: PgPool) -> Self {
+        PgStore { pool }
+    }
+}
+
+/// SQLite, the embedded default.
+#[derive(Clone)]
+pub struct SqliteStore {
+    pub(crate) pool: SqlitePool,
+}
+
+impl SqliteStore {
+    pub fn new(pool: SqlitePool) -> Self {
+        SqliteStore { pool }
+    }
+}
+
+pub(crate) fn db(error: sqlx::Error) -> StoreError {
+    if let Some(db_error) = error.as_database_error()
+        && db_error.is_unique_violation()
+    {
+        return StoreError::Conflict(db_error.message().to_owned());
+    }
+    StoreError::Database(Box::new(error))
+}
+
+const PARTNER_COLUMNS: &str = "id, name, products, active, webhook_secret, created_at";
+
+const TRANSACTION_COLUMNS: &str = "id, verification_id, partner_id, product, provider, phone, birth_date, \
+    status_code, created_at, updated_at, expires_at, attempts_used, max_attempts, code_hash, provider_ref, \
+    redirect_url, redirect_uri, callback_url, name, metadata, result";
+
+const OUTBOX_COLUMNS: &str = "id, transaction_id, partner_id, callback_url, payload, created_at";
+
+fn product_names(partner: &Partner) -> Json<Vec<&'static str>> {
+    Json(partner.products.iter().map(|p| p.as_str()).collect())
+}
+
+macro_rules! portable_store {
+    ($store:ty, $migrations:literal) => {
+        impl $store {
+            async fn insert_outbox<'c, E>(executor: E, message: &OutboxMessage) -> Result<(), StoreError>
+            where
+                E: sqlx::Executor<'c, Database = <$store as StoreDb>::Db>,
+            {
+                sqlx::query(&format!(
+                    "INSERT INTO outbox ({OUTBOX_COLUMNS}, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $6)"
+                ))
+                .bind(message.id)
+                .bind(message.transaction_id)
+                .bind(message.partner_id)
+                .bind(&message.callback_url)
+                .bind(Json(&message.payload))
+                .bind(message.created_at)
+                .execute(executor)
+                .await
+                .map_err(db)?;
+                Ok(())
+            }
+        }
+
+        #[async_trait]
+        impl Store for $store {
+            async fn migrate(&self) -> Result<(), StoreError> {
+                sqlx::migrate!($migrations)
+                    .run(&self.pool)
+                    .await
+                    .map_err(|e| StoreError::Database(Box::new(e)))
+            }
+
+            async fn ping(&self) -> Result<(), StoreError> {
+                sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db)?;
+                Ok(())
+            }
+
+            async fn insert_partner(&self, new: &NewPartner) -> Result<(), StoreError> {
+                let p = &new.partner;
+                sqlx::query(&format!(
+                    "INSERT INTO partners ({PARTNER_COLUMNS}, api_key_hash) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+                ))
+                .bind(p.id)
+                .bind(&p.name)
+                .bind(product_names(p))
+                .bind(p.active)
+                .bind(&p.webhook_secret)
+                .bind(p.created_at)
+                .bind(&new.api_key_hash)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(())
+            }
+
+            async fn upsert_partner(&self, new: &NewPartner) -> Result<(), StoreError> {
+                let p = &new.partner;
+                sqlx::query(&format!(
+                    "INSERT INTO partners ({PARTNER_COLUMNS}, api_key_hash) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                     ON CONFLICT (id) DO UPDATE SET name = excluded.name, products = excluded.products, \
+                     api_key_hash = excluded.api_key_hash"
+                ))
+                .bind(p.id)
+                .bind(&p.name)
+                .bind(product_names(p))
+                .bind(p.active)
+                .bind(&p.webhook_secret)
+                .bind(p.created_at)
+                .bind(&new.api_key_hash)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(())
+            }
+
+            async fn partner_by_key_hash(&self, api_key_hash: &str) -> Result<Option<Partner>, StoreError> {
+                let row: Option<PartnerRow> =
+                    sqlx::query_as(&format!("SELECT {PARTNER_COLUMNS} FROM partners WHERE api_key_hash = $1"))
+                        .bind(api_key_hash)
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(db)?;
+                row.map(Partner::try_from).transpose()
+            }
+
+            async fn set_partner_active(&self, id: Uuid, active: bool) -> Result<bool, StoreError> {
+                let done = sqlx::query("UPDATE partners SET active = $2 WHERE id = $1")
+                    .bind(id)
+                    .bind(active)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn verification(&self, id: Uuid) -> Result<Option<Verification>, StoreError> {
+                let row: Option<VerificationRow> =
+                    sqlx::query_as("SELECT id, partner_id, created_at FROM verifications WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(db)?;
+                Ok(row.map(Verification::from))
+            }
+
+            async fn insert_transaction(
+                &self,
+                t: &Transaction,
+                new_verification: Option<&Verification>,
+                outbox: Option<&OutboxMessage>,
+            ) -> Result<(), StoreError> {
+                let mut db_tx = self.pool.begin().await.map_err(db)?;
+                if let Some(v) = new_verification {
+                    sqlx::query("INSERT INTO verifications (id, partner_id, created_at) VALUES ($1, $2, $3)")
+                        .bind(v.id)
+                        .bind(v.partner_id)
+                        .bind(v.created_at)
+                        .execute(&mut *db_tx)
+                        .await
+                        .map_err(db)?;
+                }
+                sqlx::query(&format!(
+                    "INSERT INTO transactions ({TRANSACTION_COLUMNS}) VALUES \
+                     ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"
+                ))
+                .bind(t.id)
+                .bind(t.verification_id)
+                .bind(t.partner_id)
+                .bind(t.product.as_str())
+                .bind(t.provider.as_str())
+                .bind(&t.phone)
+                .bind(&t.birth_date)
+                .bind(t.status.code())
+                .bind(t.created_at)
+                .bind(t.updated_at)
+                .bind(t.expires_at)
+                .bind(t.attempts_used)
+                .bind(t.max_attempts)
+                .bind(&t.code_hash)
+                .bind(&t.provider_ref)
+                .bind(&t.redirect_url)
+                .bind(&t.redirect_uri)
+                .bind(&t.callback_url)
+                .bind(t.name.as_ref().map(Json))
+                .bind(Json(&t.metadata))
+                .bind(t.result.as_ref().map(Json))
+                .execute(&mut *db_tx)
+                .await
+                .map_err(db)?;
+                if let Some(message) = outbox {
+                    Self::insert_outbox(&mut *db_tx, message).await?;
+                }
+                db_tx.commit().await.map_err(db)
+            }
+
+            async fn transaction(&self, id: Uuid) -> Result<Option<Transaction>, StoreError> {
+                let row: Option<TransactionRow> =
+                    sqlx::query_as(&format!("SELECT {TRANSACTION_COLUMNS} FROM transactions WHERE id = $1"))
+                        .bind(id)
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(db)?;
+                row.map(Transaction::try_from).transpose()
+            }
+
+            async fn transactions_of_verification(&self, verification_id: Uuid) -> Result<Vec<Transaction>, StoreError> {
+                let rows: Vec<TransactionRow> = sqlx::query_as(&format!(
+                    "SELECT {TRANSACTION_COLUMNS} FROM transactions WHERE verification_id = $1 ORDER BY created_at, id"
+                ))
+                .bind(verification_id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+                rows.into_iter().map(Transaction::try_from).collect()
+            }
+
+            async fn use_attempt(&self, id: Uuid, now: DateTime<Utc>) -> Result<Option<i32>, StoreError> {
+                // One statement: the row lock (Postgres) or the single writer
+                // (SQLite) makes the check and the increment indivisible.
+                sqlx::query_scalar(
+                    "UPDATE transactions SET attempts_used = attempts_used + 1, updated_at = $2 \
+                     WHERE id = $1 AND status_code = 210 AND attempts_used < max_attempts \
+                     AND (expires_at IS NULL OR expires_at > $2) RETURNING attempts_used",
+                )
+                .bind(id)
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)
+            }
+
+            async fn finalize(&self, f: Finalization<'_>) -> Result<bool, StoreError> {
+                let t = f.transaction;
+                let mut db_tx = self.pool.begin().await.map_err(db)?;
+                let done = sqlx::query(
+                    "UPDATE transactions SET status_code = $2, result = $3, updated_at = $4, attempts_used = $5 \
+                     WHERE id = $1 AND status_code = 210",
+                )
+                .bind(t.id)
+                .bind(t.status.code())
+                .bind(t.result.as_ref().map(Json))
+                .bind(t.updated_at)
+                .bind(t.attempts_used)
+                .execute(&mut *db_tx)
+                .await
+                .map_err(db)?;
+                if done.rows_affected() == 0 {
+                    return Ok(false);
+                }
+                if let Some(message) = f.outbox {
+                    Self::insert_outbox(&mut *db_tx, message).await?;
+                }
+                db_tx.commit().await.map_err(db)?;
+                Ok(true)
+            }
+
+            async fn outbox_of_transaction(&self, transaction_id: Uuid) -> Result<Vec<OutboxMessage>, StoreError> {
+                let rows: Vec<OutboxRow> = sqlx::query_as(&format!(
+                    "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE transaction_id = $1 ORDER BY created_at, id"
+                ))
+                .bind(transaction_id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(rows.into_iter().map(OutboxMessage::from).collect())
+            }
+        }
+    };
+}
+
+/// Names each store's sqlx database type for the macro.
+pub(crate) trait StoreDb {
+    type Db: sqlx::Database;
+}
+
+impl StoreDb for PgStore {
+    type Db = sqlx::Postgres;
+}
+
+impl StoreDb for SqliteStore {
+    type Db = sqlx::Sqlite;
+}
+
+portable_store!(PgStore, "../../migrations/postgres");
+portable_store!(SqliteStore, "../../migrations/sqlite");
