@@ -1,0 +1,231 @@
+//! The application: state, router, and `Application` (build on a listener,
+//! report the port, run until stopped), so tests start the real thing on port 0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use handset_core::model::{Partner, Product};
+use handset_core::provider::Provider;
+use handset_core::routing::Routing;
+use handset_core::sandbox::Sandbox;
+use handset_core::secret::api_key_hash;
+use handset_core::store::{NewPartner, Store, StoreError};
+use handset_core::{ApiError, ErrorCode, Gateway, GatewaySettings, Region};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+use uuid::Uuid;
+
+use crate::error::{Failure, error_response};
+use crate::routes::{docs, health, identity, possession, sandbox, transactions};
+use crate::settings::Settings;
+use crate::telemetry;
+
+/// The development partner's fixed id, so its row is found again across restarts.
+pub const DEV_PARTNER_ID: Uuid = Uuid::from_u128(0x0000_0000_0000_4000_8000_00000000d001);
+
+#[derive(Clone)]
+pub struct AppState {
+    pub gateway: Arc<Gateway>,
+    pub default_region: Region,
+    pub allow_private_callbacks: bool,
+    pub metrics: PrometheusHandle,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("could not listen on {addr}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    addr: SocketAddr,
+}
+
+impl Application {
+    /// Binds `server.bind` (port 0 picks a free port), opens the store,
+    /// migrates when configured, and seeds the development partner.
+    pub async fn build(settings: Settings) -> Result<Application, StartError> {
+        let listener = TcpListener::bind(&settings.server.bind)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: settings.server.bind.clone(),
+                source,
+            })?;
+        let addr = listener.local_addr()?;
+        let store = open_store(&settings)?;
+        if settings.database.migrate_on_start {
+            store.migrate().await?;
+        }
+        let public_url = if settings.server.public_url.is_empty() {
+            format!("http://{addr}")
+        } else {
+            settings.server.public_url.trim_end_matches('/').to_owned()
+        };
+        seed_dev_partner(&settings, store.as_ref()).await?;
+        let providers = providers(&settings, &public_url);
+        let gateway = Gateway::new(
+            store,
+            providers,
+            Routing::new(settings.routing.rules.clone()),
+            GatewaySettings {
+                code_ttl: chrono::Duration::from_std(settings.possession.code_ttl)
+                    .unwrap_or(chrono::Duration::MAX),
+                max_attempts: settings.possession.max_attempts as i32,
+                public_url,
+                refused_api_key: settings
+                    .is_production()
+                    .then(|| settings.dev.api_key.expose().to_owned()),
+            },
+        );
+        let state = AppState {
+            gateway: Arc::new(gateway),
+            default_region: settings.default_region(),
+            allow_private_callbacks: settings.callbacks.allow_private_networks,
+            metrics: telemetry::metrics_handle(),
+        };
+        Ok(Application {
+            listener,
+            router: router(state),
+            addr,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `shutdown` resolves, then finishes in-flight requests.
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        tracing::info!(addr = %self.addr, "handset listening");
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+}
+
+pub fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StoreError> {
+    let pool = handset_store::PoolSettings {
+        max_connections: settings.database.max_connections,
+        acquire_timeout: settings.database.acquire_timeout,
+    };
+    handset_store::connect(settings.database.url.expose(), &pool)
+}
+
+/// The providers handset can call. Only the sandbox is built in so far; the
+/// others say at start why they are off.
+fn providers(settings: &Settings, public_url: &str) -> Vec<Arc<dyn Provider>> {
+    let p = &settings.providers;
+    let configured = [
+        ("idme", p.idme.secret.is_set()),
+        (
+            "veratad",
+            !p.veratad.user.is_empty() && p.veratad.pass.is_set(),
+        ),
+        ("dqe", p.dqe.licence.is_set() && p.dqe.token.is_set()),
+    ];
+    for (name, has_credentials) in configured {
+        if has_credentials {
+            tracing::warn!(
+                provider = name,
+                "provider disabled: its adapter is not part of this build yet"
+            );
+        } else {
+            tracing::info!(
+                provider = name,
+                "provider disabled: no credentials configured"
+            );
+        }
+    }
+    vec![Arc::new(Sandbox::new(public_url))]
+}
+
+/// In development, the configured key authenticates a partner with every
+/// product. In production the key is refused (see `GatewaySettings::refused_api_key`).
+async fn seed_dev_partner(settings: &Settings, store: &dyn Store) -> Result<(), StoreError> {
+    let key = settings.dev.api_key.expose();
+    if settings.is_production() || key.is_empty() {
+        return Ok(());
+    }
+    let partner = Partner {
+        id: DEV_PARTNER_ID,
+        name: "development".into(),
+        products: Product::ALL.to_vec(),
+        active: true,
+        webhook_secret: "whsec_ZGV2ZWxvcG1lbnQtb25seS13ZWJob29rLXNlY3JldA==".into(),
+        created_at: chrono::Utc::now(),
+    };
+    store
+        .upsert_partner(&NewPartner {
+            partner,
+            api_key_hash: api_key_hash(key),
+        })
+        .await
+}
+
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/v1/possession", post(possession::start))
+        .route(
+            "/v1/possession/{transaction_id}/confirm",
+            post(possession::confirm),
+        )
+        .route("/v1/identity", post(identity::start))
+        .route(
+            "/v1/transactions/{transaction_id}",
+            get(transactions::get_transaction),
+        )
+        .route(
+            "/v1/verifications/{verification_id}",
+            get(transactions::get_verification),
+        )
+        .route("/sandbox/operator/{transaction_id}", get(sandbox::operator))
+        .route("/health", get(health::health))
+        .route("/ready", get(health::ready))
+        .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(docs::openapi));
+    api.fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .layer(axum::middleware::from_fn(telemetry::observe))
+        .layer(CatchPanicLayer::custom(panic_response))
+}
+
+async fn not_found() -> Failure {
+    ErrorCode::NotFound.into()
+}
+
+async fn method_not_allowed() -> Response {
+    let mut response = error_response(&ApiError::with_message(
+        ErrorCode::NotFound,
+        "Method not allowed on this resource",
+    ));
+    *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    response
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("a request handler panicked");
+    Failure::from(ErrorCode::Internal).into_response()
+}

@@ -1,0 +1,63 @@
+//! Every rejection as the documented envelope:
+//! `{"errors":[{"code":3101,"message":"..."}]}` with the catalogue's status.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use handset_core::{ApiError, ErrorCode};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// The error envelope.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorsOut {
+    pub errors: Vec<ErrorOut>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorOut {
+    pub code: u16,
+    pub message: String,
+}
+
+/// `ApiError` as an HTTP answer (a local type, so axum's trait can be implemented).
+#[derive(Debug)]
+pub struct Failure(pub ApiError);
+
+impl From<ApiError> for Failure {
+    fn from(error: ApiError) -> Self {
+        Failure(error)
+    }
+}
+
+impl From<ErrorCode> for Failure {
+    fn from(code: ErrorCode) -> Self {
+        Failure(ApiError::new(code))
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        error_response(&self.0)
+    }
+}
+
+pub fn error_response(error: &ApiError) -> Response {
+    let status =
+        StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = ErrorsOut {
+        errors: vec![ErrorOut {
+            code: error.code.code(),
+            message: error.message.to_string(),
+        }],
+    };
+    let mut response = (status, Json(body)).into_response();
+    if let Some(after) = error.retry_after {
+        // Whole seconds, rounded up so a client never retries early.
+        let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        if let Ok(value) = HeaderValue::from_str(&seconds.max(1).to_string()) {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+    }
+    response
+}

@@ -1,0 +1,130 @@
+//! Extractors: the authenticated partner, and a JSON object body read with
+//! handset's own limits and error codes (never axum's plain-text rejections).
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::request::Parts;
+use handset_core::{ApiError, ErrorCode, Partner};
+use serde_json::{Map, Value};
+
+use crate::app::AppState;
+use crate::error::Failure;
+
+/// Request bodies larger than this are refused with 413 3902.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The partner whose `Authorization: Bearer <api_key>` this request carries.
+pub struct AuthPartner(pub Partner);
+
+/// Keys are 256-bit tokens; anything much longer is not one of ours.
+const MAX_KEY_LEN: usize = 256;
+
+impl FromRequestParts<AppState> for AuthPartner {
+    type Rejection = Failure;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Failure> {
+        let key = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN)
+            .ok_or(ErrorCode::CredentialsUnknown)?;
+        Ok(AuthPartner(state.gateway.authenticate(key).await?))
+    }
+}
+
+/// A request body that is a JSON object. An empty body reads as `{}`; a
+/// non-empty one must be `application/json`, at most 64 KiB, and an object.
+pub struct JsonObject(pub Fields);
+
+impl<S: Send + Sync> FromRequest<S> for JsonObject {
+    type Rejection = Failure;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Failure> {
+        let declared_len = request
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared_len.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
+            return Err(ErrorCode::BodyTooLarge.into());
+        }
+        let is_json = request
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+        let body = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
+            .await
+            .map_err(|_| Failure::from(ErrorCode::BodyTooLarge))?;
+        let _ = state;
+        parse_object(&body, is_json)
+            .map(|map| JsonObject(Fields(map)))
+            .map_err(Failure)
+    }
+}
+
+fn parse_object(body: &Bytes, is_json: bool) -> Result<Map<String, Value>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    if !is_json {
+        return Err(ErrorCode::UnsupportedContentType.into());
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::with_message(
+            ErrorCode::MalformedJson,
+            "Request body must be a JSON object",
+        )),
+        Err(_) => Err(ErrorCode::MalformedJson.into()),
+    }
+}
+
+/// A JSON object's fields, read one by one, each with the error code the
+/// contract gives for it. `null` reads as absent.
+pub struct Fields(Map<String, Value>);
+
+impl Fields {
+    /// 422 3903 naming the first field not in `allowed`.
+    pub fn only(&self, allowed: &[&str]) -> Result<(), ApiError> {
+        match self.0.keys().find(|k| !allowed.contains(&k.as_str())) {
+            None => Ok(()),
+            Some(unknown) => Err(ApiError::with_message(
+                ErrorCode::UnknownField,
+                format!("Unknown request field `{}`", truncate(unknown, 64)),
+            )),
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.0.get(key).filter(|v| !v.is_null())
+    }
+
+    /// A string field; any other JSON type is refused with `code`.
+    pub fn string(&self, key: &str, code: ErrorCode) -> Result<Option<&str>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(ApiError::with_message(
+                code,
+                format!("{} (`{key}` must be a string)", code.message()),
+            )),
+        }
+    }
+
+    pub fn required_string(&self, key: &str, code: ErrorCode) -> Result<&str, ApiError> {
+        self.string(key, code)?.ok_or_else(|| ApiError::new(code))
+    }
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    match text.char_indices().nth(max) {
+        Some((i, _)) => &text[..i],
+        None => text,
+    }
+}

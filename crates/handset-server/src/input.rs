@@ -1,0 +1,219 @@
+//! Reading partners' request fields into domain values, each with the error
+//! code the contract gives it. The request structs here document the bodies
+//! in OpenAPI; their field lists are what `Fields::only` accepts.
+
+use std::time::Duration;
+
+use handset_core::callback::{CallbackUrl, is_forbidden_ip};
+use handset_core::model::{PersonName, ProviderName};
+use handset_core::{ApiError, ErrorCode, Phone, Region};
+use serde::Deserialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::extract::Fields;
+
+/// `metadata` may be any JSON up to this many characters, serialised compactly.
+pub const MAX_METADATA_CHARS: usize = 500;
+
+/// How long a callback host's name may take to resolve at request time.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `POST /v1/possession`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)] // documents the body; the handler reads it field by field
+pub struct PossessionIn {
+    /// E.164 (`+14155550123`) or national digits in the configured default region.
+    #[schema(example = "+14155550123")]
+    phone: String,
+    /// `sms` (default) or `network`.
+    #[schema(example = "sms")]
+    channel: Option<String>,
+    /// Forces one provider: `sandbox`, `idme`, `veratad`, `dqe`.
+    provider: Option<ProviderName>,
+    /// Joins an existing verification; absent: a new one is created.
+    verification_id: Option<Uuid>,
+    /// Where the final result is POSTed, signed.
+    callback_url: Option<String>,
+    /// network: where the user is sent after the operator step.
+    redirect_uri: Option<String>,
+    /// Needed by some providers (Veratad).
+    name: Option<PersonName>,
+    /// Any JSON, at most 500 characters serialised; echoed back.
+    #[schema(value_type = Object)]
+    metadata: Option<Value>,
+}
+
+impl PossessionIn {
+    pub const FIELDS: &[&str] = &[
+        "phone",
+        "channel",
+        "provider",
+        "verification_id",
+        "callback_url",
+        "redirect_uri",
+        "name",
+        "metadata",
+    ];
+}
+
+/// `POST /v1/possession/{transaction_id}/confirm`: `code` for sms; no body or `{}` for network.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct ConfirmIn {
+    /// The code the user received (4 to 10 digits).
+    #[schema(example = "123123")]
+    code: Option<String>,
+}
+
+impl ConfirmIn {
+    pub const FIELDS: &[&str] = &["code"];
+}
+
+/// `POST /v1/identity`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct IdentityIn {
+    #[schema(example = "8885551234")]
+    phone: String,
+    /// `YYYY-MM-DD`; the holder must be 18 or older.
+    #[schema(example = "1968-05-27")]
+    birth_date: String,
+    provider: Option<ProviderName>,
+    verification_id: Option<Uuid>,
+    callback_url: Option<String>,
+    #[schema(value_type = Object)]
+    metadata: Option<Value>,
+}
+
+impl IdentityIn {
+    pub const FIELDS: &[&str] = &[
+        "phone",
+        "birth_date",
+        "provider",
+        "verification_id",
+        "callback_url",
+        "metadata",
+    ];
+}
+
+pub fn phone(fields: &Fields, region: Region) -> Result<Phone, ApiError> {
+    Phone::parse(
+        fields.required_string("phone", ErrorCode::InvalidPhone)?,
+        region,
+    )
+}
+
+/// A forced provider; one handset does not know cannot serve anything (3908).
+pub fn provider(fields: &Fields) -> Result<Option<ProviderName>, ApiError> {
+    let Some(name) = fields.string("provider", ErrorCode::NoProvider)? else {
+        return Ok(None);
+    };
+    ProviderName::parse(name).map(Some).ok_or_else(|| {
+        ApiError::with_message(
+            ErrorCode::NoProvider,
+            format!("Unknown provider `{}`", name.escape_default()),
+        )
+    })
+}
+
+/// An id that is not a UUID names no verification: 404 4100.
+pub fn verification_id(fields: &Fields) -> Result<Option<Uuid>, ApiError> {
+    match fields.string("verification_id", ErrorCode::NotFound)? {
+        None => Ok(None),
+        Some(raw) => Uuid::parse_str(raw)
+            .map(Some)
+            .map_err(|_| ApiError::new(ErrorCode::NotFound)),
+    }
+}
+
+pub fn metadata(fields: &Fields) -> Result<Value, ApiError> {
+    let Some(value) = fields.get("metadata") else {
+        return Ok(Value::Object(Default::default()));
+    };
+    let chars = serde_json::to_string(value)
+        .map(|s| s.chars().count())
+        .unwrap_or(usize::MAX);
+    if chars > MAX_METADATA_CHARS {
+        return Err(ErrorCode::MetadataTooLong.into());
+    }
+    Ok(value.clone())
+}
+
+pub fn name(fields: &Fields) -> Result<Option<PersonName>, ApiError> {
+    let Some(value) = fields.get("name") else {
+        return Ok(None);
+    };
+    let name: PersonName =
+        serde_json::from_value(value.clone()).map_err(|_| ApiError::new(ErrorCode::InvalidName))?;
+    let valid = |s: &str| {
+        !s.trim().is_empty() && s.chars().count() <= 100 && !s.chars().any(char::is_control)
+    };
+    if !valid(&name.first) || !valid(&name.last) {
+        return Err(ErrorCode::InvalidName.into());
+    }
+    Ok(Some(name))
+}
+
+/// Where a network check sends the user back: an absolute http(s) URL.
+pub fn redirect_uri(fields: &Fields) -> Result<Option<String>, ApiError> {
+    let invalid = || {
+        ApiError::with_message(
+            ErrorCode::InvalidCallbackUrl,
+            "Transaction parameter redirect_uri is invalid",
+        )
+    };
+    let Some(raw) = fields.string("redirect_uri", ErrorCode::InvalidCallbackUrl)? else {
+        return Ok(None);
+    };
+    let url = url::Url::parse(raw).map_err(|_| invalid())?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() || raw.len() > 2048 {
+        return Err(invalid());
+    }
+    Ok(Some(url.to_string()))
+}
+
+/// A callback URL, refused (3100) when it is not http(s) or, unless private
+/// networks are allowed, when its host is or resolves to an internal address.
+/// A name that does not resolve now is accepted: the delivery checks again.
+pub async fn callback_url(
+    fields: &Fields,
+    allow_private_networks: bool,
+) -> Result<Option<String>, ApiError> {
+    let Some(raw) = fields.string("callback_url", ErrorCode::InvalidCallbackUrl)? else {
+        return Ok(None);
+    };
+    let url = CallbackUrl::parse(raw)?;
+    if allow_private_networks {
+        return Ok(Some(url.as_str().to_owned()));
+    }
+    let internal = || {
+        ApiError::with_message(
+            ErrorCode::InvalidCallbackUrl,
+            "Transaction parameter callback_url is invalid: it points to a local or private network address",
+        )
+    };
+    if url.names_local_host() {
+        return Err(internal());
+    }
+    if let Some(ip) = url.ip() {
+        return if is_forbidden_ip(ip) {
+            Err(internal())
+        } else {
+            Ok(Some(url.as_str().to_owned()))
+        };
+    }
+    let domain = url.domain().unwrap_or_default().to_owned();
+    let resolved = tokio::time::timeout(
+        RESOLVE_TIMEOUT,
+        tokio::net::lookup_host((domain, url.port())),
+    )
+    .await;
+    if let Ok(Ok(mut addresses)) = resolved
+        && addresses.any(|a| is_forbidden_ip(a.ip()))
+    {
+        return Err(internal());
+    }
+    Ok(Some(url.as_str().to_owned()))
+}

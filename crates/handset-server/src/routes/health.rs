@@ -1,0 +1,43 @@
+//! Liveness, readiness and metrics: for operators, no authentication.
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+
+use crate::app::AppState;
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/health", tag = "operations", responses((status = 200, description = "Alive, empty body")))]
+pub async fn health() -> StatusCode {
+    StatusCode::OK
+}
+
+/// Readiness: 200 when the database answers, else 503.
+#[utoipa::path(
+    get, path = "/ready", tag = "operations",
+    responses((status = 200, description = "Database answers"), (status = 503, description = "Database unreachable"))
+)]
+pub async fn ready(State(state): State<AppState>) -> StatusCode {
+    match tokio::time::timeout(READY_TIMEOUT, state.gateway.store().ping()).await {
+        Ok(Ok(())) => StatusCode::OK,
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "not ready: database unreachable");
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        Err(_) => {
+            tracing::warn!("not ready: database did not answer in time");
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+    }
+}
+
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}

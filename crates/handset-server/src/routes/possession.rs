@@ -1,0 +1,85 @@
+//! `POST /v1/possession` and `POST /v1/possession/{transaction_id}/confirm`.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use handset_core::model::Product;
+use handset_core::{ApiError, ErrorCode, StartPossession, TransactionOut};
+
+use crate::app::AppState;
+use crate::error::{ErrorsOut, Failure};
+use crate::extract::{AuthPartner, JsonObject};
+use crate::input::{self, ConfirmIn, PossessionIn};
+use crate::routes::path_id;
+
+/// Start a possession check.
+#[utoipa::path(
+    post, path = "/v1/possession", tag = "possession",
+    request_body = PossessionIn,
+    responses(
+        (status = 201, description = "Check started (or already final)", body = TransactionOut),
+        (status = 401, body = ErrorsOut), (status = 403, body = ErrorsOut), (status = 404, body = ErrorsOut),
+        (status = 422, body = ErrorsOut), (status = 429, body = ErrorsOut), (status = 503, body = ErrorsOut),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn start(
+    State(state): State<AppState>,
+    AuthPartner(partner): AuthPartner,
+    JsonObject(fields): JsonObject,
+) -> Result<(StatusCode, Json<TransactionOut>), Failure> {
+    fields.only(PossessionIn::FIELDS)?;
+    let phone = input::phone(&fields, state.default_region)?;
+    let channel = match fields.string("channel", ErrorCode::NotPossessionCheck)? {
+        None | Some("sms") => Product::PossessionSms,
+        Some("network") => Product::PossessionNetwork,
+        Some(_) => {
+            return Err(ApiError::with_message(
+                ErrorCode::NotPossessionCheck,
+                "Transaction is not associated with a valid possession check: channel must be `sms` or `network`",
+            )
+            .into());
+        }
+    };
+    let request = StartPossession {
+        phone,
+        channel,
+        provider: input::provider(&fields)?,
+        verification_id: input::verification_id(&fields)?,
+        callback_url: input::callback_url(&fields, state.allow_private_callbacks).await?,
+        redirect_uri: input::redirect_uri(&fields)?,
+        name: input::name(&fields)?,
+        metadata: input::metadata(&fields)?,
+    };
+    let transaction = state.gateway.start_possession(&partner, request).await?;
+    Ok((StatusCode::CREATED, Json(transaction.to_resource())))
+}
+
+/// Check the user's code (sms) or fetch the operator's result (network).
+#[utoipa::path(
+    post, path = "/v1/possession/{transaction_id}/confirm", tag = "possession",
+    params(("transaction_id" = uuid::Uuid, Path)),
+    request_body(content = ConfirmIn, description = "`code` for sms; no body or `{}` for network"),
+    responses(
+        (status = 200, description = "The transaction after the check", body = TransactionOut),
+        (status = 401, body = ErrorsOut), (status = 403, body = ErrorsOut), (status = 404, body = ErrorsOut),
+        (status = 422, description = "3102 wrong code, 3103 expired, 3104 attempts used up, 3105 not a possession check", body = ErrorsOut),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn confirm(
+    State(state): State<AppState>,
+    AuthPartner(partner): AuthPartner,
+    Path(id): Path<String>,
+    JsonObject(fields): JsonObject,
+) -> Result<Json<TransactionOut>, Failure> {
+    let id = path_id(&id)?;
+    fields.only(ConfirmIn::FIELDS)?;
+    // A code of the wrong JSON type is a malformed code, checked (without
+    // counting an attempt) after the transaction's own state.
+    let code = fields
+        .string("code", ErrorCode::InvalidCode)
+        .unwrap_or(Some(""));
+    let transaction = state.gateway.confirm_possession(&partner, id, code).await?;
+    Ok(Json(transaction.to_resource()))
+}
