@@ -1,0 +1,416 @@
+//! The store suite: every test runs against a real SQLite file and a real
+//! Postgres database (which must be reachable: see handset-testkit).
+
+use std::sync::Arc;
+
+use chrono::{Duration, Utc};
+use handset_core::model::{
+    OutboxMessage, Partner, Product, ProviderName, ResultError, Status, Transaction,
+    TransactionResult, Verification,
+};
+use handset_core::store::{Finalization, NewPartner, Store, StoreError};
+use handset_core::{ErrorCode, secret};
+use handset_store::PoolSettings;
+use handset_testkit::{Kind, TestDatabase};
+use serde_json::json;
+use uuid::Uuid;
+
+struct Fixture {
+    store: Arc<dyn Store>,
+    db: TestDatabase,
+    partner: Partner,
+}
+
+async fn fixture(kind: Kind) -> Fixture {
+    let db = TestDatabase::new(kind).await;
+    let store = handset_store::connect(&db.url, &PoolSettings::default()).unwrap();
+    store.migrate().await.unwrap();
+    let partner = partner("acme");
+    store
+        .insert_partner(&NewPartner {
+            partner: partner.clone(),
+            api_key_hash: secret::api_key_hash("key-acme"),
+        })
+        .await
+        .unwrap();
+    Fixture { store, db, partner }
+}
+
+fn partner(name: &str) -> Partner {
+    Partner {
+        id: Uuid::new_v4(),
+        name: name.into(),
+        products: vec![Product::PossessionSms, Product::Identity],
+        active: true,
+        webhook_secret: "whsec_dGVzdA==".into(),
+        created_at: Utc::now(),
+    }
+}
+
+fn pending(partner: &Partner, verification: &Verification) -> Transaction {
+    let now = Utc::now();
+    Transaction {
+        id: Uuid::new_v4(),
+        verification_id: verification.id,
+        partner_id: partner.id,
+        product: Product::PossessionSms,
+        provider: ProviderName::Sandbox,
+        phone: Some("+18885551234".into()),
+        birth_date: None,
+        status: Status::Pending,
+        created_at: now,
+        updated_at: now,
+        expires_at: Some(now + Duration::minutes(10)),
+        attempts_used: 0,
+        max_attempts: 5,
+        code_hash: Some(secret::code_hash(Uuid::nil(), "123123")),
+        provider_ref: Some("ref-1".into()),
+        redirect_url: None,
+        redirect_uri: Some("https://partner.example/done".into()),
+        callback_url: Some("https://partner.example/hook".into()),
+        name: None,
+        metadata: json!({"order": 42, "tags": ["a", "b"]}),
+        result: None,
+    }
+}
+
+fn verification(partner: &Partner) -> Verification {
+    Verification {
+        id: Uuid::new_v4(),
+        partner_id: partner.id,
+        created_at: Utc::now(),
+    }
+}
+
+fn outbox(tx: &Transaction) -> OutboxMessage {
+    OutboxMessage {
+        id: Uuid::new_v4(),
+        transaction_id: tx.id,
+        partner_id: tx.partner_id,
+        callback_url: tx.callback_url.clone().unwrap(),
+        payload: serde_json::to_value(tx.to_resource()).unwrap(),
+        created_at: tx.updated_at,
+    }
+}
+
+fn succeeded(tx: &Transaction) -> Transaction {
+    Transaction {
+        status: Status::Succeeded,
+        result: Some(TransactionResult::Phone {
+            phone: "+18885551234".into(),
+        }),
+        updated_at: Utc::now(),
+        ..tx.clone()
+    }
+}
+
+async fn insert_pending(f: &Fixture) -> Transaction {
+    let v = verification(&f.partner);
+    let tx = pending(&f.partner, &v);
+    f.store
+        .insert_transaction(&tx, Some(&v), None)
+        .await
+        .unwrap();
+    tx
+}
+
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name(super::fixture(super::Kind::Sqlite).await).await } )*
+        }
+        mod postgres {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name(super::fixture(super::Kind::Postgres).await).await } )*
+        }
+    };
+}
+
+on_both_stores!(
+    migrations_are_idempotent,
+    partners_by_key_hash,
+    transactions_round_trip,
+    attempts_stop_at_the_limit,
+    concurrent_attempts_never_exceed_the_limit,
+    expired_transactions_take_no_attempt,
+    finalize_writes_state_and_outbox_once,
+    final_insert_and_its_outbox_are_one_transaction,
+    failed_outbox_write_rolls_back_the_state_change,
+    ping_fails_when_the_database_is_gone,
+);
+
+async fn migrations_are_idempotent(f: Fixture) {
+    f.store.migrate().await.unwrap();
+    f.store.ping().await.unwrap();
+}
+
+async fn partners_by_key_hash(f: Fixture) {
+    let found = f
+        .store
+        .partner_by_key_hash(&secret::api_key_hash("key-acme"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.id, f.partner.id);
+    assert_eq!(
+        found.products,
+        vec![Product::PossessionSms, Product::Identity]
+    );
+    assert!(found.active);
+    assert!(
+        f.store
+            .partner_by_key_hash(&secret::api_key_hash("other"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let same_key = NewPartner {
+        partner: partner("copy"),
+        api_key_hash: secret::api_key_hash("key-acme"),
+    };
+    assert!(matches!(
+        f.store.insert_partner(&same_key).await,
+        Err(StoreError::Conflict(_))
+    ));
+
+    assert!(
+        f.store
+            .set_partner_active(f.partner.id, false)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !f.store
+            .partner_by_key_hash(&secret::api_key_hash("key-acme"))
+            .await
+            .unwrap()
+            .unwrap()
+            .active
+    );
+    assert!(
+        !f.store
+            .set_partner_active(Uuid::new_v4(), false)
+            .await
+            .unwrap()
+    );
+}
+
+async fn transactions_round_trip(f: Fixture) {
+    let tx = insert_pending(&f).await;
+    let read = f.store.transaction(tx.id).await.unwrap().unwrap();
+    assert_eq!(read.to_resource().metadata, tx.metadata);
+    assert_eq!(read.phone, tx.phone);
+    assert_eq!(read.status, Status::Pending);
+    assert_eq!(read.code_hash, tx.code_hash);
+    assert_eq!(read.provider_ref.as_deref(), Some("ref-1"));
+    assert_eq!(
+        read.expires_at.map(|t| t.timestamp_millis()),
+        tx.expires_at.map(|t| t.timestamp_millis())
+    );
+    assert_eq!(
+        read.created_at.timestamp_micros(),
+        tx.created_at.timestamp_micros()
+    );
+
+    let verification = f
+        .store
+        .verification(tx.verification_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(verification.partner_id, f.partner.id);
+    let second = Transaction {
+        id: Uuid::new_v4(),
+        created_at: tx.created_at + Duration::seconds(1),
+        ..tx.clone()
+    };
+    f.store
+        .insert_transaction(&second, None, None)
+        .await
+        .unwrap();
+    let all = f
+        .store
+        .transactions_of_verification(tx.verification_id)
+        .await
+        .unwrap();
+    assert_eq!(
+        all.iter().map(|t| t.id).collect::<Vec<_>>(),
+        vec![tx.id, second.id]
+    );
+    assert!(f.store.transaction(Uuid::new_v4()).await.unwrap().is_none());
+}
+
+async fn attempts_stop_at_the_limit(f: Fixture) {
+    let tx = insert_pending(&f).await;
+    for expected in 1..=5 {
+        assert_eq!(
+            f.store.use_attempt(tx.id, Utc::now()).await.unwrap(),
+            Some(expected)
+        );
+    }
+    assert_eq!(f.store.use_attempt(tx.id, Utc::now()).await.unwrap(), None);
+    assert_eq!(
+        f.store
+            .transaction(tx.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .attempts_used,
+        5
+    );
+}
+
+async fn concurrent_attempts_never_exceed_the_limit(f: Fixture) {
+    let tx = insert_pending(&f).await;
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let store = f.store.clone();
+            tokio::spawn(async move { store.use_attempt(tx.id, Utc::now()).await.unwrap() })
+        })
+        .collect();
+    let mut granted = Vec::new();
+    for task in tasks {
+        if let Some(n) = task.await.unwrap() {
+            granted.push(n);
+        }
+    }
+    granted.sort();
+    assert_eq!(granted, vec![1, 2, 3, 4, 5]);
+}
+
+async fn expired_transactions_take_no_attempt(f: Fixture) {
+    let tx = insert_pending(&f).await;
+    let after_expiry = tx.expires_at.unwrap() + Duration::milliseconds(1);
+    assert_eq!(
+        f.store.use_attempt(tx.id, after_expiry).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        f.store.use_attempt(tx.id, Utc::now()).await.unwrap(),
+        Some(1)
+    );
+}
+
+async fn finalize_writes_state_and_outbox_once(f: Fixture) {
+    let tx = insert_pending(&f).await;
+    let done = succeeded(&tx);
+    let message = outbox(&done);
+    assert!(
+        f.store
+            .finalize(Finalization {
+                transaction: &done,
+                outbox: Some(&message)
+            })
+            .await
+            .unwrap()
+    );
+    let read = f.store.transaction(tx.id).await.unwrap().unwrap();
+    assert_eq!(read.status, Status::Succeeded);
+    assert_eq!(read.result, done.result);
+
+    let failed = Transaction {
+        status: Status::Failed,
+        result: Some(TransactionResult::failure(ResultError::new(
+            ErrorCode::CodeExpired,
+        ))),
+        ..tx.clone()
+    };
+    let second = outbox(&failed);
+    assert!(
+        !f.store
+            .finalize(Finalization {
+                transaction: &failed,
+                outbox: Some(&second)
+            })
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        f.store.transaction(tx.id).await.unwrap().unwrap().status,
+        Status::Succeeded
+    );
+    let messages = f.store.outbox_of_transaction(tx.id).await.unwrap();
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].id, message.id);
+    assert_eq!(messages[0].payload, message.payload);
+}
+
+async fn final_insert_and_its_outbox_are_one_transaction(f: Fixture) {
+    let v = verification(&f.partner);
+    let first = succeeded(&pending(&f.partner, &v));
+    let message = outbox(&first);
+    f.store
+        .insert_transaction(&first, Some(&v), Some(&message))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.store.outbox_of_transaction(first.id).await.unwrap().len(),
+        1
+    );
+
+    // Same outbox id again: the outbox insert fails, so neither the second
+    // transaction nor its new verification may exist afterwards.
+    let v2 = verification(&f.partner);
+    let second = succeeded(&pending(&f.partner, &v2));
+    let clash = OutboxMessage {
+        transaction_id: second.id,
+        ..message.clone()
+    };
+    assert!(
+        f.store
+            .insert_transaction(&second, Some(&v2), Some(&clash))
+            .await
+            .is_err()
+    );
+    assert!(f.store.transaction(second.id).await.unwrap().is_none());
+    assert!(f.store.verification(v2.id).await.unwrap().is_none());
+}
+
+async fn failed_outbox_write_rolls_back_the_state_change(f: Fixture) {
+    let other = succeeded(&insert_pending(&f).await);
+    let taken = outbox(&other);
+    assert!(
+        f.store
+            .finalize(Finalization {
+                transaction: &other,
+                outbox: Some(&taken)
+            })
+            .await
+            .unwrap()
+    );
+
+    let tx = insert_pending(&f).await;
+    let done = succeeded(&tx);
+    let clash = OutboxMessage {
+        transaction_id: tx.id,
+        ..taken
+    };
+    assert!(
+        f.store
+            .finalize(Finalization {
+                transaction: &done,
+                outbox: Some(&clash)
+            })
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        f.store.transaction(tx.id).await.unwrap().unwrap().status,
+        Status::Pending
+    );
+}
+
+async fn ping_fails_when_the_database_is_gone(f: Fixture) {
+    f.store.ping().await.unwrap();
+    f.db.destroy().await;
+    if f.db.kind == Kind::Sqlite {
+        // An open SQLite file outlives its directory entry; a new pool on the
+        // same URL finds nothing to open.
+        let store = handset_store::connect(&f.db.url, &PoolSettings::default()).unwrap();
+        assert!(store.transaction(Uuid::new_v4()).await.is_err());
+    } else {
+        assert!(f.store.ping().await.is_err());
+    }
+}
