@@ -26,7 +26,7 @@ use crate::settings::Settings;
 use crate::telemetry;
 
 /// The development partner's fixed id, so its row is found again across restarts.
-pub const DEV_PARTNER_ID: Uuid = Uuid::from_u128(0x0000_0000_0000_4000_8000_00000000d001);
+pub const DEV_PARTNER_ID: Uuid = Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_d001);
 
 #[derive(Clone)]
 pub struct AppState {
@@ -76,7 +76,20 @@ impl Application {
         } else {
             settings.server.public_url.trim_end_matches('/').to_owned()
         };
-        seed_dev_partner(&settings, store.as_ref()).await?;
+        if let Err(error) = seed_dev_partner(&settings, store.as_ref()).await {
+            // The database may come up later (`/ready` says 503 meanwhile); keep trying.
+            tracing::warn!(%error, "could not register the development partner yet; retrying in the background");
+            let (settings, store) = (settings.clone(), store.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    if seed_dev_partner(&settings, store.as_ref()).await.is_ok() {
+                        tracing::info!("development partner registered");
+                        break;
+                    }
+                }
+            });
+        }
         let providers = providers(&settings, &public_url);
         let gateway = Gateway::new(
             store,

@@ -1,0 +1,259 @@
+//! `TestApp`: the real application on a random port over real HTTP, with a
+//! fresh real database (SQLite file or Postgres database) per test.
+
+use std::sync::Arc;
+
+use handset_core::model::{Partner, Product};
+use handset_core::secret::api_key_hash;
+use handset_core::store::{NewPartner, Store};
+use handset_server::{Application, Settings};
+use handset_testkit::{Kind, TestDatabase};
+use reqwest::{Client, Response, StatusCode};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+pub const DEV_KEY: &str = "hs_dev_sandbox_key";
+
+pub struct TestApp {
+    pub address: String,
+    pub client: Client,
+    pub store: Arc<dyn Store>,
+    pub db: TestDatabase,
+    pub kind: Kind,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// An answer: status, headers and the body parsed as JSON (`Null` if empty or not JSON).
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub text: String,
+    pub body: Value,
+}
+
+impl Answer {
+    async fn read(response: Response) -> Answer {
+        let status = response.status();
+        let headers = response.headers().clone();
+        let text = response.text().await.expect("read body");
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Answer {
+            status,
+            headers,
+            text,
+            body,
+        }
+    }
+
+    /// Asserts the documented error envelope with this status and code.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, code: u64) {
+        assert_eq!(self.status.as_u16(), status, "body: {}", self.text);
+        let errors = self.body["errors"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no envelope: {}", self.text));
+        assert_eq!(errors.len(), 1, "{}", self.text);
+        assert_eq!(errors[0]["code"].as_u64(), Some(code), "{}", self.text);
+        assert!(
+            errors[0]["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{}",
+            self.text
+        );
+    }
+
+    pub fn id(&self) -> String {
+        self.body["transaction_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no transaction_id: {}", self.text))
+            .to_owned()
+    }
+}
+
+impl TestApp {
+    pub async fn spawn(kind: Kind) -> TestApp {
+        Self::spawn_with(kind, &[]).await
+    }
+
+    /// Starts the app with extra `HANDSET__...` settings (as environment
+    /// variables would give them, but without touching the process environment).
+    pub async fn spawn_with(kind: Kind, env: &[(&str, &str)]) -> TestApp {
+        let db = TestDatabase::new(kind).await;
+        Self::spawn_on(db, env, true).await
+    }
+
+    pub async fn spawn_on(db: TestDatabase, env: &[(&str, &str)], migrate: bool) -> TestApp {
+        let mut vars: Vec<(String, String)> = vec![
+            ("HANDSET__SERVER__BIND".into(), "127.0.0.1:0".into()),
+            ("HANDSET__DATABASE__URL".into(), db.url.clone()),
+            (
+                "HANDSET__DATABASE__MIGRATE_ON_START".into(),
+                migrate.to_string(),
+            ),
+            ("HANDSET__DATABASE__ACQUIRE_TIMEOUT".into(), "2s".into()),
+        ];
+        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let settings = Settings::load_with(None, Some(vars)).expect("test settings");
+        let app = Application::build(settings).await.expect("build the app");
+        let address = format!("http://{}", app.local_addr());
+        let server = tokio::spawn(async move {
+            let _ = app.run_until(std::future::pending()).await;
+        });
+        let store = handset_store::connect(&db.url, &Default::default()).unwrap();
+        let client = Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        TestApp {
+            address,
+            client,
+            store,
+            kind: db.kind,
+            db,
+            server,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Answer {
+        self.post_as(DEV_KEY, path, body).await
+    }
+
+    pub async fn post_as(&self, key: &str, path: &str, body: Value) -> Answer {
+        let response = self
+            .client
+            .post(self.url(path))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .expect("POST");
+        Answer::read(response).await
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.get_as(DEV_KEY, path).await
+    }
+
+    pub async fn get_as(&self, key: &str, path: &str) -> Answer {
+        let response = self
+            .client
+            .get(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("GET");
+        Answer::read(response).await
+    }
+
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> Answer {
+        Answer::read(request.send().await.expect("send")).await
+    }
+
+    pub async fn start_sms(&self, phone: &str) -> Answer {
+        self.post("/v1/possession", json!({ "phone": phone })).await
+    }
+
+    pub async fn confirm(&self, id: &str, code: &str) -> Answer {
+        self.post(
+            &format!("/v1/possession/{id}/confirm"),
+            json!({ "code": code }),
+        )
+        .await
+    }
+
+    pub async fn transaction(&self, id: &str) -> Answer {
+        self.get(&format!("/v1/transactions/{id}")).await
+    }
+
+    /// A partner created in the real store; returns its id and API key.
+    pub async fn partner(&self, products: &[Product]) -> (Uuid, String) {
+        let key = format!("hs_test_{}", Uuid::new_v4().simple());
+        let partner = Partner {
+            id: Uuid::new_v4(),
+            name: "test partner".into(),
+            products: products.to_vec(),
+            active: true,
+            webhook_secret: "whsec_dGVzdA==".into(),
+            created_at: chrono::Utc::now(),
+        };
+        let id = partner.id;
+        self.store
+            .insert_partner(&NewPartner {
+                partner,
+                api_key_hash: api_key_hash(&key),
+            })
+            .await
+            .unwrap();
+        (id, key)
+    }
+
+    /// Row count of a table, read straight from the database.
+    pub async fn count(&self, table: &str) -> i64 {
+        let sql = format!("SELECT COUNT(*) FROM {table}");
+        match self.kind {
+            Kind::Sqlite => {
+                let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&self.db.url)
+                    .await
+                    .unwrap();
+                sqlx::query_scalar(&sql).fetch_one(&mut conn).await.unwrap()
+            }
+            Kind::Postgres => {
+                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&self.db.url)
+                    .await
+                    .unwrap();
+                sqlx::query_scalar(&sql).fetch_one(&mut conn).await.unwrap()
+            }
+        }
+    }
+
+    /// Every text column of a table concatenated, to prove a secret is absent.
+    pub async fn dump(&self, table: &str, columns: &str) -> String {
+        let sql = format!("SELECT {columns} FROM {table}");
+        let rows: Vec<(Option<String>,)> = match self.kind {
+            Kind::Sqlite => {
+                let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&self.db.url)
+                    .await
+                    .unwrap();
+                sqlx::query_as(&sql).fetch_all(&mut conn).await.unwrap()
+            }
+            Kind::Postgres => {
+                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&self.db.url)
+                    .await
+                    .unwrap();
+                sqlx::query_as(&sql).fetch_all(&mut conn).await.unwrap()
+            }
+        };
+        rows.into_iter()
+            .filter_map(|(s,)| s)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Runs each named scenario `async fn(TestApp)` on SQLite and on Postgres.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() {
+                   super::$name($crate::helpers::TestApp::spawn(handset_testkit::Kind::Sqlite).await).await
+               } )*
+        }
+        mod postgres {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() {
+                   super::$name($crate::helpers::TestApp::spawn(handset_testkit::Kind::Postgres).await).await
+               } )*
+        }
+    };
+}
