@@ -124,19 +124,11 @@ pub struct ApiError {
 impl ApiError {
     pub fn new(code: ErrorCode) -> Self {
         debug_assert!(code.http_status().is_some(), "{code:?} is a result error");
-        ApiError {
-            code,
-            message: Cow::Borrowed(code.message()),
-            retry_after: None,
-        }
+        ApiError { code, message: Cow::Borrowed(code.message()), retry_after: None }
     }
 
     pub fn with_message(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
-        ApiError {
-            code,
-            message: message.into(),
-            retry_after: None,
-        }
+        ApiError { code, message: message.into(), retry_after: None }
     }
 
     pub fn retry_after(mut self, after: Duration) -> Self {

@@ -14,11 +14,10 @@ pub mod sandbox;
 pub mod secret;
 pub mod service;
 pub mod store;
+pub mod webhook;
 
 pub use birth_date::BirthDate;
 pub use error::{ApiError, ErrorCode};
-pub use model::{
-    Partner, Product, ProviderName, Status, Transaction, TransactionOut, VerificationOut,
-};
+pub use model::{Partner, Product, ProviderName, Status, Transaction, TransactionOut, VerificationOut};
 pub use phone::{Phone, Region};
 pub use service::{Gateway, GatewaySettings, StartIdentity, StartPossession};

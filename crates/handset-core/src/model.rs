@@ -193,13 +193,15 @@ pub enum TransactionResult {
     Errors {
         errors: Vec<ResultError>,
     },
+    /// A success whose personal data (phone, address) the retention period removed.
+    Purged {
+        purged: bool,
+    },
 }
 
 impl TransactionResult {
     pub fn failure(error: ResultError) -> Self {
-        TransactionResult::Errors {
-            errors: vec![error],
-        }
+        TransactionResult::Errors { errors: vec![error] }
     }
 
     /// The first error's code, when the result is a failure.
@@ -252,9 +254,130 @@ pub struct OutboxMessage {
     pub transaction_id: Uuid,
     pub partner_id: Uuid,
     pub callback_url: String,
-    /// The transaction resource at the moment it became final.
-    pub payload: Value,
+    /// The exact body to POST: the transaction resource as `GET
+    /// /v1/transactions/{id}` rendered it when the message was written.
+    /// Empty once purged by retention.
+    pub payload: String,
     pub created_at: DateTime<Utc>,
+}
+
+impl OutboxMessage {
+    /// A callback of `transaction` as it is now, to `callback_url`.
+    pub fn of(transaction: &Transaction, callback_url: String, created_at: DateTime<Utc>) -> OutboxMessage {
+        OutboxMessage {
+            id: Uuid::new_v4(),
+            transaction_id: transaction.id,
+            partner_id: transaction.partner_id,
+            callback_url,
+            payload: serde_json::to_string(&transaction.to_resource()).unwrap_or_default(),
+            created_at,
+        }
+    }
+
+    /// The Standard Webhooks `webhook-id`: the same for every attempt.
+    pub fn webhook_id(&self) -> String {
+        format!("msg_{}", self.id.simple())
+    }
+}
+
+/// Where a callback's delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CallbackState {
+    /// Not delivered yet; `next_attempt_at` says when it is tried (again).
+    Pending,
+    Delivered,
+    /// Every attempt of the retry schedule failed.
+    Failed,
+}
+
+impl CallbackState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallbackState::Pending => "pending",
+            CallbackState::Delivered => "delivered",
+            CallbackState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<CallbackState> {
+        [CallbackState::Pending, CallbackState::Delivered, CallbackState::Failed]
+            .into_iter()
+            .find(|s| s.as_str() == text)
+    }
+}
+
+/// One delivery attempt, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallbackAttempt {
+    pub attempted_at: DateTime<Utc>,
+    /// The partner's HTTP status, when it answered.
+    pub status_code: Option<i32>,
+    /// Why the attempt failed without an HTTP answer (timeout, refused, ...).
+    pub error: Option<String>,
+    pub latency_ms: i64,
+}
+
+/// A callback with its delivery history.
+#[derive(Debug, Clone)]
+pub struct CallbackRecord {
+    pub message: OutboxMessage,
+    pub state: CallbackState,
+    pub next_attempt_at: DateTime<Utc>,
+    pub attempts: Vec<CallbackAttempt>,
+}
+
+/// A due callback that one worker holds a lease on.
+#[derive(Debug, Clone)]
+pub struct ClaimedCallback {
+    pub message: OutboxMessage,
+    /// Attempts made before this one.
+    pub attempts_before: i32,
+    /// The partner's `whsec_...` signing secret.
+    pub webhook_secret: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CallbackAttemptOut {
+    pub attempted_at: String,
+    pub status_code: Option<i32>,
+    pub error: Option<String>,
+    pub latency_ms: i64,
+}
+
+/// `GET /v1/transactions/{id}/callbacks`: one callback and its attempts.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CallbackOut {
+    /// Sent as `webhook-id`, the same on every attempt: deduplicate on it.
+    pub webhook_id: String,
+    pub url: String,
+    pub state: CallbackState,
+    pub created: String,
+    /// When the next attempt is due (pending callbacks only).
+    pub next_attempt_at: Option<String>,
+    pub attempts: Vec<CallbackAttemptOut>,
+}
+
+impl CallbackRecord {
+    pub fn to_resource(&self) -> CallbackOut {
+        CallbackOut {
+            webhook_id: self.message.webhook_id(),
+            url: self.message.callback_url.clone(),
+            state: self.state,
+            created: format_time(self.message.created_at),
+            next_attempt_at: (self.state == CallbackState::Pending).then(|| format_time(self.next_attempt_at)),
+            attempts: self
+                .attempts
+                .iter()
+                .map(|a| CallbackAttemptOut {
+                    attempted_at: format_time(a.attempted_at),
+                    status_code: a.status_code,
+                    error: a.error.clone(),
+                    latency_ms: a.latency_ms,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Timestamps as partners see them: RFC 3339, UTC, milliseconds.
@@ -275,13 +398,8 @@ pub struct StatusOut {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum NextAction {
-    EnterCode {
-        attempts_remaining: i32,
-        expires_at: String,
-    },
-    Redirect {
-        url: String,
-    },
+    EnterCode { attempts_remaining: i32, expires_at: String },
+    Redirect { url: String },
 }
 
 /// The transaction resource: every endpoint's answer and every callback's body.
@@ -321,10 +439,7 @@ impl Transaction {
                 attempts_remaining: self.attempts_remaining(),
                 expires_at: self.expires_at.map(format_time).unwrap_or_default(),
             }),
-            Product::PossessionNetwork => self
-                .redirect_url
-                .clone()
-                .map(|url| NextAction::Redirect { url }),
+            Product::PossessionNetwork => self.redirect_url.clone().map(|url| NextAction::Redirect { url }),
             Product::Identity => None,
         }
     }
@@ -343,11 +458,7 @@ impl Transaction {
                 updated: format_time(self.updated_at),
             },
             next_action: self.next_action(),
-            result: if self.is_final() {
-                self.result.clone()
-            } else {
-                None
-            },
+            result: if self.is_final() { self.result.clone() } else { None },
             metadata: self.metadata.clone(),
             callback_url: self.callback_url.clone(),
         }
@@ -369,9 +480,7 @@ pub struct VerificationOut {
 impl VerificationOut {
     pub fn new(verification: &Verification, transactions: &[Transaction]) -> Self {
         let succeeded = |possession: bool| {
-            transactions
-                .iter()
-                .any(|t| t.status == Status::Succeeded && t.product.is_possession() == possession)
+            transactions.iter().any(|t| t.status == Status::Succeeded && t.product.is_possession() == possession)
         };
         VerificationOut {
             verification_id: verification.id,

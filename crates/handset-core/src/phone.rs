@@ -18,10 +18,7 @@ impl Region {
 
     pub fn as_str(&self) -> &'static str {
         // Borrow the code from the static metadata so it outlives `self`.
-        DATABASE
-            .by_id(self.0.as_ref())
-            .map(|m| m.id())
-            .unwrap_or("ZZ")
+        DATABASE.by_id(self.0.as_ref()).map(|m| m.id()).unwrap_or("ZZ")
     }
 }
 
@@ -55,9 +52,7 @@ impl Phone {
         // want exactly a number, so restrict the alphabet first.
         if input.is_empty()
             || input.len() > MAX_INPUT_LEN
-            || !input
-                .chars()
-                .all(|c| c.is_ascii_digit() || matches!(c, '+' | ' ' | '-' | '.' | '(' | ')'))
+            || !input.chars().all(|c| c.is_ascii_digit() || matches!(c, '+' | ' ' | '-' | '.' | '(' | ')'))
             || input.chars().skip(1).any(|c| c == '+')
         {
             return Err(invalid());
@@ -79,12 +74,7 @@ impl Phone {
             }
         }
         let region = region_of(&number, calling_code, default_region);
-        Ok(Phone {
-            e164: number.format().mode(Mode::E164).to_string(),
-            calling_code,
-            national,
-            region,
-        })
+        Ok(Phone { e164: number.format().mode(Mode::E164).to_string(), calling_code, national, region })
     }
 
     pub fn e164(&self) -> &str {
@@ -142,14 +132,7 @@ fn has_possible_length(calling_code: u16, len: usize) -> bool {
     if calling_code.to_string().len() + len > 15 {
         return false;
     }
-    let kinds = [
-        Type::FixedLine,
-        Type::Mobile,
-        Type::TollFree,
-        Type::PremiumRate,
-        Type::Voip,
-        Type::PersonalNumber,
-    ];
+    let kinds = [Type::FixedLine, Type::Mobile, Type::TollFree, Type::PremiumRate, Type::Voip, Type::PersonalNumber];
     let lengths: Vec<u16> = regions
         .iter()
         .flat_map(|m| {
@@ -230,11 +213,7 @@ mod tests {
             "+999123456789",
             "+3361234567890123",
         ] {
-            assert_eq!(
-                us(bad).unwrap_err().code,
-                ErrorCode::InvalidPhone,
-                "{bad:?}"
-            );
+            assert_eq!(us(bad).unwrap_err().code, ErrorCode::InvalidPhone, "{bad:?}");
         }
     }
 

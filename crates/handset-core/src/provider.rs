@@ -13,9 +13,7 @@ use uuid::Uuid;
 
 use crate::birth_date::BirthDate;
 use crate::error::ApiError;
-use crate::model::{
-    PersonName, Product, ProviderName, ResultError, Transaction, TransactionResult,
-};
+use crate::model::{PersonName, Product, ProviderName, ResultError, Transaction, TransactionResult};
 use crate::phone::Phone;
 
 /// What handset tells a provider when it starts a check.
@@ -51,12 +49,7 @@ pub struct Started {
 
 impl Started {
     pub fn outcome(outcome: Outcome) -> Self {
-        Started {
-            provider_ref: None,
-            local_code: None,
-            redirect_url: None,
-            outcome,
-        }
+        Started { provider_ref: None, local_code: None, redirect_url: None, outcome }
     }
 }
 
@@ -106,19 +99,11 @@ pub trait Provider: Send + Sync {
     async fn send_code(&self, request: StartRequest<'_>) -> Result<Started, ProviderError>;
 
     /// possession.sms, for providers that check codes themselves (no `local_code`).
-    async fn check_code(
-        &self,
-        transaction: &Transaction,
-        code: &str,
-    ) -> Result<CodeCheck, ProviderError>;
+    async fn check_code(&self, transaction: &Transaction, code: &str) -> Result<CodeCheck, ProviderError>;
 
     /// possession.network: starts a silent operator check; `return_url` is
     /// where the operator sends the user back to handset.
-    async fn start_network(
-        &self,
-        request: StartRequest<'_>,
-        return_url: &str,
-    ) -> Result<Started, ProviderError>;
+    async fn start_network(&self, request: StartRequest<'_>, return_url: &str) -> Result<Started, ProviderError>;
 
     /// identity: matches phone and birth date against carrier records.
     async fn start_identity(&self, request: StartRequest<'_>) -> Result<Started, ProviderError>;
@@ -126,9 +111,5 @@ pub trait Provider: Send + Sync {
     /// Fetches the current result of a pending check (network result, or an
     /// asynchronous identity result); `token` is a session token the operator
     /// handed back, when there is one.
-    async fn fetch_result(
-        &self,
-        transaction: &Transaction,
-        token: Option<&str>,
-    ) -> Result<Outcome, ProviderError>;
+    async fn fetch_result(&self, transaction: &Transaction, token: Option<&str>) -> Result<Outcome, ProviderError>;
 }

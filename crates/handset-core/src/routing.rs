@@ -21,9 +21,9 @@ impl RoutingRule {
         self.product == product
             && match &self.countries {
                 None => true,
-                Some(countries) => phone
-                    .region()
-                    .is_some_and(|region| countries.iter().any(|c| c.eq_ignore_ascii_case(region))),
+                Some(countries) => {
+                    phone.region().is_some_and(|region| countries.iter().any(|c| c.eq_ignore_ascii_case(region)))
+                }
             }
     }
 }
@@ -40,10 +40,7 @@ impl Routing {
 
     /// The ordered provider chain of the first matching rule, or `None`.
     pub fn chain(&self, product: Product, phone: &Phone) -> Option<&[ProviderName]> {
-        self.rules
-            .iter()
-            .find(|r| r.matches(product, phone))
-            .map(|r| r.providers.as_slice())
+        self.rules.iter().find(|r| r.matches(product, phone)).map(|r| r.providers.as_slice())
     }
 
     pub fn rules(&self) -> &[RoutingRule] {
@@ -72,14 +69,8 @@ mod tests {
         ]);
         let fr = Phone::parse("+33612345678", Region::default()).unwrap();
         let us = Phone::parse("4155550123", Region::default()).unwrap();
-        assert_eq!(
-            routing.chain(Product::PossessionNetwork, &fr),
-            Some(&[ProviderName::Dqe][..])
-        );
-        assert_eq!(
-            routing.chain(Product::PossessionNetwork, &us),
-            Some(&[ProviderName::Sandbox][..])
-        );
+        assert_eq!(routing.chain(Product::PossessionNetwork, &fr), Some(&[ProviderName::Dqe][..]));
+        assert_eq!(routing.chain(Product::PossessionNetwork, &us), Some(&[ProviderName::Sandbox][..]));
         assert_eq!(routing.chain(Product::Identity, &us), None);
     }
 }

@@ -36,9 +36,7 @@ pub struct Sandbox {
 impl Sandbox {
     /// `public_url`: handset's own base URL, for the operator page link.
     pub fn new(public_url: &str) -> Self {
-        Sandbox {
-            public_url: public_url.trim_end_matches('/').to_owned(),
-        }
+        Sandbox { public_url: public_url.trim_end_matches('/').to_owned() }
     }
 
     pub fn operator_url(&self, transaction_id: uuid::Uuid) -> String {
@@ -61,9 +59,7 @@ fn mock(phone: &Phone) -> Option<Mock> {
     let digits = phone.last_four();
     let code = digits.parse().ok().and_then(ErrorCode::from_code);
     Some(match code {
-        Some(code) if code.is_telecom_result() => {
-            Mock::Fail(ResultError::new(code).provider_code(digits))
-        }
+        Some(code) if code.is_telecom_result() => Mock::Fail(ResultError::new(code).provider_code(digits)),
         Some(code) if (3100..3200).contains(&code.code()) => Mock::Reject(ApiError::new(code)),
         Some(code @ ErrorCode::Internal) => Mock::Reject(ApiError::new(code)),
         Some(code @ (ErrorCode::ProductRateLimited | ErrorCode::AccountRateLimited)) => {
@@ -78,9 +74,7 @@ fn possession_outcome(phone: &Phone) -> Result<Outcome, ProviderError> {
         None => Ok(Outcome::Pending),
         Some(Mock::Fail(error)) => Ok(Outcome::Failed(error)),
         Some(Mock::Reject(error)) => Err(ProviderError::Rejected(error)),
-        Some(Mock::NoCode) => Err(ProviderError::Rejected(ApiError::new(
-            ErrorCode::InvalidPhone,
-        ))),
+        Some(Mock::NoCode) => Err(ProviderError::Rejected(ApiError::new(ErrorCode::InvalidPhone))),
     }
 }
 
@@ -108,45 +102,26 @@ impl Provider for Sandbox {
     async fn send_code(&self, request: StartRequest<'_>) -> Result<Started, ProviderError> {
         let outcome = possession_outcome(request.phone)?;
         let local_code = (outcome == Outcome::Pending).then(|| SANDBOX_CODE.to_owned());
-        Ok(Started {
-            local_code,
-            ..Started::outcome(outcome)
-        })
+        Ok(Started { local_code, ..Started::outcome(outcome) })
     }
 
-    async fn check_code(
-        &self,
-        transaction: &Transaction,
-        code: &str,
-    ) -> Result<CodeCheck, ProviderError> {
+    async fn check_code(&self, transaction: &Transaction, code: &str) -> Result<CodeCheck, ProviderError> {
         Ok(if code == SANDBOX_CODE {
-            CodeCheck::Matched(TransactionResult::Phone {
-                phone: transaction.phone.clone().unwrap_or_default(),
-            })
+            CodeCheck::Matched(TransactionResult::Phone { phone: transaction.phone.clone().unwrap_or_default() })
         } else {
             CodeCheck::Mismatched
         })
     }
 
-    async fn start_network(
-        &self,
-        request: StartRequest<'_>,
-        _return_url: &str,
-    ) -> Result<Started, ProviderError> {
+    async fn start_network(&self, request: StartRequest<'_>, _return_url: &str) -> Result<Started, ProviderError> {
         let outcome = possession_outcome(request.phone)?;
-        let redirect_url =
-            (outcome == Outcome::Pending).then(|| self.operator_url(request.transaction_id));
-        Ok(Started {
-            redirect_url,
-            ..Started::outcome(outcome)
-        })
+        let redirect_url = (outcome == Outcome::Pending).then(|| self.operator_url(request.transaction_id));
+        Ok(Started { redirect_url, ..Started::outcome(outcome) })
     }
 
     async fn start_identity(&self, request: StartRequest<'_>) -> Result<Started, ProviderError> {
         let outcome = match mock(request.phone) {
-            None => Outcome::Succeeded(TransactionResult::Address {
-                address: sample_address(),
-            }),
+            None => Outcome::Succeeded(TransactionResult::Address { address: sample_address() }),
             Some(Mock::Reject(error)) => return Err(ProviderError::Rejected(error)),
             Some(Mock::Fail(error)) if error.code == ErrorCode::UserNotFound.code() => {
                 Outcome::Failed(error.additional_info(IDENTITY_FAILURE_INFO))
@@ -163,11 +138,7 @@ impl Provider for Sandbox {
 
     /// The sandbox operator step is completed by handset's own operator page,
     /// so a fetched result is always still pending.
-    async fn fetch_result(
-        &self,
-        _transaction: &Transaction,
-        _token: Option<&str>,
-    ) -> Result<Outcome, ProviderError> {
+    async fn fetch_result(&self, _transaction: &Transaction, _token: Option<&str>) -> Result<Outcome, ProviderError> {
         Ok(Outcome::Pending)
     }
 }
@@ -179,12 +150,7 @@ mod tests {
 
     fn start(phone: &str) -> StartRequest<'static> {
         let phone = Box::leak(Box::new(Phone::parse(phone, Region::default()).unwrap()));
-        StartRequest {
-            transaction_id: uuid::Uuid::nil(),
-            phone,
-            name: None,
-            birth_date: None,
-        }
+        StartRequest { transaction_id: uuid::Uuid::nil(), phone, name: None, birth_date: None }
     }
 
     #[tokio::test]
@@ -212,10 +178,7 @@ mod tests {
     async fn identity_mocks() {
         let sandbox = Sandbox::new("http://localhost:8080");
         let ok = sandbox.start_identity(start("8885551234")).await.unwrap();
-        assert!(matches!(
-            ok.outcome,
-            Outcome::Succeeded(TransactionResult::Address { .. })
-        ));
+        assert!(matches!(ok.outcome, Outcome::Succeeded(TransactionResult::Address { .. })));
         for phone in ["9995550042", "9995551014"] {
             match sandbox.start_identity(start(phone)).await.unwrap().outcome {
                 Outcome::Failed(e) => {
@@ -225,19 +188,13 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        assert!(matches!(
-            sandbox.start_identity(start("9995553108")).await,
-            Err(ProviderError::Rejected(_))
-        ));
+        assert!(matches!(sandbox.start_identity(start("9995553108")).await, Err(ProviderError::Rejected(_))));
     }
 
     #[tokio::test]
     async fn network_points_at_the_operator_page() {
         let sandbox = Sandbox::new("http://localhost:8080/");
-        let started = sandbox
-            .start_network(start("4155550123"), "unused")
-            .await
-            .unwrap();
+        let started = sandbox.start_network(start("4155550123"), "unused").await.unwrap();
         assert_eq!(
             started.redirect_url.as_deref(),
             Some("http://localhost:8080/sandbox/operator/00000000-0000-0000-0000-000000000000")

@@ -34,14 +34,8 @@ mod tests {
     fn hashes_are_stable_and_salted() {
         let id = Uuid::nil();
         assert_eq!(code_hash(id, "123123"), code_hash(id, "123123"));
-        assert_ne!(
-            code_hash(id, "123123"),
-            code_hash(Uuid::from_u128(1), "123123")
-        );
-        assert_eq!(
-            api_key_hash("abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_ne!(code_hash(id, "123123"), code_hash(Uuid::from_u128(1), "123123"));
+        assert_eq!(api_key_hash("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         assert!(constant_time_eq("abc", "abc"));
         assert!(!constant_time_eq("abc", "abd"));
         assert!(!constant_time_eq("abc", "abcd"));

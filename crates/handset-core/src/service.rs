@@ -4,15 +4,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use chrono::{Duration, Utc};
+use chrono::{DateTime, Duration, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
 use crate::birth_date::BirthDate;
 use crate::error::{ApiError, ErrorCode};
 use crate::model::{
-    OutboxMessage, Partner, PersonName, Product, ProviderName, ResultError, Status, Transaction,
-    TransactionResult, Verification, VerificationOut,
+    CallbackOut, CallbackRecord, CallbackState, OutboxMessage, Partner, PersonName, Product, ProviderName, ResultError,
+    Status, Transaction, TransactionResult, Verification, VerificationOut,
 };
 use crate::phone::Phone;
 use crate::provider::{CodeCheck, Outcome, Provider, ProviderError, StartRequest, Started};
@@ -96,11 +96,7 @@ impl Gateway {
     /// The partner behind a bearer key: unknown -> 401 1100, inactive -> 401 1200.
     pub async fn authenticate(&self, api_key: &str) -> Result<Partner, ApiError> {
         let hash = api_key_hash(api_key);
-        if self
-            .refused_key_hash
-            .as_deref()
-            .is_some_and(|refused| constant_time_eq(refused, &hash))
-        {
+        if self.refused_key_hash.as_deref().is_some_and(|refused| constant_time_eq(refused, &hash)) {
             return Err(ApiError::new(ErrorCode::CredentialsUnknown));
         }
         let partner = self
@@ -115,46 +111,30 @@ impl Gateway {
         Ok(partner)
     }
 
-    pub async fn start_possession(
-        &self,
-        partner: &Partner,
-        input: StartPossession,
-    ) -> Result<Transaction, ApiError> {
+    pub async fn start_possession(&self, partner: &Partner, input: StartPossession) -> Result<Transaction, ApiError> {
         let product = input.channel;
         ensure_enabled(partner, product)?;
-        let (verification_id, new_verification) = self
-            .verification_for(partner, input.verification_id)
-            .await?;
+        let (verification_id, new_verification) = self.verification_for(partner, input.verification_id).await?;
         let chain = self.chain(product, &input.phone, input.provider, input.name.is_some())?;
         let mut draft = self.draft(partner, product, verification_id, &input.phone);
         draft.callback_url = input.callback_url;
         draft.redirect_uri = input.redirect_uri;
         draft.name = input.name;
         draft.metadata = input.metadata;
-        let started = self
-            .first_available(&chain, &mut draft, &input.phone, None)
-            .await;
+        let started = self.first_available(&chain, &mut draft, &input.phone, None).await;
         self.record_start(draft, new_verification, started).await
     }
 
-    pub async fn start_identity(
-        &self,
-        partner: &Partner,
-        input: StartIdentity,
-    ) -> Result<Transaction, ApiError> {
+    pub async fn start_identity(&self, partner: &Partner, input: StartIdentity) -> Result<Transaction, ApiError> {
         let product = Product::Identity;
         ensure_enabled(partner, product)?;
-        let (verification_id, new_verification) = self
-            .verification_for(partner, input.verification_id)
-            .await?;
+        let (verification_id, new_verification) = self.verification_for(partner, input.verification_id).await?;
         let chain = self.chain(product, &input.phone, input.provider, false)?;
         let mut draft = self.draft(partner, product, verification_id, &input.phone);
         draft.birth_date = Some(input.birth_date.to_string());
         draft.callback_url = input.callback_url;
         draft.metadata = input.metadata;
-        let started = self
-            .first_available(&chain, &mut draft, &input.phone, Some(&input.birth_date))
-            .await;
+        let started = self.first_available(&chain, &mut draft, &input.phone, Some(&input.birth_date)).await;
         self.record_start(draft, new_verification, started).await
     }
 
@@ -190,32 +170,21 @@ impl Gateway {
             if tx.attempts_used >= tx.max_attempts {
                 return Err(ApiError::new(ErrorCode::RetryLimitExceeded));
             }
-            let code = code
-                .filter(|c| code_is_well_formed(c))
-                .ok_or_else(|| ApiError::new(ErrorCode::InvalidCode))?;
+            let code = code.filter(|c| code_is_well_formed(c)).ok_or_else(|| ApiError::new(ErrorCode::InvalidCode))?;
             let Some(used) = self.store.use_attempt(tx.id, now).await.map_err(internal)? else {
                 continue;
             };
             let check = match &tx.code_hash {
                 Some(hash) => {
                     if constant_time_eq(hash, &code_hash(tx.id, code)) {
-                        CodeCheck::Matched(TransactionResult::Phone {
-                            phone: tx.phone.clone().unwrap_or_default(),
-                        })
+                        CodeCheck::Matched(TransactionResult::Phone { phone: tx.phone.clone().unwrap_or_default() })
                     } else {
                         CodeCheck::Mismatched
                     }
                 }
-                None => self
-                    .provider(tx.provider)?
-                    .check_code(&tx, code)
-                    .await
-                    .map_err(provider_failure)?,
+                None => self.provider(tx.provider)?.check_code(&tx, code).await.map_err(provider_failure)?,
             };
-            let mut tx = Transaction {
-                attempts_used: used,
-                ..tx
-            };
+            let mut tx = Transaction { attempts_used: used, ..tx };
             match check {
                 CodeCheck::Matched(result) => {
                     if self.finish(&mut tx, Status::Succeeded, result).await? {
@@ -227,13 +196,11 @@ impl Gateway {
                 }
                 CodeCheck::Mismatched => {
                     let error = ResultError::new(ErrorCode::RetryLimitExceeded);
-                    self.finish(&mut tx, Status::Failed, TransactionResult::failure(error))
-                        .await?;
+                    self.finish(&mut tx, Status::Failed, TransactionResult::failure(error)).await?;
                     return Err(ApiError::new(ErrorCode::RetryLimitExceeded));
                 }
                 CodeCheck::Failed(error) => {
-                    self.finish(&mut tx, Status::Failed, TransactionResult::failure(error))
-                        .await?;
+                    self.finish(&mut tx, Status::Failed, TransactionResult::failure(error)).await?;
                     return Err(failure_error(&tx));
                 }
             }
@@ -245,37 +212,19 @@ impl Gateway {
         self.owned_transaction(partner, id).await
     }
 
-    pub async fn verification(
-        &self,
-        partner: &Partner,
-        id: Uuid,
-    ) -> Result<VerificationOut, ApiError> {
-        let verification = self
-            .store
-            .verification(id)
-            .await
-            .map_err(internal)?
-            .ok_or_else(not_found)?;
+    pub async fn verification(&self, partner: &Partner, id: Uuid) -> Result<VerificationOut, ApiError> {
+        let verification = self.store.verification(id).await.map_err(internal)?.ok_or_else(not_found)?;
         if verification.partner_id != partner.id {
             return Err(ApiError::new(ErrorCode::VerificationNotOwned));
         }
-        let transactions = self
-            .store
-            .transactions_of_verification(id)
-            .await
-            .map_err(internal)?;
+        let transactions = self.store.transactions_of_verification(id).await.map_err(internal)?;
         Ok(VerificationOut::new(&verification, &transactions))
     }
 
     /// The sandbox operator page: completes a pending sandbox network check.
     /// Anything else is 404, so the page cannot touch real providers' checks.
     pub async fn complete_sandbox_operator(&self, id: Uuid) -> Result<Transaction, ApiError> {
-        let mut tx = self
-            .store
-            .transaction(id)
-            .await
-            .map_err(internal)?
-            .ok_or_else(not_found)?;
+        let mut tx = self.store.transaction(id).await.map_err(internal)?.ok_or_else(not_found)?;
         if tx.provider != ProviderName::Sandbox || tx.product != Product::PossessionNetwork {
             return Err(not_found());
         }
@@ -283,31 +232,55 @@ impl Gateway {
             if tx.expires_at.is_some_and(|at| at <= Utc::now()) {
                 return self.expire(tx).await;
             }
-            let result = TransactionResult::Phone {
-                phone: tx.phone.clone().unwrap_or_default(),
-            };
+            let result = TransactionResult::Phone { phone: tx.phone.clone().unwrap_or_default() };
             if !self.finish(&mut tx, Status::Succeeded, result).await? {
-                return self
-                    .store
-                    .transaction(id)
-                    .await
-                    .map_err(internal)?
-                    .ok_or_else(not_found);
+                return self.store.transaction(id).await.map_err(internal)?.ok_or_else(not_found);
             }
         }
         Ok(tx)
     }
 
-    async fn refresh_network(
-        &self,
-        mut tx: Transaction,
-        token: Option<&str>,
-    ) -> Result<Transaction, ApiError> {
-        let outcome = self
-            .provider(tx.provider)?
-            .fetch_result(&tx, token)
-            .await
-            .map_err(provider_failure)?;
+    /// The callbacks of a transaction with their delivery attempts.
+    pub async fn callbacks(&self, partner: &Partner, transaction_id: Uuid) -> Result<Vec<CallbackOut>, ApiError> {
+        let tx = self.owned_transaction(partner, transaction_id).await?;
+        let records = self.store.callbacks_of_transaction(tx.id).await.map_err(internal)?;
+        Ok(records.iter().map(CallbackRecord::to_resource).collect())
+    }
+
+    /// Queues a new delivery of the transaction's current state (a new `webhook-id`).
+    pub async fn retry_callback(&self, partner: &Partner, transaction_id: Uuid) -> Result<CallbackOut, ApiError> {
+        let tx = self.owned_transaction(partner, transaction_id).await?;
+        let callback_url = tx.callback_url.clone().ok_or_else(|| {
+            ApiError::with_message(ErrorCode::InvalidCallbackUrl, "Transaction has no callback_url to deliver to")
+        })?;
+        let message = OutboxMessage::of(&tx, callback_url, Utc::now());
+        self.store.insert_outbox(&message).await.map_err(internal)?;
+        let record = CallbackRecord {
+            next_attempt_at: message.created_at,
+            message,
+            state: CallbackState::Pending,
+            attempts: Vec::new(),
+        };
+        Ok(record.to_resource())
+    }
+
+    /// Ends up to `limit` pending transactions past their deadline (final 300,
+    /// 3103, with their callbacks). Returns how many this call ended.
+    pub async fn expire_due(&self, now: DateTime<Utc>, limit: i64) -> Result<usize, ApiError> {
+        let due = self.store.expired_pending(now, limit).await.map_err(internal)?;
+        let mut expired = 0;
+        for tx in due {
+            let result = TransactionResult::failure(ResultError::new(ErrorCode::CodeExpired));
+            let mut tx = tx;
+            if self.finish(&mut tx, Status::Failed, result).await? {
+                expired += 1;
+            }
+        }
+        Ok(expired)
+    }
+
+    async fn refresh_network(&self, mut tx: Transaction, token: Option<&str>) -> Result<Transaction, ApiError> {
+        let outcome = self.provider(tx.provider)?.fetch_result(&tx, token).await.map_err(provider_failure)?;
         let (status, result) = match outcome {
             Outcome::Pending => return Ok(tx),
             Outcome::Succeeded(result) => (Status::Succeeded, result),
@@ -316,11 +289,7 @@ impl Gateway {
         if self.finish(&mut tx, status, result).await? {
             Ok(tx)
         } else {
-            self.store
-                .transaction(tx.id)
-                .await
-                .map_err(internal)?
-                .ok_or_else(not_found)
+            self.store.transaction(tx.id).await.map_err(internal)?.ok_or_else(not_found)
         }
     }
 
@@ -333,36 +302,16 @@ impl Gateway {
 
     /// Moves `tx` to a final state with its callback; false when another
     /// request finalized it first.
-    async fn finish(
-        &self,
-        tx: &mut Transaction,
-        status: Status,
-        result: TransactionResult,
-    ) -> Result<bool, ApiError> {
+    async fn finish(&self, tx: &mut Transaction, status: Status, result: TransactionResult) -> Result<bool, ApiError> {
         tx.status = status;
         tx.result = Some(result);
         tx.updated_at = Utc::now();
         let outbox = outbox_for(tx);
-        self.store
-            .finalize(Finalization {
-                transaction: tx,
-                outbox: outbox.as_ref(),
-            })
-            .await
-            .map_err(internal)
+        self.store.finalize(Finalization { transaction: tx, outbox: outbox.as_ref() }).await.map_err(internal)
     }
 
-    async fn owned_transaction(
-        &self,
-        partner: &Partner,
-        id: Uuid,
-    ) -> Result<Transaction, ApiError> {
-        let tx = self
-            .store
-            .transaction(id)
-            .await
-            .map_err(internal)?
-            .ok_or_else(not_found)?;
+    async fn owned_transaction(&self, partner: &Partner, id: Uuid) -> Result<Transaction, ApiError> {
+        let tx = self.store.transaction(id).await.map_err(internal)?.ok_or_else(not_found)?;
         if tx.partner_id != partner.id {
             return Err(ApiError::new(ErrorCode::TransactionNotOwned));
         }
@@ -376,34 +325,23 @@ impl Gateway {
     ) -> Result<(Uuid, Option<Verification>), ApiError> {
         match requested {
             Some(id) => {
-                let existing = self
-                    .store
-                    .verification(id)
-                    .await
-                    .map_err(internal)?
-                    .ok_or_else(not_found)?;
+                let existing = self.store.verification(id).await.map_err(internal)?.ok_or_else(not_found)?;
                 if existing.partner_id != partner.id {
                     return Err(ApiError::new(ErrorCode::VerificationNotOwned));
                 }
                 Ok((id, None))
             }
             None => {
-                let verification = Verification {
-                    id: Uuid::new_v4(),
-                    partner_id: partner.id,
-                    created_at: Utc::now(),
-                };
+                let verification = Verification { id: Uuid::new_v4(), partner_id: partner.id, created_at: Utc::now() };
                 Ok((verification.id, Some(verification)))
             }
         }
     }
 
     fn provider(&self, name: ProviderName) -> Result<&Arc<dyn Provider>, ApiError> {
-        self.providers.get(&name).ok_or_else(|| {
-            internal(format!(
-                "provider {name} of a stored transaction is not configured"
-            ))
-        })
+        self.providers
+            .get(&name)
+            .ok_or_else(|| internal(format!("provider {name} of a stored transaction is not configured")))
     }
 
     /// The providers to try, in order. A forced provider must be configured
@@ -418,11 +356,7 @@ impl Gateway {
     ) -> Result<Vec<Arc<dyn Provider>>, ApiError> {
         let names: Vec<ProviderName> = match forced {
             Some(name) => vec![name],
-            None => self
-                .routing
-                .chain(product, phone)
-                .map(<[_]>::to_vec)
-                .unwrap_or_default(),
+            None => self.routing.chain(product, phone).map(<[_]>::to_vec).unwrap_or_default(),
         };
         let eligible: Vec<Arc<dyn Provider>> = names
             .iter()
@@ -436,24 +370,14 @@ impl Gateway {
         if has_name {
             return Ok(eligible);
         }
-        let named_ok: Vec<_> = eligible
-            .iter()
-            .filter(|p| !p.needs_name(product))
-            .cloned()
-            .collect();
+        let named_ok: Vec<_> = eligible.iter().filter(|p| !p.needs_name(product)).cloned().collect();
         if named_ok.is_empty() {
             return Err(ApiError::new(ErrorCode::InvalidName));
         }
         Ok(named_ok)
     }
 
-    fn draft(
-        &self,
-        partner: &Partner,
-        product: Product,
-        verification_id: Uuid,
-        phone: &Phone,
-    ) -> Transaction {
+    fn draft(&self, partner: &Partner, product: Product, verification_id: Uuid, phone: &Phone) -> Transaction {
         let now = Utc::now();
         Transaction {
             id: Uuid::new_v4(),
@@ -466,15 +390,9 @@ impl Gateway {
             status: Status::Pending,
             created_at: now,
             updated_at: now,
-            expires_at: product
-                .is_possession()
-                .then(|| now + self.settings.code_ttl),
+            expires_at: product.is_possession().then(|| now + self.settings.code_ttl),
             attempts_used: 0,
-            max_attempts: if product == Product::PossessionSms {
-                self.settings.max_attempts
-            } else {
-                0
-            },
+            max_attempts: if product == Product::PossessionSms { self.settings.max_attempts } else { 0 },
             code_hash: None,
             provider_ref: None,
             redirect_url: None,
@@ -499,12 +417,7 @@ impl Gateway {
         let mut last = ProviderError::Unavailable("no provider tried".into());
         for provider in chain {
             draft.provider = provider.name();
-            let request = StartRequest {
-                transaction_id: draft.id,
-                phone,
-                name: draft.name.as_ref(),
-                birth_date,
-            };
+            let request = StartRequest { transaction_id: draft.id, phone, name: draft.name.as_ref(), birth_date };
             let answer = match draft.product {
                 Product::PossessionSms => provider.send_code(request).await,
                 Product::PossessionNetwork => {
@@ -546,9 +459,7 @@ impl Gateway {
                 match started.outcome {
                     Outcome::Pending => {}
                     Outcome::Succeeded(result) => settle(&mut tx, Status::Succeeded, result),
-                    Outcome::Failed(error) => {
-                        settle(&mut tx, Status::Failed, TransactionResult::failure(error))
-                    }
+                    Outcome::Failed(error) => settle(&mut tx, Status::Failed, TransactionResult::failure(error)),
                 }
                 false
             }
@@ -560,10 +471,7 @@ impl Gateway {
             Err(other) => return Err(provider_failure(other)),
         };
         let outbox = outbox_for(&tx);
-        self.store
-            .insert_transaction(&tx, new_verification.as_ref(), outbox.as_ref())
-            .await
-            .map_err(internal)?;
+        self.store.insert_transaction(&tx, new_verification.as_ref(), outbox.as_ref()).await.map_err(internal)?;
         if unavailable {
             return Err(ApiError::new(ErrorCode::ProvidersUnavailable));
         }
@@ -580,34 +488,18 @@ fn settle(tx: &mut Transaction, status: Status, result: TransactionResult) {
 /// The callback a final transaction owes its partner, if it has a callback URL.
 fn outbox_for(tx: &Transaction) -> Option<OutboxMessage> {
     let callback_url = tx.callback_url.clone()?;
-    if !tx.is_final() {
-        return None;
-    }
-    Some(OutboxMessage {
-        id: Uuid::new_v4(),
-        transaction_id: tx.id,
-        partner_id: tx.partner_id,
-        callback_url,
-        payload: serde_json::to_value(tx.to_resource()).unwrap_or(Value::Null),
-        created_at: tx.updated_at,
-    })
+    tx.is_final().then(|| OutboxMessage::of(tx, callback_url, tx.updated_at))
 }
 
 fn ensure_enabled(partner: &Partner, product: Product) -> Result<(), ApiError> {
-    if partner.enabled_for(product) {
-        Ok(())
-    } else {
-        Err(ApiError::new(ErrorCode::ProductNotEnabled))
-    }
+    if partner.enabled_for(product) { Ok(()) } else { Err(ApiError::new(ErrorCode::ProductNotEnabled)) }
 }
 
 /// The answer to a confirm on a transaction that already failed.
 fn failure_error(tx: &Transaction) -> ApiError {
     let code = tx.result.as_ref().and_then(TransactionResult::error_code);
     match code.and_then(ErrorCode::from_code) {
-        Some(code @ (ErrorCode::RetryLimitExceeded | ErrorCode::CodeExpired)) => {
-            ApiError::new(code)
-        }
+        Some(code @ (ErrorCode::RetryLimitExceeded | ErrorCode::CodeExpired)) => ApiError::new(code),
         _ => ApiError::new(ErrorCode::NotPossessionCheck),
     }
 }

@@ -5,7 +5,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::model::{OutboxMessage, Partner, Transaction, Verification};
+use crate::model::{
+    CallbackAttempt, CallbackRecord, ClaimedCallback, OutboxMessage, Partner, Transaction, Verification,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -66,10 +68,7 @@ pub trait Store: Send + Sync {
 
     async fn transaction(&self, id: Uuid) -> Result<Option<Transaction>, StoreError>;
 
-    async fn transactions_of_verification(
-        &self,
-        verification_id: Uuid,
-    ) -> Result<Vec<Transaction>, StoreError>;
+    async fn transactions_of_verification(&self, verification_id: Uuid) -> Result<Vec<Transaction>, StoreError>;
 
     /// Atomically uses one code attempt of a pending, unexpired transaction.
     /// Returns the attempts used after this one, or `None` when the transaction
@@ -82,9 +81,54 @@ pub trait Store: Send + Sync {
     /// writes nothing) when the transaction was no longer pending.
     async fn finalize(&self, finalization: Finalization<'_>) -> Result<bool, StoreError>;
 
-    /// Outbox messages in creation order (for tests and the delivery worker).
-    async fn outbox_of_transaction(
+    /// Queues a callback outside a state change (a partner's retry request).
+    async fn insert_outbox(&self, message: &OutboxMessage) -> Result<(), StoreError>;
+
+    /// A transaction's callbacks with their attempts, oldest first.
+    async fn callbacks_of_transaction(&self, transaction_id: Uuid) -> Result<Vec<CallbackRecord>, StoreError>;
+
+    /// Leases up to `limit` pending callbacks due at `now` whose lease (if
+    /// any) has run out, to `owner` until `lease_until`. Each row is handed
+    /// to one claimer at a time, across processes.
+    async fn claim_due_callbacks(&self, claim: Claim<'_>) -> Result<Vec<ClaimedCallback>, StoreError>;
+
+    /// Records one attempt and what follows it, if `owner` still holds the
+    /// lease; returns false (recording nothing) when the lease was lost.
+    async fn finish_callback_attempt(
         &self,
-        transaction_id: Uuid,
-    ) -> Result<Vec<OutboxMessage>, StoreError>;
+        id: Uuid,
+        owner: &str,
+        attempt: &CallbackAttempt,
+        next: AfterAttempt,
+    ) -> Result<bool, StoreError>;
+
+    /// Pending callbacks due at `now` (a gauge for operators).
+    async fn due_callbacks(&self, now: DateTime<Utc>) -> Result<i64, StoreError>;
+
+    /// Pending transactions whose deadline is at or before `now`.
+    async fn expired_pending(&self, now: DateTime<Utc>, limit: i64) -> Result<Vec<Transaction>, StoreError>;
+
+    /// Removes personal data (phone, birth date, name, metadata, successful
+    /// results, finished callback bodies) from final transactions created
+    /// before `created_before`, keeping statuses, codes and times. Returns the
+    /// number of transactions purged.
+    async fn purge_personal_data(&self, created_before: DateTime<Utc>, now: DateTime<Utc>) -> Result<u64, StoreError>;
+}
+
+/// A claim of due callbacks.
+#[derive(Debug, Clone, Copy)]
+pub struct Claim<'a> {
+    pub now: DateTime<Utc>,
+    pub lease_until: DateTime<Utc>,
+    pub owner: &'a str,
+    pub limit: i64,
+}
+
+/// What follows a delivery attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterAttempt {
+    Delivered,
+    RetryAt(DateTime<Utc>),
+    /// The retry schedule is used up.
+    GiveUp,
 }

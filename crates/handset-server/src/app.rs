@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::http::StatusCode;
@@ -17,13 +18,16 @@ use handset_core::store::{NewPartner, Store, StoreError};
 use handset_core::{ApiError, ErrorCode, Gateway, GatewaySettings, Region};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tower_http::catch_panic::CatchPanicLayer;
 use uuid::Uuid;
 
 use crate::error::{Failure, error_response};
-use crate::routes::{docs, health, identity, possession, sandbox, transactions};
+use crate::routes::{callbacks, docs, health, identity, possession, sandbox, transactions};
 use crate::settings::Settings;
 use crate::telemetry;
+use crate::worker::delivery::Delivery;
+use crate::worker::{Runner, RunnerSettings};
 
 /// The development partner's fixed id, so its row is found again across restarts.
 pub const DEV_PARTNER_ID: Uuid = Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_d001);
@@ -54,6 +58,9 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     addr: SocketAddr,
+    runner: Option<Runner>,
+    /// How long shutdown waits for in-flight background work.
+    shutdown_grace: Duration,
 }
 
 impl Application {
@@ -62,10 +69,7 @@ impl Application {
     pub async fn build(settings: Settings) -> Result<Application, StartError> {
         let listener = TcpListener::bind(&settings.server.bind)
             .await
-            .map_err(|source| StartError::Bind {
-                addr: settings.server.bind.clone(),
-                source,
-            })?;
+            .map_err(|source| StartError::Bind { addr: settings.server.bind.clone(), source })?;
         let addr = listener.local_addr()?;
         let store = open_store(&settings)?;
         if settings.database.migrate_on_start {
@@ -96,17 +100,22 @@ impl Application {
             providers,
             Routing::new(settings.routing.rules.clone()),
             GatewaySettings {
-                code_ttl: chrono::Duration::from_std(settings.possession.code_ttl)
-                    .unwrap_or(chrono::Duration::MAX),
+                code_ttl: chrono::Duration::from_std(settings.possession.code_ttl).unwrap_or(chrono::Duration::MAX),
                 max_attempts: settings.possession.max_attempts as i32,
                 public_url,
-                refused_api_key: settings
-                    .is_production()
-                    .then(|| settings.dev.api_key.expose().to_owned()),
+                refused_api_key: settings.is_production().then(|| settings.dev.api_key.expose().to_owned()),
             },
         );
+        let gateway = Arc::new(gateway);
+        let runner = if settings.workers.enabled {
+            let delivery = Delivery::new(settings.callbacks.allow_private_networks, settings.callbacks.timeout)
+                .map_err(|e| StartError::Io(std::io::Error::other(e)))?;
+            Some(Runner::new(gateway.clone(), delivery, runner_settings(&settings)))
+        } else {
+            None
+        };
         let state = AppState {
-            gateway: Arc::new(gateway),
+            gateway,
             default_region: settings.default_region(),
             allow_private_callbacks: settings.callbacks.allow_private_networks,
             metrics: telemetry::metrics_handle(),
@@ -115,6 +124,8 @@ impl Application {
             listener,
             router: router(state),
             addr,
+            runner,
+            shutdown_grace: settings.callbacks.timeout + Duration::from_secs(5),
         })
     }
 
@@ -126,15 +137,42 @@ impl Application {
         self.addr
     }
 
-    /// Serves until `shutdown` resolves, then finishes in-flight requests.
+    /// Serves (and runs background jobs) until `shutdown` resolves; then
+    /// stops taking requests and claiming jobs, and lets in-flight requests
+    /// and deliveries finish, waiting at most `callbacks.timeout` + 5 s for
+    /// the deliveries.
     pub async fn run_until(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         tracing::info!(addr = %self.addr, "handset listening");
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
+        let (stop, stopped) = watch::channel(false);
+        let runner = self.runner.map(|runner| tokio::spawn(runner.run(stopped)));
+        let signal = async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        };
+        let served = axum::serve(self.listener, self.router).with_graceful_shutdown(signal).await;
+        if let Some(runner) = runner
+            && tokio::time::timeout(self.shutdown_grace, runner).await.is_err()
+        {
+            tracing::warn!(
+                "background work did not finish in time; unfinished callbacks are retried after their lease"
+            );
+        }
+        served
+    }
+}
+
+fn runner_settings(settings: &Settings) -> RunnerSettings {
+    let retention = settings.retention.personal_data;
+    RunnerSettings {
+        poll_interval: settings.workers.poll_interval,
+        retry_schedule: settings.callbacks.retry_schedule.iter().map(|d| **d).collect(),
+        // Long enough for a whole round of deliveries, each bounded by the timeout.
+        lease: settings.callbacks.timeout * 2 + Duration::from_secs(10),
+        batch_size: i64::from(settings.workers.batch_size),
+        retention: (!retention.is_zero()).then_some(retention),
     }
 }
 
@@ -152,23 +190,14 @@ fn providers(settings: &Settings, public_url: &str) -> Vec<Arc<dyn Provider>> {
     let p = &settings.providers;
     let configured = [
         ("idme", p.idme.secret.is_set()),
-        (
-            "veratad",
-            !p.veratad.user.is_empty() && p.veratad.pass.is_set(),
-        ),
+        ("veratad", !p.veratad.user.is_empty() && p.veratad.pass.is_set()),
         ("dqe", p.dqe.licence.is_set() && p.dqe.token.is_set()),
     ];
     for (name, has_credentials) in configured {
         if has_credentials {
-            tracing::warn!(
-                provider = name,
-                "provider disabled: its adapter is not part of this build yet"
-            );
+            tracing::warn!(provider = name, "provider disabled: its adapter is not part of this build yet");
         } else {
-            tracing::info!(
-                provider = name,
-                "provider disabled: no credentials configured"
-            );
+            tracing::info!(provider = name, "provider disabled: no credentials configured");
         }
     }
     vec![Arc::new(Sandbox::new(public_url))]
@@ -189,30 +218,18 @@ async fn seed_dev_partner(settings: &Settings, store: &dyn Store) -> Result<(), 
         webhook_secret: "whsec_ZGV2ZWxvcG1lbnQtb25seS13ZWJob29rLXNlY3JldA==".into(),
         created_at: chrono::Utc::now(),
     };
-    store
-        .upsert_partner(&NewPartner {
-            partner,
-            api_key_hash: api_key_hash(key),
-        })
-        .await
+    store.upsert_partner(&NewPartner { partner, api_key_hash: api_key_hash(key) }).await
 }
 
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/v1/possession", post(possession::start))
-        .route(
-            "/v1/possession/{transaction_id}/confirm",
-            post(possession::confirm),
-        )
+        .route("/v1/possession/{transaction_id}/confirm", post(possession::confirm))
         .route("/v1/identity", post(identity::start))
-        .route(
-            "/v1/transactions/{transaction_id}",
-            get(transactions::get_transaction),
-        )
-        .route(
-            "/v1/verifications/{verification_id}",
-            get(transactions::get_verification),
-        )
+        .route("/v1/transactions/{transaction_id}", get(transactions::get_transaction))
+        .route("/v1/transactions/{transaction_id}/callbacks", get(callbacks::list))
+        .route("/v1/transactions/{transaction_id}/callbacks/retry", post(callbacks::retry))
+        .route("/v1/verifications/{verification_id}", get(transactions::get_verification))
         .route("/sandbox/operator/{transaction_id}", get(sandbox::operator))
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
@@ -230,10 +247,8 @@ async fn not_found() -> Failure {
 }
 
 async fn method_not_allowed() -> Response {
-    let mut response = error_response(&ApiError::with_message(
-        ErrorCode::NotFound,
-        "Method not allowed on this resource",
-    ));
+    let mut response =
+        error_response(&ApiError::with_message(ErrorCode::NotFound, "Method not allowed on this resource"));
     *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
     response
 }

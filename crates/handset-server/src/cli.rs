@@ -47,11 +47,7 @@ pub enum PartnerCommand {
         #[arg(long)]
         name: String,
         /// Comma-separated products (default: all three).
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "possession.sms,possession.network,identity"
-        )]
+        #[arg(long, value_delimiter = ',', default_value = "possession.sms,possession.network,identity")]
         products: Vec<String>,
     },
     /// Deactivate a partner: its key then answers 401 1200.
@@ -70,10 +66,7 @@ pub type CliResult = Result<(), Box<dyn std::error::Error>>;
 
 pub async fn run(cli: Cli) -> CliResult {
     let settings = Settings::load(cli.config.as_deref())?;
-    telemetry::init_logging(
-        cli.log_format.unwrap_or(settings.log.format),
-        &settings.log.level,
-    );
+    telemetry::init_logging(cli.log_format.unwrap_or(settings.log.format), &settings.log.level);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(settings).await,
         Command::Migrate => {
@@ -122,16 +115,8 @@ async fn partner(settings: Settings, command: PartnerCommand) -> CliResult {
                 created_at: chrono::Utc::now(),
             };
             let id = partner.id;
-            store
-                .insert_partner(&NewPartner {
-                    partner,
-                    api_key_hash: api_key_hash(&api_key),
-                })
-                .await?;
-            println!(
-                "{}",
-                json!({ "partner_id": id, "api_key": api_key, "webhook_secret": webhook_secret })
-            );
+            store.insert_partner(&NewPartner { partner, api_key_hash: api_key_hash(&api_key) }).await?;
+            println!("{}", json!({ "partner_id": id, "api_key": api_key, "webhook_secret": webhook_secret }));
         }
         PartnerCommand::Deactivate { id } | PartnerCommand::Activate { id } => {
             let active = matches!(command, PartnerCommand::Activate { .. });

@@ -43,14 +43,8 @@ impl IntoResponse for Failure {
 }
 
 pub fn error_response(error: &ApiError) -> Response {
-    let status =
-        StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body = ErrorsOut {
-        errors: vec![ErrorOut {
-            code: error.code.code(),
-            message: error.message.to_string(),
-        }],
-    };
+    let status = StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = ErrorsOut { errors: vec![ErrorOut { code: error.code.code(), message: error.message.to_string() }] };
     let mut response = (status, Json(body)).into_response();
     if let Some(after) = error.retry_after {
         // Whole seconds, rounded up so a client never retries early.

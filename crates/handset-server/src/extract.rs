@@ -44,11 +44,8 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
     type Rejection = Failure;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Failure> {
-        let declared_len = request
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let declared_len =
+            request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         if declared_len.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
             return Err(ErrorCode::BodyTooLarge.into());
         }
@@ -62,9 +59,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
             .await
             .map_err(|_| Failure::from(ErrorCode::BodyTooLarge))?;
         let _ = state;
-        parse_object(&body, is_json)
-            .map(|map| JsonObject(Fields(map)))
-            .map_err(Failure)
+        parse_object(&body, is_json).map(|map| JsonObject(Fields(map))).map_err(Failure)
     }
 }
 
@@ -77,10 +72,7 @@ fn parse_object(body: &Bytes, is_json: bool) -> Result<Map<String, Value>, ApiEr
     }
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(ApiError::with_message(
-            ErrorCode::MalformedJson,
-            "Request body must be a JSON object",
-        )),
+        Ok(_) => Err(ApiError::with_message(ErrorCode::MalformedJson, "Request body must be a JSON object")),
         Err(_) => Err(ErrorCode::MalformedJson.into()),
     }
 }
@@ -110,10 +102,7 @@ impl Fields {
         match self.get(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
-            Some(_) => Err(ApiError::with_message(
-                code,
-                format!("{} (`{key}` must be a string)", code.message()),
-            )),
+            Some(_) => Err(ApiError::with_message(code, format!("{} (`{key}` must be a string)", code.message()))),
         }
     }
 

@@ -46,16 +46,8 @@ pub struct PossessionIn {
 }
 
 impl PossessionIn {
-    pub const FIELDS: &[&str] = &[
-        "phone",
-        "channel",
-        "provider",
-        "verification_id",
-        "callback_url",
-        "redirect_uri",
-        "name",
-        "metadata",
-    ];
+    pub const FIELDS: &[&str] =
+        &["phone", "channel", "provider", "verification_id", "callback_url", "redirect_uri", "name", "metadata"];
 }
 
 /// `POST /v1/possession/{transaction_id}/confirm`: `code` for sms; no body or `{}` for network.
@@ -88,21 +80,11 @@ pub struct IdentityIn {
 }
 
 impl IdentityIn {
-    pub const FIELDS: &[&str] = &[
-        "phone",
-        "birth_date",
-        "provider",
-        "verification_id",
-        "callback_url",
-        "metadata",
-    ];
+    pub const FIELDS: &[&str] = &["phone", "birth_date", "provider", "verification_id", "callback_url", "metadata"];
 }
 
 pub fn phone(fields: &Fields, region: Region) -> Result<Phone, ApiError> {
-    Phone::parse(
-        fields.required_string("phone", ErrorCode::InvalidPhone)?,
-        region,
-    )
+    Phone::parse(fields.required_string("phone", ErrorCode::InvalidPhone)?, region)
 }
 
 /// A forced provider; one handset does not know cannot serve anything (3908).
@@ -111,10 +93,7 @@ pub fn provider(fields: &Fields) -> Result<Option<ProviderName>, ApiError> {
         return Ok(None);
     };
     ProviderName::parse(name).map(Some).ok_or_else(|| {
-        ApiError::with_message(
-            ErrorCode::NoProvider,
-            format!("Unknown provider `{}`", name.escape_default()),
-        )
+        ApiError::with_message(ErrorCode::NoProvider, format!("Unknown provider `{}`", name.escape_default()))
     })
 }
 
@@ -122,9 +101,7 @@ pub fn provider(fields: &Fields) -> Result<Option<ProviderName>, ApiError> {
 pub fn verification_id(fields: &Fields) -> Result<Option<Uuid>, ApiError> {
     match fields.string("verification_id", ErrorCode::NotFound)? {
         None => Ok(None),
-        Some(raw) => Uuid::parse_str(raw)
-            .map(Some)
-            .map_err(|_| ApiError::new(ErrorCode::NotFound)),
+        Some(raw) => Uuid::parse_str(raw).map(Some).map_err(|_| ApiError::new(ErrorCode::NotFound)),
     }
 }
 
@@ -132,9 +109,7 @@ pub fn metadata(fields: &Fields) -> Result<Value, ApiError> {
     let Some(value) = fields.get("metadata") else {
         return Ok(Value::Object(Default::default()));
     };
-    let chars = serde_json::to_string(value)
-        .map(|s| s.chars().count())
-        .unwrap_or(usize::MAX);
+    let chars = serde_json::to_string(value).map(|s| s.chars().count()).unwrap_or(usize::MAX);
     if chars > MAX_METADATA_CHARS {
         return Err(ErrorCode::MetadataTooLong.into());
     }
@@ -145,11 +120,8 @@ pub fn name(fields: &Fields) -> Result<Option<PersonName>, ApiError> {
     let Some(value) = fields.get("name") else {
         return Ok(None);
     };
-    let name: PersonName =
-        serde_json::from_value(value.clone()).map_err(|_| ApiError::new(ErrorCode::InvalidName))?;
-    let valid = |s: &str| {
-        !s.trim().is_empty() && s.chars().count() <= 100 && !s.chars().any(char::is_control)
-    };
+    let name: PersonName = serde_json::from_value(value.clone()).map_err(|_| ApiError::new(ErrorCode::InvalidName))?;
+    let valid = |s: &str| !s.trim().is_empty() && s.chars().count() <= 100 && !s.chars().any(char::is_control);
     if !valid(&name.first) || !valid(&name.last) {
         return Err(ErrorCode::InvalidName.into());
     }
@@ -158,12 +130,8 @@ pub fn name(fields: &Fields) -> Result<Option<PersonName>, ApiError> {
 
 /// Where a network check sends the user back: an absolute http(s) URL.
 pub fn redirect_uri(fields: &Fields) -> Result<Option<String>, ApiError> {
-    let invalid = || {
-        ApiError::with_message(
-            ErrorCode::InvalidCallbackUrl,
-            "Transaction parameter redirect_uri is invalid",
-        )
-    };
+    let invalid =
+        || ApiError::with_message(ErrorCode::InvalidCallbackUrl, "Transaction parameter redirect_uri is invalid");
     let Some(raw) = fields.string("redirect_uri", ErrorCode::InvalidCallbackUrl)? else {
         return Ok(None);
     };
@@ -177,10 +145,7 @@ pub fn redirect_uri(fields: &Fields) -> Result<Option<String>, ApiError> {
 /// A callback URL, refused (3100) when it is not http(s) or, unless private
 /// networks are allowed, when its host is or resolves to an internal address.
 /// A name that does not resolve now is accepted: the delivery checks again.
-pub async fn callback_url(
-    fields: &Fields,
-    allow_private_networks: bool,
-) -> Result<Option<String>, ApiError> {
+pub async fn callback_url(fields: &Fields, allow_private_networks: bool) -> Result<Option<String>, ApiError> {
     let Some(raw) = fields.string("callback_url", ErrorCode::InvalidCallbackUrl)? else {
         return Ok(None);
     };
@@ -198,18 +163,10 @@ pub async fn callback_url(
         return Err(internal());
     }
     if let Some(ip) = url.ip() {
-        return if is_forbidden_ip(ip) {
-            Err(internal())
-        } else {
-            Ok(Some(url.as_str().to_owned()))
-        };
+        return if is_forbidden_ip(ip) { Err(internal()) } else { Ok(Some(url.as_str().to_owned())) };
     }
     let domain = url.domain().unwrap_or_default().to_owned();
-    let resolved = tokio::time::timeout(
-        RESOLVE_TIMEOUT,
-        tokio::net::lookup_host((domain, url.port())),
-    )
-    .await;
+    let resolved = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((domain, url.port()))).await;
     if let Ok(Ok(mut addresses)) = resolved
         && addresses.any(|a| is_forbidden_ip(a.ip()))
     {

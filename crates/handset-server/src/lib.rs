@@ -10,6 +10,13 @@ pub mod input;
 pub mod routes;
 pub mod settings;
 pub mod telemetry;
+pub mod worker;
 
 pub use app::{AppState, Application};
 pub use settings::Settings;
+
+/// Selects ring as rustls' crypto backend for every TLS client in the process
+/// (reqwest is built without a provider of its own, so only one backend is compiled).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

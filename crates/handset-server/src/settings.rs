@@ -30,11 +30,7 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.is_set() {
-            "Secret(***)"
-        } else {
-            "Secret(unset)"
-        })
+        f.write_str(if self.is_set() { "Secret(***)" } else { "Secret(unset)" })
     }
 }
 
@@ -62,6 +58,7 @@ pub struct Settings {
     pub possession: PossessionSettings,
     pub callbacks: CallbackSettings,
     pub workers: WorkerSettings,
+    pub retention: RetentionSettings,
     pub providers: ProvidersSettings,
     pub rate_limits: RateLimitSettings,
     pub routing: RoutingSettings,
@@ -112,8 +109,19 @@ pub struct CallbackSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerSettings {
+    /// Run the job runner in this process (several processes may share a database).
+    pub enabled: bool,
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    pub batch_size: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Personal data of final transactions older than this is purged; 0 keeps it.
+    #[serde(with = "humantime_serde")]
+    pub personal_data: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -198,12 +206,8 @@ impl Settings {
 
     /// As `load`, with environment variables taken from `env` instead of the
     /// process (tests).
-    pub fn load_with(
-        file: Option<&Path>,
-        env: Option<Vec<(String, String)>>,
-    ) -> Result<Settings, SettingsError> {
-        let mut builder =
-            Config::builder().add_source(File::from_str(DEFAULT_CONFIG, FileFormat::Toml));
+    pub fn load_with(file: Option<&Path>, env: Option<Vec<(String, String)>>) -> Result<Settings, SettingsError> {
+        let mut builder = Config::builder().add_source(File::from_str(DEFAULT_CONFIG, FileFormat::Toml));
         if let Some(path) = file {
             builder = builder.add_source(File::from(path).required(true));
         }
@@ -224,16 +228,10 @@ impl Settings {
     fn validate(&self) -> Result<(), SettingsError> {
         let invalid = |why: String| Err(SettingsError::Invalid(why));
         if self.server.bind.parse::<SocketAddr>().is_err() {
-            return invalid(format!(
-                "server.bind must be HOST:PORT, got {:?}",
-                self.server.bind
-            ));
+            return invalid(format!("server.bind must be HOST:PORT, got {:?}", self.server.bind));
         }
         if !self.server.public_url.is_empty() && url::Url::parse(&self.server.public_url).is_err() {
-            return invalid(format!(
-                "server.public_url must be an absolute URL, got {:?}",
-                self.server.public_url
-            ));
+            return invalid(format!("server.public_url must be an absolute URL, got {:?}", self.server.public_url));
         }
         if handset_store::Backend::of_url(self.database.url.expose()).is_none() {
             return invalid("database.url must start with sqlite: or postgres://".into());
@@ -242,30 +240,27 @@ impl Settings {
             return invalid("database.max_connections must be at least 1".into());
         }
         if Region::parse(&self.phone.default_region).is_none() {
-            return invalid(format!(
-                "phone.default_region {:?} is not a known region",
-                self.phone.default_region
-            ));
+            return invalid(format!("phone.default_region {:?} is not a known region", self.phone.default_region));
         }
         if self.possession.max_attempts == 0 || self.possession.max_attempts > 100 {
             return invalid("possession.max_attempts must be between 1 and 100".into());
+        }
+        if self.workers.batch_size == 0 || self.workers.poll_interval.is_zero() {
+            return invalid("workers.batch_size and workers.poll_interval must be more than zero".into());
+        }
+        if self.callbacks.timeout.is_zero() {
+            return invalid("callbacks.timeout must be more than zero".into());
         }
         if self.possession.code_ttl.is_zero() {
             return invalid("possession.code_ttl must be more than zero".into());
         }
         for rule in &self.routing.rules {
             if rule.providers.is_empty() {
-                return invalid(format!(
-                    "routing rule for {} lists no provider",
-                    rule.product
-                ));
+                return invalid(format!("routing rule for {} lists no provider", rule.product));
             }
             for country in rule.countries.iter().flatten() {
                 if Region::parse(country).is_none() {
-                    return invalid(format!(
-                        "routing rule for {}: unknown country {country:?}",
-                        rule.product
-                    ));
+                    return invalid(format!("routing rule for {}: unknown country {country:?}", rule.product));
                 }
             }
         }
@@ -286,12 +281,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Option<Vec<(String, String)>> {
-        Some(
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        )
+        Some(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
     }
 
     #[test]
@@ -325,11 +315,7 @@ mod tests {
         assert_eq!(s.possession.code_ttl, Duration::from_secs(90));
         assert_eq!(s.providers.idme.base_url, "http://127.0.0.1:9");
         assert_eq!(
-            s.callbacks
-                .retry_schedule
-                .iter()
-                .map(|d| **d)
-                .collect::<Vec<_>>(),
+            s.callbacks.retry_schedule.iter().map(|d| **d).collect::<Vec<_>>(),
             [Duration::from_secs(1), Duration::from_secs(2)]
         );
         assert_eq!(s.dev.api_key.expose(), "123456");
@@ -337,23 +323,15 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused() {
-        assert!(
-            Settings::load_with(None, env(&[("HANDSET__PHONE__DEFAULT_REGION", "XX")])).is_err()
-        );
-        assert!(
-            Settings::load_with(None, env(&[("HANDSET__DATABASE__URL", "mysql://x")])).is_err()
-        );
+        assert!(Settings::load_with(None, env(&[("HANDSET__PHONE__DEFAULT_REGION", "XX")])).is_err());
+        assert!(Settings::load_with(None, env(&[("HANDSET__DATABASE__URL", "mysql://x")])).is_err());
         assert!(Settings::load_with(None, env(&[("HANDSET__ENVIRONMENT", "staging")])).is_err());
         assert!(Settings::load_with(None, env(&[("HANDSET__SERVER__TYPO", "x")])).is_err());
     }
 
     #[test]
     fn secrets_do_not_print() {
-        let s = Settings::load_with(
-            None,
-            env(&[("HANDSET__PROVIDERS__IDME__SECRET", "hunter2")]),
-        )
-        .unwrap();
+        let s = Settings::load_with(None, env(&[("HANDSET__PROVIDERS__IDME__SECRET", "hunter2")])).unwrap();
         assert!(!format!("{s:?}").contains("hunter2"));
     }
 }

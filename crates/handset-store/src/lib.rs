@@ -30,10 +30,7 @@ pub struct PoolSettings {
 
 impl Default for PoolSettings {
     fn default() -> Self {
-        PoolSettings {
-            max_connections: 10,
-            acquire_timeout: Duration::from_secs(5),
-        }
+        PoolSettings { max_connections: 10, acquire_timeout: Duration::from_secs(5) }
     }
 }
 
@@ -70,15 +67,9 @@ pub fn connect(url: &str, settings: &PoolSettings) -> Result<Arc<dyn Store>, Sto
                 .connect_lazy_with(options);
             Ok(Arc::new(PgStore::new(pool)))
         }
-        Some(Backend::Sqlite) => Ok(Arc::new(SqliteStore::new(
-            sqlite_pool(url, settings).map_err(invalid)?,
-        ))),
+        Some(Backend::Sqlite) => Ok(Arc::new(SqliteStore::new(sqlite_pool(url, settings).map_err(invalid)?))),
         None => Err(StoreError::Database(
-            format!(
-                "database.url must start with postgres:// or sqlite: (got {:?})",
-                redact(url)
-            )
-            .into(),
+            format!("database.url must start with postgres:// or sqlite: (got {:?})", redact(url)).into(),
         )),
     }
 }

@@ -2,8 +2,8 @@
 
 use chrono::{DateTime, Utc};
 use handset_core::model::{
-    OutboxMessage, Partner, PersonName, Product, ProviderName, Status, Transaction,
-    TransactionResult, Verification,
+    CallbackAttempt, CallbackRecord, CallbackState, OutboxMessage, Partner, PersonName, Product, ProviderName, Status,
+    Transaction, TransactionResult, Verification,
 };
 use handset_core::store::StoreError;
 use serde_json::Value;
@@ -50,11 +50,7 @@ pub(crate) struct VerificationRow {
 
 impl From<VerificationRow> for Verification {
     fn from(row: VerificationRow) -> Self {
-        Verification {
-            id: row.id,
-            partner_id: row.partner_id,
-            created_at: row.created_at,
-        }
+        Verification { id: row.id, partner_id: row.partner_id, created_at: row.created_at }
     }
 }
 
@@ -91,8 +87,7 @@ impl TryFrom<TransactionRow> for Transaction {
             id: row.id,
             verification_id: row.verification_id,
             partner_id: row.partner_id,
-            product: Product::parse(&row.product)
-                .ok_or_else(|| corrupt("transactions.product", &row.product))?,
+            product: Product::parse(&row.product).ok_or_else(|| corrupt("transactions.product", &row.product))?,
             provider: ProviderName::parse(&row.provider)
                 .ok_or_else(|| corrupt("transactions.provider", &row.provider))?,
             phone: row.phone,
@@ -122,19 +117,55 @@ pub(crate) struct OutboxRow {
     transaction_id: Uuid,
     partner_id: Uuid,
     callback_url: String,
-    payload: Json<Value>,
+    payload: String,
     created_at: DateTime<Utc>,
+    state: String,
+    next_attempt_at: DateTime<Utc>,
+    pub(crate) attempts: i32,
 }
 
-impl From<OutboxRow> for OutboxMessage {
-    fn from(row: OutboxRow) -> Self {
+impl OutboxRow {
+    pub(crate) fn message(&self) -> OutboxMessage {
         OutboxMessage {
-            id: row.id,
-            transaction_id: row.transaction_id,
-            partner_id: row.partner_id,
-            callback_url: row.callback_url,
-            payload: row.payload.0,
-            created_at: row.created_at,
+            id: self.id,
+            transaction_id: self.transaction_id,
+            partner_id: self.partner_id,
+            callback_url: self.callback_url.clone(),
+            payload: self.payload.clone(),
+            created_at: self.created_at,
+        }
+    }
+
+    pub(crate) fn partner_id(&self) -> Uuid {
+        self.partner_id
+    }
+
+    pub(crate) fn into_record(self, attempts: Vec<CallbackAttempt>) -> Result<CallbackRecord, StoreError> {
+        Ok(CallbackRecord {
+            message: self.message(),
+            state: CallbackState::parse(&self.state).ok_or_else(|| corrupt("outbox.state", &self.state))?,
+            next_attempt_at: self.next_attempt_at,
+            attempts,
+        })
+    }
+}
+
+#[derive(Clone, sqlx::FromRow)]
+pub(crate) struct AttemptRow {
+    pub(crate) outbox_id: Uuid,
+    attempted_at: DateTime<Utc>,
+    status_code: Option<i32>,
+    error: Option<String>,
+    latency_ms: i64,
+}
+
+impl From<AttemptRow> for CallbackAttempt {
+    fn from(row: AttemptRow) -> Self {
+        CallbackAttempt {
+            attempted_at: row.attempted_at,
+            status_code: row.status_code,
+            error: row.error,
+            latency_ms: row.latency_ms,
         }
     }
 }

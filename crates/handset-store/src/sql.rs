@@ -4,13 +4,16 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use handset_core::model::{OutboxMessage, Partner, Transaction, Verification};
-use handset_core::store::{Finalization, NewPartner, Store, StoreError};
+use handset_core::model::{
+    CallbackAttempt, CallbackRecord, CallbackState, ClaimedCallback, OutboxMessage, Partner, Transaction,
+    TransactionResult, Verification,
+};
+use handset_core::store::{AfterAttempt, Claim, Finalization, NewPartner, Store, StoreError};
 use sqlx::types::Json;
 use sqlx::{PgPool, SqlitePool};
 use uuid::Uuid;
 
-use crate::rows::{OutboxRow, PartnerRow, TransactionRow, VerificationRow};
+use crate::rows::{AttemptRow, OutboxRow, PartnerRow, TransactionRow, VerificationRow};
 
 /// Postgres, the production store.
 #[derive(Clone)]
@@ -53,12 +56,17 @@ const TRANSACTION_COLUMNS: &str = "id, verification_id, partner_id, product, pro
 
 const OUTBOX_COLUMNS: &str = "id, transaction_id, partner_id, callback_url, payload, created_at";
 
+const OUTBOX_SELECT: &str =
+    "id, transaction_id, partner_id, callback_url, payload, created_at, state, next_attempt_at, attempts";
+
 fn product_names(partner: &Partner) -> Json<Vec<&'static str>> {
     Json(partner.products.iter().map(|p| p.as_str()).collect())
 }
 
 macro_rules! portable_store {
-    ($store:ty, $migrations:literal) => {
+    // `$claim_lock`: how a claim skips rows another process is claiming
+    // (Postgres row locks); SQLite's single writer needs nothing.
+    ($store:ty, $migrations:literal, $claim_lock:literal) => {
         impl $store {
             async fn insert_outbox<'c, E>(executor: E, message: &OutboxMessage) -> Result<(), StoreError>
             where
@@ -71,7 +79,7 @@ macro_rules! portable_store {
                 .bind(message.transaction_id)
                 .bind(message.partner_id)
                 .bind(&message.callback_url)
-                .bind(Json(&message.payload))
+                .bind(&message.payload)
                 .bind(message.created_at)
                 .execute(executor)
                 .await
@@ -273,15 +281,163 @@ macro_rules! portable_store {
                 Ok(true)
             }
 
-            async fn outbox_of_transaction(&self, transaction_id: Uuid) -> Result<Vec<OutboxMessage>, StoreError> {
+            async fn insert_outbox(&self, message: &OutboxMessage) -> Result<(), StoreError> {
+                Self::insert_outbox(&self.pool, message).await
+            }
+
+            async fn callbacks_of_transaction(&self, transaction_id: Uuid) -> Result<Vec<CallbackRecord>, StoreError> {
                 let rows: Vec<OutboxRow> = sqlx::query_as(&format!(
-                    "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE transaction_id = $1 ORDER BY created_at, id"
+                    "SELECT {OUTBOX_SELECT} FROM outbox WHERE transaction_id = $1 ORDER BY created_at, id"
                 ))
                 .bind(transaction_id)
                 .fetch_all(&self.pool)
                 .await
                 .map_err(db)?;
-                Ok(rows.into_iter().map(OutboxMessage::from).collect())
+                let attempts: Vec<AttemptRow> = sqlx::query_as(
+                    "SELECT a.outbox_id, a.attempted_at, a.status_code, a.error, a.latency_ms \
+                     FROM callback_attempts a JOIN outbox o ON o.id = a.outbox_id \
+                     WHERE o.transaction_id = $1 ORDER BY a.id",
+                )
+                .bind(transaction_id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+                rows.into_iter()
+                    .map(|row| {
+                        let id = row.message().id;
+                        let mine = attempts.iter().filter(|a| a.outbox_id == id);
+                        row.into_record(mine.map(|a| CallbackAttempt::from(a.clone())).collect())
+                    })
+                    .collect()
+            }
+
+            async fn claim_due_callbacks(&self, claim: Claim<'_>) -> Result<Vec<ClaimedCallback>, StoreError> {
+                let rows: Vec<OutboxRow> = sqlx::query_as(&format!(
+                    "UPDATE outbox SET lease_owner = $1, lease_until = $2, attempts = attempts + 1 \
+                     WHERE id IN (SELECT id FROM outbox WHERE state = 'pending' AND next_attempt_at <= $3 \
+                     AND (lease_until IS NULL OR lease_until <= $3) ORDER BY next_attempt_at LIMIT $4 {}) \
+                     RETURNING {OUTBOX_SELECT}",
+                    $claim_lock
+                ))
+                .bind(claim.owner)
+                .bind(claim.lease_until)
+                .bind(claim.now)
+                .bind(claim.limit)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+                let mut secrets: Vec<(Uuid, String)> = Vec::new();
+                let mut claimed = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let partner_id = row.partner_id();
+                    let secret = match secrets.iter().find(|(id, _)| *id == partner_id) {
+                        Some((_, secret)) => secret.clone(),
+                        None => {
+                            let secret: String = sqlx::query_scalar("SELECT webhook_secret FROM partners WHERE id = $1")
+                                .bind(partner_id)
+                                .fetch_one(&self.pool)
+                                .await
+                                .map_err(db)?;
+                            secrets.push((partner_id, secret.clone()));
+                            secret
+                        }
+                    };
+                    claimed.push(ClaimedCallback { message: row.message(), attempts_before: row.attempts - 1, webhook_secret: secret });
+                }
+                Ok(claimed)
+            }
+
+            async fn finish_callback_attempt(
+                &self,
+                id: Uuid,
+                owner: &str,
+                attempt: &CallbackAttempt,
+                next: AfterAttempt,
+            ) -> Result<bool, StoreError> {
+                let (state, next_attempt_at, finished_at) = match next {
+                    AfterAttempt::Delivered => (CallbackState::Delivered, None, Some(attempt.attempted_at)),
+                    AfterAttempt::RetryAt(at) => (CallbackState::Pending, Some(at), None),
+                    AfterAttempt::GiveUp => (CallbackState::Failed, None, Some(attempt.attempted_at)),
+                };
+                let mut db_tx = self.pool.begin().await.map_err(db)?;
+                let done = sqlx::query(
+                    "UPDATE outbox SET state = $3, next_attempt_at = COALESCE($4, next_attempt_at), \
+                     finished_at = $5, lease_owner = NULL, lease_until = NULL \
+                     WHERE id = $1 AND lease_owner = $2 AND state = 'pending'",
+                )
+                .bind(id)
+                .bind(owner)
+                .bind(state.as_str())
+                .bind(next_attempt_at)
+                .bind(finished_at)
+                .execute(&mut *db_tx)
+                .await
+                .map_err(db)?;
+                if done.rows_affected() == 0 {
+                    return Ok(false);
+                }
+                sqlx::query(
+                    "INSERT INTO callback_attempts (outbox_id, attempted_at, status_code, error, latency_ms) \
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(id)
+                .bind(attempt.attempted_at)
+                .bind(attempt.status_code)
+                .bind(&attempt.error)
+                .bind(attempt.latency_ms)
+                .execute(&mut *db_tx)
+                .await
+                .map_err(db)?;
+                db_tx.commit().await.map_err(db)?;
+                Ok(true)
+            }
+
+            async fn due_callbacks(&self, now: DateTime<Utc>) -> Result<i64, StoreError> {
+                sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE state = 'pending' AND next_attempt_at <= $1")
+                    .bind(now)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db)
+            }
+
+            async fn expired_pending(&self, now: DateTime<Utc>, limit: i64) -> Result<Vec<Transaction>, StoreError> {
+                let rows: Vec<TransactionRow> = sqlx::query_as(&format!(
+                    "SELECT {TRANSACTION_COLUMNS} FROM transactions \
+                     WHERE status_code = 210 AND expires_at IS NOT NULL AND expires_at <= $1 \
+                     ORDER BY expires_at LIMIT $2"
+                ))
+                .bind(now)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+                rows.into_iter().map(Transaction::try_from).collect()
+            }
+
+            async fn purge_personal_data(&self, created_before: DateTime<Utc>, now: DateTime<Utc>) -> Result<u64, StoreError> {
+                let mut db_tx = self.pool.begin().await.map_err(db)?;
+                sqlx::query(
+                    "UPDATE outbox SET payload = '' WHERE state <> 'pending' AND payload <> '' AND transaction_id IN \
+                     (SELECT id FROM transactions WHERE created_at < $1 AND status_code <> 210 AND purged_at IS NULL)",
+                )
+                .bind(created_before)
+                .execute(&mut *db_tx)
+                .await
+                .map_err(db)?;
+                let purged = sqlx::query(
+                    "UPDATE transactions SET phone = NULL, birth_date = NULL, name = NULL, redirect_uri = NULL, \
+                     metadata = $2, result = CASE WHEN status_code = 200 THEN $3 ELSE result END, purged_at = $4 \
+                     WHERE created_at < $1 AND status_code <> 210 AND purged_at IS NULL",
+                )
+                .bind(created_before)
+                .bind(Json(serde_json::json!({})))
+                .bind(Json(TransactionResult::Purged { purged: true }))
+                .bind(now)
+                .execute(&mut *db_tx)
+                .await
+                .map_err(db)?;
+                db_tx.commit().await.map_err(db)?;
+                Ok(purged.rows_affected())
             }
         }
     };
@@ -300,5 +456,5 @@ impl StoreDb for SqliteStore {
     type Db = sqlx::Sqlite;
 }
 
-portable_store!(PgStore, "../../migrations/postgres");
-portable_store!(SqliteStore, "../../migrations/sqlite");
+portable_store!(PgStore, "../../migrations/postgres", "FOR UPDATE SKIP LOCKED");
+portable_store!(SqliteStore, "../../migrations/sqlite", "");

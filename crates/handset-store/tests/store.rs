@@ -4,11 +4,11 @@
 use std::sync::Arc;
 
 use chrono::{Duration, Utc};
+use handset_core::model::{CallbackAttempt, CallbackState};
 use handset_core::model::{
-    OutboxMessage, Partner, Product, ProviderName, ResultError, Status, Transaction,
-    TransactionResult, Verification,
+    OutboxMessage, Partner, Product, ProviderName, ResultError, Status, Transaction, TransactionResult, Verification,
 };
-use handset_core::store::{Finalization, NewPartner, Store, StoreError};
+use handset_core::store::{AfterAttempt, Claim, Finalization, NewPartner, Store, StoreError};
 use handset_core::{ErrorCode, secret};
 use handset_store::PoolSettings;
 use handset_testkit::{Kind, TestDatabase};
@@ -27,10 +27,7 @@ async fn fixture(kind: Kind) -> Fixture {
     store.migrate().await.unwrap();
     let partner = partner("acme");
     store
-        .insert_partner(&NewPartner {
-            partner: partner.clone(),
-            api_key_hash: secret::api_key_hash("key-acme"),
-        })
+        .insert_partner(&NewPartner { partner: partner.clone(), api_key_hash: secret::api_key_hash("key-acme") })
         .await
         .unwrap();
     Fixture { store, db, partner }
@@ -75,30 +72,21 @@ fn pending(partner: &Partner, verification: &Verification) -> Transaction {
 }
 
 fn verification(partner: &Partner) -> Verification {
-    Verification {
-        id: Uuid::new_v4(),
-        partner_id: partner.id,
-        created_at: Utc::now(),
-    }
+    Verification { id: Uuid::new_v4(), partner_id: partner.id, created_at: Utc::now() }
 }
 
 fn outbox(tx: &Transaction) -> OutboxMessage {
-    OutboxMessage {
-        id: Uuid::new_v4(),
-        transaction_id: tx.id,
-        partner_id: tx.partner_id,
-        callback_url: tx.callback_url.clone().unwrap(),
-        payload: serde_json::to_value(tx.to_resource()).unwrap(),
-        created_at: tx.updated_at,
-    }
+    OutboxMessage::of(tx, tx.callback_url.clone().unwrap(), tx.updated_at)
+}
+
+async fn outbox_of(f: &Fixture, transaction_id: Uuid) -> Vec<OutboxMessage> {
+    f.store.callbacks_of_transaction(transaction_id).await.unwrap().into_iter().map(|r| r.message).collect()
 }
 
 fn succeeded(tx: &Transaction) -> Transaction {
     Transaction {
         status: Status::Succeeded,
-        result: Some(TransactionResult::Phone {
-            phone: "+18885551234".into(),
-        }),
+        result: Some(TransactionResult::Phone { phone: "+18885551234".into() }),
         updated_at: Utc::now(),
         ..tx.clone()
     }
@@ -107,10 +95,7 @@ fn succeeded(tx: &Transaction) -> Transaction {
 async fn insert_pending(f: &Fixture) -> Transaction {
     let v = verification(&f.partner);
     let tx = pending(&f.partner, &v);
-    f.store
-        .insert_transaction(&tx, Some(&v), None)
-        .await
-        .unwrap();
+    f.store.insert_transaction(&tx, Some(&v), None).await.unwrap();
     tx
 }
 
@@ -138,6 +123,11 @@ on_both_stores!(
     final_insert_and_its_outbox_are_one_transaction,
     failed_outbox_write_rolls_back_the_state_change,
     ping_fails_when_the_database_is_gone,
+    claims_are_exclusive_and_leases_expire,
+    retries_wait_for_their_time,
+    concurrent_claims_hand_out_each_callback_once,
+    expired_pending_lists_only_overdue_checks,
+    purge_removes_personal_data_and_keeps_the_audit_trail,
 );
 
 async fn migrations_are_idempotent(f: Fixture) {
@@ -146,55 +136,18 @@ async fn migrations_are_idempotent(f: Fixture) {
 }
 
 async fn partners_by_key_hash(f: Fixture) {
-    let found = f
-        .store
-        .partner_by_key_hash(&secret::api_key_hash("key-acme"))
-        .await
-        .unwrap()
-        .unwrap();
+    let found = f.store.partner_by_key_hash(&secret::api_key_hash("key-acme")).await.unwrap().unwrap();
     assert_eq!(found.id, f.partner.id);
-    assert_eq!(
-        found.products,
-        vec![Product::PossessionSms, Product::Identity]
-    );
+    assert_eq!(found.products, vec![Product::PossessionSms, Product::Identity]);
     assert!(found.active);
-    assert!(
-        f.store
-            .partner_by_key_hash(&secret::api_key_hash("other"))
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(f.store.partner_by_key_hash(&secret::api_key_hash("other")).await.unwrap().is_none());
 
-    let same_key = NewPartner {
-        partner: partner("copy"),
-        api_key_hash: secret::api_key_hash("key-acme"),
-    };
-    assert!(matches!(
-        f.store.insert_partner(&same_key).await,
-        Err(StoreError::Conflict(_))
-    ));
+    let same_key = NewPartner { partner: partner("copy"), api_key_hash: secret::api_key_hash("key-acme") };
+    assert!(matches!(f.store.insert_partner(&same_key).await, Err(StoreError::Conflict(_))));
 
-    assert!(
-        f.store
-            .set_partner_active(f.partner.id, false)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !f.store
-            .partner_by_key_hash(&secret::api_key_hash("key-acme"))
-            .await
-            .unwrap()
-            .unwrap()
-            .active
-    );
-    assert!(
-        !f.store
-            .set_partner_active(Uuid::new_v4(), false)
-            .await
-            .unwrap()
-    );
+    assert!(f.store.set_partner_active(f.partner.id, false).await.unwrap());
+    assert!(!f.store.partner_by_key_hash(&secret::api_key_hash("key-acme")).await.unwrap().unwrap().active);
+    assert!(!f.store.set_partner_active(Uuid::new_v4(), false).await.unwrap());
 }
 
 async fn transactions_round_trip(f: Fixture) {
@@ -205,61 +158,25 @@ async fn transactions_round_trip(f: Fixture) {
     assert_eq!(read.status, Status::Pending);
     assert_eq!(read.code_hash, tx.code_hash);
     assert_eq!(read.provider_ref.as_deref(), Some("ref-1"));
-    assert_eq!(
-        read.expires_at.map(|t| t.timestamp_millis()),
-        tx.expires_at.map(|t| t.timestamp_millis())
-    );
-    assert_eq!(
-        read.created_at.timestamp_micros(),
-        tx.created_at.timestamp_micros()
-    );
+    assert_eq!(read.expires_at.map(|t| t.timestamp_millis()), tx.expires_at.map(|t| t.timestamp_millis()));
+    assert_eq!(read.created_at.timestamp_micros(), tx.created_at.timestamp_micros());
 
-    let verification = f
-        .store
-        .verification(tx.verification_id)
-        .await
-        .unwrap()
-        .unwrap();
+    let verification = f.store.verification(tx.verification_id).await.unwrap().unwrap();
     assert_eq!(verification.partner_id, f.partner.id);
-    let second = Transaction {
-        id: Uuid::new_v4(),
-        created_at: tx.created_at + Duration::seconds(1),
-        ..tx.clone()
-    };
-    f.store
-        .insert_transaction(&second, None, None)
-        .await
-        .unwrap();
-    let all = f
-        .store
-        .transactions_of_verification(tx.verification_id)
-        .await
-        .unwrap();
-    assert_eq!(
-        all.iter().map(|t| t.id).collect::<Vec<_>>(),
-        vec![tx.id, second.id]
-    );
+    let second = Transaction { id: Uuid::new_v4(), created_at: tx.created_at + Duration::seconds(1), ..tx.clone() };
+    f.store.insert_transaction(&second, None, None).await.unwrap();
+    let all = f.store.transactions_of_verification(tx.verification_id).await.unwrap();
+    assert_eq!(all.iter().map(|t| t.id).collect::<Vec<_>>(), vec![tx.id, second.id]);
     assert!(f.store.transaction(Uuid::new_v4()).await.unwrap().is_none());
 }
 
 async fn attempts_stop_at_the_limit(f: Fixture) {
     let tx = insert_pending(&f).await;
     for expected in 1..=5 {
-        assert_eq!(
-            f.store.use_attempt(tx.id, Utc::now()).await.unwrap(),
-            Some(expected)
-        );
+        assert_eq!(f.store.use_attempt(tx.id, Utc::now()).await.unwrap(), Some(expected));
     }
     assert_eq!(f.store.use_attempt(tx.id, Utc::now()).await.unwrap(), None);
-    assert_eq!(
-        f.store
-            .transaction(tx.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .attempts_used,
-        5
-    );
+    assert_eq!(f.store.transaction(tx.id).await.unwrap().unwrap().attempts_used, 5);
 }
 
 async fn concurrent_attempts_never_exceed_the_limit(f: Fixture) {
@@ -283,55 +200,28 @@ async fn concurrent_attempts_never_exceed_the_limit(f: Fixture) {
 async fn expired_transactions_take_no_attempt(f: Fixture) {
     let tx = insert_pending(&f).await;
     let after_expiry = tx.expires_at.unwrap() + Duration::milliseconds(1);
-    assert_eq!(
-        f.store.use_attempt(tx.id, after_expiry).await.unwrap(),
-        None
-    );
-    assert_eq!(
-        f.store.use_attempt(tx.id, Utc::now()).await.unwrap(),
-        Some(1)
-    );
+    assert_eq!(f.store.use_attempt(tx.id, after_expiry).await.unwrap(), None);
+    assert_eq!(f.store.use_attempt(tx.id, Utc::now()).await.unwrap(), Some(1));
 }
 
 async fn finalize_writes_state_and_outbox_once(f: Fixture) {
     let tx = insert_pending(&f).await;
     let done = succeeded(&tx);
     let message = outbox(&done);
-    assert!(
-        f.store
-            .finalize(Finalization {
-                transaction: &done,
-                outbox: Some(&message)
-            })
-            .await
-            .unwrap()
-    );
+    assert!(f.store.finalize(Finalization { transaction: &done, outbox: Some(&message) }).await.unwrap());
     let read = f.store.transaction(tx.id).await.unwrap().unwrap();
     assert_eq!(read.status, Status::Succeeded);
     assert_eq!(read.result, done.result);
 
     let failed = Transaction {
         status: Status::Failed,
-        result: Some(TransactionResult::failure(ResultError::new(
-            ErrorCode::CodeExpired,
-        ))),
+        result: Some(TransactionResult::failure(ResultError::new(ErrorCode::CodeExpired))),
         ..tx.clone()
     };
     let second = outbox(&failed);
-    assert!(
-        !f.store
-            .finalize(Finalization {
-                transaction: &failed,
-                outbox: Some(&second)
-            })
-            .await
-            .unwrap()
-    );
-    assert_eq!(
-        f.store.transaction(tx.id).await.unwrap().unwrap().status,
-        Status::Succeeded
-    );
-    let messages = f.store.outbox_of_transaction(tx.id).await.unwrap();
+    assert!(!f.store.finalize(Finalization { transaction: &failed, outbox: Some(&second) }).await.unwrap());
+    assert_eq!(f.store.transaction(tx.id).await.unwrap().unwrap().status, Status::Succeeded);
+    let messages = outbox_of(&f, tx.id).await;
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0].id, message.id);
     assert_eq!(messages[0].payload, message.payload);
@@ -341,29 +231,15 @@ async fn final_insert_and_its_outbox_are_one_transaction(f: Fixture) {
     let v = verification(&f.partner);
     let first = succeeded(&pending(&f.partner, &v));
     let message = outbox(&first);
-    f.store
-        .insert_transaction(&first, Some(&v), Some(&message))
-        .await
-        .unwrap();
-    assert_eq!(
-        f.store.outbox_of_transaction(first.id).await.unwrap().len(),
-        1
-    );
+    f.store.insert_transaction(&first, Some(&v), Some(&message)).await.unwrap();
+    assert_eq!(outbox_of(&f, first.id).await.len(), 1);
 
     // Same outbox id again: the outbox insert fails, so neither the second
     // transaction nor its new verification may exist afterwards.
     let v2 = verification(&f.partner);
     let second = succeeded(&pending(&f.partner, &v2));
-    let clash = OutboxMessage {
-        transaction_id: second.id,
-        ..message.clone()
-    };
-    assert!(
-        f.store
-            .insert_transaction(&second, Some(&v2), Some(&clash))
-            .await
-            .is_err()
-    );
+    let clash = OutboxMessage { transaction_id: second.id, ..message.clone() };
+    assert!(f.store.insert_transaction(&second, Some(&v2), Some(&clash)).await.is_err());
     assert!(f.store.transaction(second.id).await.unwrap().is_none());
     assert!(f.store.verification(v2.id).await.unwrap().is_none());
 }
@@ -371,35 +247,13 @@ async fn final_insert_and_its_outbox_are_one_transaction(f: Fixture) {
 async fn failed_outbox_write_rolls_back_the_state_change(f: Fixture) {
     let other = succeeded(&insert_pending(&f).await);
     let taken = outbox(&other);
-    assert!(
-        f.store
-            .finalize(Finalization {
-                transaction: &other,
-                outbox: Some(&taken)
-            })
-            .await
-            .unwrap()
-    );
+    assert!(f.store.finalize(Finalization { transaction: &other, outbox: Some(&taken) }).await.unwrap());
 
     let tx = insert_pending(&f).await;
     let done = succeeded(&tx);
-    let clash = OutboxMessage {
-        transaction_id: tx.id,
-        ..taken
-    };
-    assert!(
-        f.store
-            .finalize(Finalization {
-                transaction: &done,
-                outbox: Some(&clash)
-            })
-            .await
-            .is_err()
-    );
-    assert_eq!(
-        f.store.transaction(tx.id).await.unwrap().unwrap().status,
-        Status::Pending
-    );
+    let clash = OutboxMessage { transaction_id: tx.id, ..taken };
+    assert!(f.store.finalize(Finalization { transaction: &done, outbox: Some(&clash) }).await.is_err());
+    assert_eq!(f.store.transaction(tx.id).await.unwrap().unwrap().status, Status::Pending);
 }
 
 async fn ping_fails_when_the_database_is_gone(f: Fixture) {
@@ -413,4 +267,135 @@ async fn ping_fails_when_the_database_is_gone(f: Fixture) {
     } else {
         assert!(f.store.ping().await.is_err());
     }
+}
+
+async fn insert_final_with_callback(f: &Fixture) -> (Transaction, OutboxMessage) {
+    let v = verification(&f.partner);
+    let tx = succeeded(&pending(&f.partner, &v));
+    let message = outbox(&tx);
+    f.store.insert_transaction(&tx, Some(&v), Some(&message)).await.unwrap();
+    (tx, message)
+}
+
+fn claim(owner: &str, now: chrono::DateTime<Utc>) -> Claim<'_> {
+    Claim { now, lease_until: now + Duration::minutes(1), owner, limit: 10 }
+}
+
+fn attempt(status: i32) -> CallbackAttempt {
+    CallbackAttempt { attempted_at: Utc::now(), status_code: Some(status), error: None, latency_ms: 3 }
+}
+
+async fn claims_are_exclusive_and_leases_expire(f: Fixture) {
+    let (tx, message) = insert_final_with_callback(&f).await;
+    let now = Utc::now();
+    let first = f.store.claim_due_callbacks(claim("a", now)).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].message.id, message.id);
+    assert_eq!(first[0].message.payload, message.payload);
+    assert_eq!(first[0].attempts_before, 0);
+    assert_eq!(first[0].webhook_secret, f.partner.webhook_secret);
+    assert!(f.store.claim_due_callbacks(claim("b", now)).await.unwrap().is_empty(), "leased to a");
+    // a dies; after its lease, b takes the callback over and a's late report is refused.
+    let later = now + Duration::minutes(2);
+    let taken = f.store.claim_due_callbacks(claim("b", later)).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].attempts_before, 1);
+    assert!(!f.store.finish_callback_attempt(message.id, "a", &attempt(200), AfterAttempt::Delivered).await.unwrap());
+    assert!(f.store.finish_callback_attempt(message.id, "b", &attempt(204), AfterAttempt::Delivered).await.unwrap());
+    assert!(f.store.claim_due_callbacks(claim("c", later + Duration::minutes(5))).await.unwrap().is_empty());
+    let records = f.store.callbacks_of_transaction(tx.id).await.unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].state, CallbackState::Delivered);
+    assert_eq!(records[0].attempts.len(), 1, "only b's attempt is recorded");
+    assert_eq!(records[0].attempts[0].status_code, Some(204));
+    assert_eq!(f.store.due_callbacks(later).await.unwrap(), 0);
+}
+
+async fn retries_wait_for_their_time(f: Fixture) {
+    let (tx, message) = insert_final_with_callback(&f).await;
+    let now = Utc::now();
+    assert_eq!(f.store.due_callbacks(now).await.unwrap(), 1);
+    f.store.claim_due_callbacks(claim("a", now)).await.unwrap();
+    let retry_at = now + Duration::seconds(30);
+    let failed = CallbackAttempt { status_code: None, error: Some("timeout".into()), ..attempt(0) };
+    assert!(f.store.finish_callback_attempt(message.id, "a", &failed, AfterAttempt::RetryAt(retry_at)).await.unwrap());
+    assert!(f.store.claim_due_callbacks(claim("a", now + Duration::seconds(29))).await.unwrap().is_empty());
+    let again = f.store.claim_due_callbacks(claim("a", retry_at)).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempts_before, 1);
+    assert!(f.store.finish_callback_attempt(message.id, "a", &attempt(500), AfterAttempt::GiveUp).await.unwrap());
+    let record = &f.store.callbacks_of_transaction(tx.id).await.unwrap()[0];
+    assert_eq!(record.state, CallbackState::Failed);
+    assert_eq!(record.attempts.len(), 2);
+    assert_eq!(record.attempts[0].error.as_deref(), Some("timeout"));
+    assert!(f.store.claim_due_callbacks(claim("a", retry_at + Duration::days(1))).await.unwrap().is_empty());
+}
+
+async fn concurrent_claims_hand_out_each_callback_once(f: Fixture) {
+    for _ in 0..40 {
+        insert_final_with_callback(&f).await;
+    }
+    let now = Utc::now();
+    let tasks: Vec<_> = (0..4)
+        .map(|worker| {
+            let store = f.store.clone();
+            tokio::spawn(async move {
+                let owner = format!("w{worker}");
+                let mut ids = Vec::new();
+                loop {
+                    let got = store
+                        .claim_due_callbacks(Claim {
+                            now,
+                            lease_until: now + Duration::minutes(1),
+                            owner: &owner,
+                            limit: 3,
+                        })
+                        .await
+                        .unwrap();
+                    if got.is_empty() {
+                        break ids;
+                    }
+                    ids.extend(got.into_iter().map(|c| c.message.id));
+                }
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    let total = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(total, 40, "every callback claimed");
+    assert_eq!(all.len(), 40, "none claimed twice");
+}
+
+async fn expired_pending_lists_only_overdue_checks(f: Fixture) {
+    let tx = insert_pending(&f).await;
+    let (done, _) = insert_final_with_callback(&f).await;
+    let deadline = tx.expires_at.unwrap();
+    assert!(f.store.expired_pending(deadline - Duration::seconds(1), 10).await.unwrap().is_empty());
+    let overdue = f.store.expired_pending(deadline, 10).await.unwrap();
+    assert_eq!(overdue.iter().map(|t| t.id).collect::<Vec<_>>(), vec![tx.id]);
+    assert!(!overdue.iter().any(|t| t.id == done.id));
+}
+
+async fn purge_removes_personal_data_and_keeps_the_audit_trail(f: Fixture) {
+    let (old, message) = insert_final_with_callback(&f).await;
+    f.store.claim_due_callbacks(claim("a", Utc::now())).await.unwrap();
+    f.store.finish_callback_attempt(message.id, "a", &attempt(200), AfterAttempt::Delivered).await.unwrap();
+    let still_pending = insert_pending(&f).await;
+    let cutoff = Utc::now() + Duration::seconds(1);
+    assert_eq!(f.store.purge_personal_data(cutoff, Utc::now()).await.unwrap(), 1);
+    let purged = f.store.transaction(old.id).await.unwrap().unwrap();
+    assert_eq!(purged.phone, None);
+    assert_eq!(purged.metadata, json!({}));
+    assert_eq!(purged.result, Some(TransactionResult::Purged { purged: true }));
+    assert_eq!(purged.status, Status::Succeeded, "the outcome stays");
+    let record = &f.store.callbacks_of_transaction(old.id).await.unwrap()[0];
+    assert_eq!(record.message.payload, "", "the delivered body is gone");
+    assert_eq!(record.attempts.len(), 1, "the delivery log stays");
+    assert!(f.store.transaction(still_pending.id).await.unwrap().unwrap().phone.is_some());
+    assert_eq!(f.store.purge_personal_data(cutoff, Utc::now()).await.unwrap(), 0, "purged once");
 }

@@ -52,28 +52,16 @@ impl TestDatabase {
                  Start PostgreSQL or set {POSTGRES_URL_VAR}."
             )
         });
-        admin
-            .execute(format!(r#"CREATE DATABASE "{name}""#).as_str())
-            .await
-            .expect("create the test database");
+        admin.execute(format!(r#"CREATE DATABASE "{name}""#).as_str()).await.expect("create the test database");
         let url = replace_database(&admin_url, &name);
-        TestDatabase {
-            kind: Kind::Postgres,
-            url,
-            cleanup: Cleanup::DropPostgres { admin_url, name },
-        }
+        TestDatabase { kind: Kind::Postgres, url, cleanup: Cleanup::DropPostgres { admin_url, name } }
     }
 
     pub fn sqlite() -> TestDatabase {
-        let dir =
-            std::env::temp_dir().join(format!("handset-test-{}", uuid::Uuid::new_v4().simple()));
+        let dir = std::env::temp_dir().join(format!("handset-test-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("create a temporary directory");
         let url = format!("sqlite://{}", dir.join("handset.db").display());
-        TestDatabase {
-            kind: Kind::Sqlite,
-            url,
-            cleanup: Cleanup::RemoveDir(dir),
-        }
+        TestDatabase { kind: Kind::Sqlite, url, cleanup: Cleanup::RemoveDir(dir) }
     }
 
     /// Makes the database unreachable for the app (readiness tests).
@@ -89,9 +77,7 @@ impl TestDatabase {
 
 async fn drop_postgres(admin_url: &str, name: &str) {
     if let Ok(mut admin) = PgConnection::connect(admin_url).await {
-        let _ = admin
-            .execute(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#).as_str())
-            .await;
+        let _ = admin.execute(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#).as_str()).await;
     }
 }
 
@@ -102,10 +88,7 @@ impl Drop for TestDatabase {
                 let (admin_url, name) = (admin_url.clone(), name.clone());
                 // Drop may run inside a runtime; do the async work on a thread of its own.
                 let _ = std::thread::spawn(move || {
-                    if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
+                    if let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
                         runtime.block_on(drop_postgres(&admin_url, &name));
                     }
                 })
@@ -139,17 +122,11 @@ fn replace_database(url: &str, database: &str) -> String {
 mod tests {
     #[test]
     fn replaces_the_database_name() {
-        assert_eq!(
-            super::replace_database("postgres://p@h:5432/test", "x"),
-            "postgres://p@h:5432/x"
-        );
+        assert_eq!(super::replace_database("postgres://p@h:5432/test", "x"), "postgres://p@h:5432/x");
         assert_eq!(
             super::replace_database("postgres://p@h/test?sslmode=disable", "x"),
             "postgres://p@h/x?sslmode=disable"
         );
-        assert_eq!(
-            super::replace_database("postgres://p@h", "x"),
-            "postgres://p@h/x"
-        );
+        assert_eq!(super::replace_database("postgres://p@h", "x"), "postgres://p@h/x");
     }
 }

@@ -17,6 +17,8 @@ use crate::input::{ConfirmIn, IdentityIn, PossessionIn};
         super::identity::start,
         super::transactions::get_transaction,
         super::transactions::get_verification,
+        super::callbacks::list,
+        super::callbacks::retry,
         super::health::health,
         super::health::ready,
         super::health::metrics,
@@ -36,10 +38,7 @@ impl Modify for BearerAuth {
         components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .description(Some("Partner API key"))
-                    .build(),
+                HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some("Partner API key")).build(),
             ),
         );
     }

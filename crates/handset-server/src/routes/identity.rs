@@ -30,10 +30,7 @@ pub async fn start(
     fields.only(IdentityIn::FIELDS)?;
     let phone = input::phone(&fields, state.default_region)?;
     let today = chrono::Utc::now().date_naive();
-    let birth_date = BirthDate::parse(
-        fields.required_string("birth_date", ErrorCode::InvalidBirthDate)?,
-        today,
-    )?;
+    let birth_date = BirthDate::parse(fields.required_string("birth_date", ErrorCode::InvalidBirthDate)?, today)?;
     let request = StartIdentity {
         phone,
         birth_date,

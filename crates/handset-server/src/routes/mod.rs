@@ -1,5 +1,6 @@
 //! HTTP routes, one module per resource.
 
+pub mod callbacks;
 pub mod docs;
 pub mod health;
 pub mod identity;

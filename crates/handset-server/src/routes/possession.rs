@@ -77,9 +77,7 @@ pub async fn confirm(
     fields.only(ConfirmIn::FIELDS)?;
     // A code of the wrong JSON type is a malformed code, checked (without
     // counting an attempt) after the transaction's own state.
-    let code = fields
-        .string("code", ErrorCode::InvalidCode)
-        .unwrap_or(Some(""));
+    let code = fields.string("code", ErrorCode::InvalidCode).unwrap_or(Some(""));
     let transaction = state.gateway.confirm_possession(&partner, id, code).await?;
     Ok(Json(transaction.to_resource()))
 }

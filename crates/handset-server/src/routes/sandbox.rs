@@ -21,37 +21,16 @@ use crate::routes::path_id;
         (status = 404, body = ErrorsOut),
     )
 )]
-pub async fn operator(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Response, Failure> {
-    let transaction = state
-        .gateway
-        .complete_sandbox_operator(path_id(&id)?)
-        .await?;
-    let status = if transaction.status == Status::Succeeded {
-        "success"
-    } else {
-        "failure"
-    };
-    let Some(redirect_uri) = transaction
-        .redirect_uri
-        .as_deref()
-        .and_then(|u| url::Url::parse(u).ok())
-    else {
+pub async fn operator(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, Failure> {
+    let transaction = state.gateway.complete_sandbox_operator(path_id(&id)?).await?;
+    let status = if transaction.status == Status::Succeeded { "success" } else { "failure" };
+    let Some(redirect_uri) = transaction.redirect_uri.as_deref().and_then(|u| url::Url::parse(u).ok()) else {
         let page = format!(
             "<!doctype html><title>handset sandbox</title><p>Verification {status}. You can close this window.</p>"
         );
         return Ok(Html(page).into_response());
     };
     let mut target = redirect_uri;
-    target
-        .query_pairs_mut()
-        .append_pair("transaction_id", &transaction.id.to_string())
-        .append_pair("status", status);
-    Ok((
-        StatusCode::SEE_OTHER,
-        [(header::LOCATION, target.to_string())],
-    )
-        .into_response())
+    target.query_pairs_mut().append_pair("transaction_id", &transaction.id.to_string()).append_pair("status", status);
+    Ok((StatusCode::SEE_OTHER, [(header::LOCATION, target.to_string())]).into_response())
 }

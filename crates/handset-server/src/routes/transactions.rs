@@ -45,7 +45,5 @@ pub async fn get_verification(
     AuthPartner(partner): AuthPartner,
     Path(id): Path<String>,
 ) -> Result<Json<VerificationOut>, Failure> {
-    Ok(Json(
-        state.gateway.verification(&partner, path_id(&id)?).await?,
-    ))
+    Ok(Json(state.gateway.verification(&partner, path_id(&id)?).await?))
 }

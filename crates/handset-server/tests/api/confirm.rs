@@ -46,9 +46,7 @@ async fn malformed_codes_count_nothing(app: TestApp) {
         json!({"code": 123123}),
         json!({"code": null}),
     ] {
-        app.post(&format!("/v1/possession/{id}/confirm"), body)
-            .await
-            .assert_error(422, 3102);
+        app.post(&format!("/v1/possession/{id}/confirm"), body).await.assert_error(422, 3102);
     }
     assert_eq!(remaining(&app, &id).await, 5);
     assert_eq!(app.confirm(&id, "123123").await.status, 200);
@@ -61,16 +59,8 @@ async fn succeeded_transactions_answer_200_without_counting(app: TestApp) {
     let again = app.confirm(&id, "999999").await;
     assert_eq!(again.status, 200, "{}", again.text);
     assert_eq!(again.body["status"]["code"], 200);
-    let row = app
-        .store
-        .transaction(id.parse().unwrap())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        row.attempts_used, 2,
-        "the confirm after success counted nothing"
-    );
+    let row = app.store.transaction(id.parse().unwrap()).await.unwrap().unwrap();
+    assert_eq!(row.attempts_used, 2, "the confirm after success counted nothing");
 }
 
 async fn concurrent_wrong_codes_count_exactly_the_limit(app: TestApp) {
@@ -89,61 +79,29 @@ async fn concurrent_wrong_codes_count_exactly_the_limit(app: TestApp) {
         codes.push(answer.body["errors"][0]["code"].as_u64().unwrap());
     }
     assert_eq!(codes.iter().filter(|&&c| c == 3102).count(), 4, "{codes:?}");
-    assert_eq!(
-        codes.iter().filter(|&&c| c == 3104).count(),
-        16,
-        "{codes:?}"
-    );
-    let row = app
-        .store
-        .transaction(id.parse().unwrap())
-        .await
-        .unwrap()
-        .unwrap();
+    assert_eq!(codes.iter().filter(|&&c| c == 3104).count(), 16, "{codes:?}");
+    let row = app.store.transaction(id.parse().unwrap()).await.unwrap().unwrap();
     assert_eq!(row.attempts_used, 5);
     assert_eq!(app.transaction(&id).await.body["status"]["code"], 300);
 }
 
 async fn identity_transactions_are_not_possession_checks(app: TestApp) {
-    let identity = app
-        .post(
-            "/v1/identity",
-            json!({ "phone": "8885551234", "birth_date": "1968-05-27" }),
-        )
-        .await;
-    app.confirm(&identity.id(), "123123")
-        .await
-        .assert_error(422, 3105);
+    let identity = app.post("/v1/identity", json!({ "phone": "8885551234", "birth_date": "1968-05-27" })).await;
+    app.confirm(&identity.id(), "123123").await.assert_error(422, 3105);
 }
 
 async fn foreign_and_unknown_transactions(app: TestApp) {
     let id = app.start_sms("4155550123").await.id();
     let (_, other) = app.partner(Product::ALL).await;
     let path = format!("/v1/possession/{id}/confirm");
-    app.post_as(&other, &path, json!({"code": "123123"}))
-        .await
-        .assert_error(403, 3200);
-    app.get_as(&other, &format!("/v1/transactions/{id}"))
-        .await
-        .assert_error(403, 3200);
-    assert_eq!(
-        remaining(&app, &id).await,
-        5,
-        "a foreign confirm counts nothing"
-    );
+    app.post_as(&other, &path, json!({"code": "123123"})).await.assert_error(403, 3200);
+    app.get_as(&other, &format!("/v1/transactions/{id}")).await.assert_error(403, 3200);
+    assert_eq!(remaining(&app, &id).await, 5, "a foreign confirm counts nothing");
     let unknown = uuid::Uuid::new_v4();
-    app.confirm(&unknown.to_string(), "123123")
-        .await
-        .assert_error(404, 4100);
-    app.confirm("not-a-uuid", "123123")
-        .await
-        .assert_error(404, 4100);
-    app.get(&format!("/v1/transactions/{unknown}"))
-        .await
-        .assert_error(404, 4100);
-    app.get("/v1/transactions/nope")
-        .await
-        .assert_error(404, 4100);
+    app.confirm(&unknown.to_string(), "123123").await.assert_error(404, 4100);
+    app.confirm("not-a-uuid", "123123").await.assert_error(404, 4100);
+    app.get(&format!("/v1/transactions/{unknown}")).await.assert_error(404, 4100);
+    app.get("/v1/transactions/nope").await.assert_error(404, 4100);
 }
 
 /// Expiry needs a short code lifetime, so it runs on an app of its own.
@@ -154,13 +112,7 @@ mod expiry {
     async fn expired_codes_end_the_transaction(kind: Kind) {
         let app = TestApp::spawn_with(kind, &[("HANDSET__POSSESSION__CODE_TTL", "300ms")]).await;
         let id = app.start_sms("4155550123").await.id();
-        let network = app
-            .post(
-                "/v1/possession",
-                json!({"phone": "4155550124", "channel": "network"}),
-            )
-            .await
-            .id();
+        let network = app.post("/v1/possession", json!({"phone": "4155550124", "channel": "network"})).await.id();
         tokio::time::sleep(std::time::Duration::from_millis(400)).await;
         app.confirm(&id, "123123").await.assert_error(422, 3103);
         let tx = app.transaction(&id).await;
@@ -168,17 +120,10 @@ mod expiry {
         assert_eq!(tx.body["result"]["errors"][0]["code"], 3103);
         // Expired earlier: still 3103, whatever the code.
         app.confirm(&id, "000000").await.assert_error(422, 3103);
-        let row = app
-            .store
-            .transaction(id.parse().unwrap())
-            .await
-            .unwrap()
-            .unwrap();
+        let row = app.store.transaction(id.parse().unwrap()).await.unwrap().unwrap();
         assert_eq!(row.attempts_used, 0);
         // The operator step past its deadline fails the network check too.
-        app.post(&format!("/v1/possession/{network}/confirm"), json!({}))
-            .await
-            .assert_error(422, 3103);
+        app.post(&format!("/v1/possession/{network}/confirm"), json!({})).await.assert_error(422, 3103);
         assert_eq!(app.transaction(&network).await.body["status"]["code"], 300);
     }
 

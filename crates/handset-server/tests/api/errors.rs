@@ -18,122 +18,55 @@ on_both_stores!(
 
 async fn authorization_is_required_and_checked(app: TestApp) {
     let body = json!({ "phone": "4155550123" });
-    let no_header = app
-        .send(app.client.post(app.url("/v1/possession")).json(&body))
-        .await;
+    let no_header = app.send(app.client.post(app.url("/v1/possession")).json(&body)).await;
     no_header.assert_error(401, 1100);
-    for header in [
-        "Basic abc",
-        "Bearer",
-        "Bearer ",
-        "bearer hs_dev_sandbox_key",
-        "hs_dev_sandbox_key",
-        "Bearer wrong-key",
-    ] {
-        let answer = app
-            .send(
-                app.client
-                    .post(app.url("/v1/possession"))
-                    .header("authorization", header)
-                    .json(&body),
-            )
-            .await;
+    for header in
+        ["Basic abc", "Bearer", "Bearer ", "bearer hs_dev_sandbox_key", "hs_dev_sandbox_key", "Bearer wrong-key"]
+    {
+        let answer =
+            app.send(app.client.post(app.url("/v1/possession")).header("authorization", header).json(&body)).await;
         answer.assert_error(401, 1100);
     }
     let long = format!("Bearer {}", "k".repeat(10_000));
-    app.send(
-        app.client
-            .get(app.url("/v1/transactions/x"))
-            .header("authorization", long),
-    )
-    .await
-    .assert_error(401, 1100);
+    app.send(app.client.get(app.url("/v1/transactions/x")).header("authorization", long)).await.assert_error(401, 1100);
     for path in ["/v1/transactions/abc", "/v1/verifications/abc"] {
         app.get_as("wrong", path).await.assert_error(401, 1100);
     }
-    app.post_as("wrong", "/v1/identity", json!({}))
-        .await
-        .assert_error(401, 1100);
-    app.post_as("wrong", "/v1/possession/abc/confirm", json!({}))
-        .await
-        .assert_error(401, 1100);
+    app.post_as("wrong", "/v1/identity", json!({})).await.assert_error(401, 1100);
+    app.post_as("wrong", "/v1/possession/abc/confirm", json!({})).await.assert_error(401, 1100);
     assert_eq!(app.count("transactions").await, 0);
 }
 
 async fn inactive_partners_are_refused(app: TestApp) {
     let (id, key) = app.partner(Product::ALL).await;
-    assert_eq!(
-        app.post_as(&key, "/v1/possession", json!({ "phone": "4155550123" }))
-            .await
-            .status,
-        201
-    );
+    assert_eq!(app.post_as(&key, "/v1/possession", json!({ "phone": "4155550123" })).await.status, 201);
     app.store.set_partner_active(id, false).await.unwrap();
     let before = app.count("transactions").await;
-    app.post_as(&key, "/v1/possession", json!({ "phone": "4155550123" }))
+    app.post_as(&key, "/v1/possession", json!({ "phone": "4155550123" })).await.assert_error(401, 1200);
+    app.post_as(&key, "/v1/identity", json!({ "phone": "8885551234", "birth_date": "1968-05-27" }))
         .await
         .assert_error(401, 1200);
-    app.post_as(
-        &key,
-        "/v1/identity",
-        json!({ "phone": "8885551234", "birth_date": "1968-05-27" }),
-    )
-    .await
-    .assert_error(401, 1200);
     assert_eq!(app.count("transactions").await, before);
 }
 
 async fn bodies_must_be_small_json_objects(app: TestApp) {
     let post = |body: &'static str, content_type: &'static str| {
-        app.client
-            .post(app.url("/v1/possession"))
-            .bearer_auth(DEV_KEY)
-            .header("content-type", content_type)
-            .body(body)
+        app.client.post(app.url("/v1/possession")).bearer_auth(DEV_KEY).header("content-type", content_type).body(body)
     };
-    for bad in [
-        "{",
-        "{\"phone\": }",
-        "[1,2]",
-        "\"phone\"",
-        "42",
-        "null",
-        "{\"phone\":\"4155550123\"} x",
-    ] {
-        app.send(post(bad, "application/json"))
-            .await
-            .assert_error(400, 3900);
+    for bad in ["{", "{\"phone\": }", "[1,2]", "\"phone\"", "42", "null", "{\"phone\":\"4155550123\"} x"] {
+        app.send(post(bad, "application/json")).await.assert_error(400, 3900);
     }
-    app.send(post("{\"phone\":\"4155550123\"}", "text/plain"))
+    app.send(post("{\"phone\":\"4155550123\"}", "text/plain")).await.assert_error(415, 3901);
+    app.send(post("phone=4155550123", "application/x-www-form-urlencoded")).await.assert_error(415, 3901);
+    app.send(app.client.post(app.url("/v1/possession")).bearer_auth(DEV_KEY).body("{\"phone\":\"4155550123\"}"))
         .await
         .assert_error(415, 3901);
-    app.send(post(
-        "phone=4155550123",
-        "application/x-www-form-urlencoded",
-    ))
-    .await
-    .assert_error(415, 3901);
-    app.send(
-        app.client
-            .post(app.url("/v1/possession"))
-            .bearer_auth(DEV_KEY)
-            .body("{\"phone\":\"4155550123\"}"),
-    )
-    .await
-    .assert_error(415, 3901);
-    let ok = app
-        .send(post(
-            "{\"phone\":\"4155550123\"}",
-            "application/json; charset=utf-8",
-        ))
-        .await;
+    let ok = app.send(post("{\"phone\":\"4155550123\"}", "application/json; charset=utf-8")).await;
     assert_eq!(ok.status, 201, "{}", ok.text);
 
     let before = app.count("transactions").await;
     let huge = json!({ "phone": "4155550123", "metadata": "x".repeat(70 * 1024) });
-    app.post("/v1/possession", huge)
-        .await
-        .assert_error(413, 3902);
+    app.post("/v1/possession", huge).await.assert_error(413, 3902);
     // Without Content-Length (chunked), the limit holds while reading.
     let answer = chunked_post(&app, "/v1/possession", 100 * 1024).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
@@ -166,36 +99,18 @@ async fn chunked_post(app: &TestApp, path: &str, size: usize) -> String {
 }
 
 async fn unknown_fields_are_named(app: TestApp) {
-    let answer = app
-        .post(
-            "/v1/possession",
-            json!({ "phone": "4155550123", "colour": "blue" }),
-        )
-        .await;
+    let answer = app.post("/v1/possession", json!({ "phone": "4155550123", "colour": "blue" })).await;
     answer.assert_error(422, 3903);
-    assert!(
-        answer.body["errors"][0]["message"]
-            .as_str()
-            .unwrap()
-            .contains("colour")
-    );
+    assert!(answer.body["errors"][0]["message"].as_str().unwrap().contains("colour"));
     let id = app.start_sms("4155550123").await.id();
-    app.post(
-        &format!("/v1/possession/{id}/confirm"),
-        json!({ "code": "123123", "extra": 1 }),
-    )
-    .await
-    .assert_error(422, 3903);
-    app.post(
-        "/v1/identity",
-        json!({ "phone": "8885551234", "birth_date": "1968-05-27", "channel": "sms" }),
-    )
-    .await
-    .assert_error(422, 3903);
-    // Unknown fields are refused before anything else is looked at.
-    app.post("/v1/possession", json!({ "phone": "bad", "x": 1 }))
+    app.post(&format!("/v1/possession/{id}/confirm"), json!({ "code": "123123", "extra": 1 }))
         .await
         .assert_error(422, 3903);
+    app.post("/v1/identity", json!({ "phone": "8885551234", "birth_date": "1968-05-27", "channel": "sms" }))
+        .await
+        .assert_error(422, 3903);
+    // Unknown fields are refused before anything else is looked at.
+    app.post("/v1/possession", json!({ "phone": "bad", "x": 1 })).await.assert_error(422, 3903);
 }
 
 /// Odd but well-formed requests: each must answer in the envelope (or succeed),
@@ -203,82 +118,33 @@ async fn unknown_fields_are_named(app: TestApp) {
 async fn hostile_input_never_breaks_the_envelope(app: TestApp) {
     let deep = (0..300).fold(json!(1), |v, _| json!([v]));
     let cases: Vec<(&str, Value)> = vec![
-        (
-            "/v1/possession",
-            json!({ "phone": "+1".to_string() + &"9".repeat(40) }),
-        ),
+        ("/v1/possession", json!({ "phone": "+1".to_string() + &"9".repeat(40) })),
         ("/v1/possession", json!({ "phone": "٤١٥٥٥٥٠١٢٣" })),
         ("/v1/possession", json!({ "phone": "\u{0000}4155550123" })),
         ("/v1/possession", json!({ "phone": ["4155550123"] })),
         ("/v1/possession", json!({ "phone": {"n": 1} })),
         ("/v1/possession", json!({ "phone": 1e308 })),
-        (
-            "/v1/possession",
-            json!({ "phone": "4155550123", "channel": 5 }),
-        ),
-        (
-            "/v1/possession",
-            json!({ "phone": "4155550123", "provider": ["sandbox"] }),
-        ),
-        (
-            "/v1/possession",
-            json!({ "phone": "4155550123", "verification_id": 12 }),
-        ),
-        (
-            "/v1/possession",
-            json!({ "phone": "4155550123", "redirect_uri": "javascript:alert(1)" }),
-        ),
-        (
-            "/v1/possession",
-            json!({ "phone": "4155550123", "callback_url": "http://[::1" }),
-        ),
-        (
-            "/v1/possession",
-            json!({ "phone": "4155550123", "metadata": deep }),
-        ),
-        (
-            "/v1/possession",
-            json!({ "phone": "4155550123", "name": {"first": "\u{0007}", "last": "x"} }),
-        ),
-        (
-            "/v1/identity",
-            json!({ "phone": "8885551234", "birth_date": "0000-00-00" }),
-        ),
-        (
-            "/v1/identity",
-            json!({ "phone": "8885551234", "birth_date": "+10000-01-01" }),
-        ),
-        (
-            "/v1/identity",
-            json!({ "phone": "8885551234", "birth_date": "1899-12-31" }),
-        ),
-        (
-            "/v1/possession/00000000-0000-0000-0000-000000000000/confirm",
-            json!({ "code": "1".repeat(1000) }),
-        ),
+        ("/v1/possession", json!({ "phone": "4155550123", "channel": 5 })),
+        ("/v1/possession", json!({ "phone": "4155550123", "provider": ["sandbox"] })),
+        ("/v1/possession", json!({ "phone": "4155550123", "verification_id": 12 })),
+        ("/v1/possession", json!({ "phone": "4155550123", "redirect_uri": "javascript:alert(1)" })),
+        ("/v1/possession", json!({ "phone": "4155550123", "callback_url": "http://[::1" })),
+        ("/v1/possession", json!({ "phone": "4155550123", "metadata": deep })),
+        ("/v1/possession", json!({ "phone": "4155550123", "name": {"first": "\u{0007}", "last": "x"} })),
+        ("/v1/identity", json!({ "phone": "8885551234", "birth_date": "0000-00-00" })),
+        ("/v1/identity", json!({ "phone": "8885551234", "birth_date": "+10000-01-01" })),
+        ("/v1/identity", json!({ "phone": "8885551234", "birth_date": "1899-12-31" })),
+        ("/v1/possession/00000000-0000-0000-0000-000000000000/confirm", json!({ "code": "1".repeat(1000) })),
         ("/v1/possession/%00/confirm", json!({})),
     ];
     for (path, body) in cases {
         let answer = app.post(path, body.clone()).await;
-        assert!(
-            answer.status.as_u16() < 500,
-            "{path} {body}: {} {}",
-            answer.status,
-            answer.text
-        );
+        assert!(answer.status.as_u16() < 500, "{path} {body}: {} {}", answer.status, answer.text);
         if !answer.status.is_success() {
-            assert!(
-                answer.body["errors"][0]["code"].is_u64(),
-                "{path} {body}: {}",
-                answer.text
-            );
+            assert!(answer.body["errors"][0]["code"].is_u64(), "{path} {body}: {}", answer.text);
         }
     }
-    let deep_text = format!(
-        "{{\"phone\":{}1{}}}",
-        "[".repeat(10_000),
-        "]".repeat(10_000)
-    );
+    let deep_text = format!("{{\"phone\":{}1{}}}", "[".repeat(10_000), "]".repeat(10_000));
     let answer = app
         .send(
             app.client
@@ -289,25 +155,12 @@ async fn hostile_input_never_breaks_the_envelope(app: TestApp) {
         )
         .await;
     answer.assert_error(400, 3900);
-    assert_eq!(
-        app.send(app.client.get(app.url("/health"))).await.status,
-        200
-    );
+    assert_eq!(app.send(app.client.get(app.url("/health"))).await.status, 200);
 }
 
 async fn unknown_routes_and_methods(app: TestApp) {
     app.get("/v2/anything").await.assert_error(404, 4100);
-    let wrong_method = app
-        .send(
-            app.client
-                .delete(app.url("/v1/possession"))
-                .bearer_auth(DEV_KEY),
-        )
-        .await;
+    let wrong_method = app.send(app.client.delete(app.url("/v1/possession")).bearer_auth(DEV_KEY)).await;
     assert_eq!(wrong_method.status, 405);
-    assert!(
-        wrong_method.body["errors"][0]["code"].is_u64(),
-        "{}",
-        wrong_method.text
-    );
+    assert!(wrong_method.body["errors"][0]["code"].is_u64(), "{}", wrong_method.text);
 }

@@ -23,12 +23,7 @@ async fn sms_possession_then_identity_on_one_verification(app: TestApp) {
     assert_eq!(tx["status"]["message"], "Transaction pending review");
     assert_eq!(tx["next_action"]["type"], "enter_code");
     assert_eq!(tx["next_action"]["attempts_remaining"], 5);
-    assert!(
-        tx["next_action"]["expires_at"]
-            .as_str()
-            .unwrap()
-            .ends_with('Z')
-    );
+    assert!(tx["next_action"]["expires_at"].as_str().unwrap().ends_with('Z'));
     assert!(tx.get("result").is_none(), "no result while pending");
     assert_eq!(tx["metadata"], json!({}));
     let id = started.id();
@@ -57,21 +52,12 @@ async fn sms_possession_then_identity_on_one_verification(app: TestApp) {
     assert_eq!(identity.body["metadata"], json!({"ref": "A1"}));
     let address = &identity.body["result"]["address"];
     for field in ["line1", "city", "region", "postal_code", "country"] {
-        assert!(
-            address[field].is_string(),
-            "address.{field}: {}",
-            identity.text
-        );
+        assert!(address[field].is_string(), "address.{field}: {}", identity.text);
     }
 
-    let verification = app
-        .get(&format!("/v1/verifications/{verification_id}"))
-        .await;
+    let verification = app.get(&format!("/v1/verifications/{verification_id}")).await;
     assert_eq!(verification.status, 200, "{}", verification.text);
-    assert_eq!(
-        verification.body["verification_id"],
-        verification_id.as_str()
-    );
+    assert_eq!(verification.body["verification_id"], verification_id.as_str());
     assert_eq!(verification.body["possession_verified"], true);
     assert_eq!(verification.body["identity_verified"], true);
     assert!(verification.body["created"].is_string());
@@ -92,16 +78,11 @@ async fn network_possession_through_the_sandbox_operator(app: TestApp) {
     assert_eq!(started.body["product"], "possession.network");
     assert_eq!(started.body["next_action"]["type"], "redirect");
     let id = started.id();
-    let operator_url = started.body["next_action"]["url"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let operator_url = started.body["next_action"]["url"].as_str().unwrap().to_owned();
     assert_eq!(operator_url, app.url(&format!("/sandbox/operator/{id}")));
 
     // Before the user visits the operator, confirm answers the pending state.
-    let pending = app
-        .post(&format!("/v1/possession/{id}/confirm"), json!({}))
-        .await;
+    let pending = app.post(&format!("/v1/possession/{id}/confirm"), json!({})).await;
     assert_eq!(pending.status, 200, "{}", pending.text);
     assert_eq!(pending.body["status"]["code"], 210);
 
@@ -120,102 +101,48 @@ async fn network_possession_through_the_sandbox_operator(app: TestApp) {
     assert_eq!(done.body["result"], json!({ "phone": "+14155550123" }));
     // No body at all is a valid network confirm too.
     let confirm = app
-        .send(
-            app.client
-                .post(app.url(&format!("/v1/possession/{id}/confirm")))
-                .bearer_auth(crate::helpers::DEV_KEY),
-        )
+        .send(app.client.post(app.url(&format!("/v1/possession/{id}/confirm"))).bearer_auth(crate::helpers::DEV_KEY))
         .await;
     assert_eq!(confirm.status, 200, "{}", confirm.text);
     assert_eq!(confirm.body["status"]["code"], 200);
 
     // Without a redirect_uri the operator page says it is done.
-    let bare = app
-        .post(
-            "/v1/possession",
-            json!({ "phone": "+14155550124", "channel": "network" }),
-        )
-        .await;
-    let page = app
-        .client
-        .get(app.url(&format!("/sandbox/operator/{}", bare.id())))
-        .send()
-        .await
-        .unwrap();
+    let bare = app.post("/v1/possession", json!({ "phone": "+14155550124", "channel": "network" })).await;
+    let page = app.client.get(app.url(&format!("/sandbox/operator/{}", bare.id()))).send().await.unwrap();
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().contains("success"));
 
     // The operator page only serves pending sandbox network checks.
     let sms = app.start_sms("4155550125").await;
-    let refused = app
-        .send(
-            app.client
-                .get(app.url(&format!("/sandbox/operator/{}", sms.id()))),
-        )
-        .await;
+    let refused = app.send(app.client.get(app.url(&format!("/sandbox/operator/{}", sms.id())))).await;
     refused.assert_error(404, 4100);
 }
 
 async fn final_transactions_owe_their_callback(app: TestApp) {
     let hook = "https://partner.example/hook";
-    let started = app
-        .post(
-            "/v1/possession",
-            json!({ "phone": "4155550123", "callback_url": hook }),
-        )
-        .await;
+    let started = app.post("/v1/possession", json!({ "phone": "4155550123", "callback_url": hook })).await;
     assert_eq!(started.status, 201, "{}", started.text);
     assert_eq!(started.body["callback_url"], hook);
     let id = started.id();
     let tx_id: uuid::Uuid = id.parse().unwrap();
-    assert!(
-        app.store
-            .outbox_of_transaction(tx_id)
-            .await
-            .unwrap()
-            .is_empty(),
-        "pending: no callback yet"
-    );
+    assert!(app.store.callbacks_of_transaction(tx_id).await.unwrap().is_empty(), "pending: no callback yet");
 
     let done = app.confirm(&id, "123123").await;
-    let outbox = app.store.outbox_of_transaction(tx_id).await.unwrap();
+    let outbox = app.store.callbacks_of_transaction(tx_id).await.unwrap();
     assert_eq!(outbox.len(), 1);
-    assert_eq!(outbox[0].callback_url, hook);
-    assert_eq!(
-        outbox[0].payload, done.body,
-        "the callback body is the transaction as it became final"
-    );
+    assert_eq!(outbox[0].message.callback_url, hook);
+    assert_eq!(outbox[0].message.payload, done.text, "the callback body is the transaction as it became final");
 
     // A transaction final at creation owes its callback too; one without a callback_url owes nothing.
-    let failed = app
-        .post(
-            "/v1/possession",
-            json!({ "phone": "9995551005", "callback_url": hook }),
-        )
-        .await;
-    assert_eq!(
-        app.store
-            .outbox_of_transaction(failed.id().parse().unwrap())
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    let failed = app.post("/v1/possession", json!({ "phone": "9995551005", "callback_url": hook })).await;
+    assert_eq!(app.store.callbacks_of_transaction(failed.id().parse().unwrap()).await.unwrap().len(), 1);
     let silent = app.start_sms("9995551005").await;
-    assert!(
-        app.store
-            .outbox_of_transaction(silent.id().parse().unwrap())
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(app.store.callbacks_of_transaction(silent.id().parse().unwrap()).await.unwrap().is_empty());
 }
 
 async fn codes_and_keys_are_stored_hashed(app: TestApp) {
     let (_, key) = app.partner(&[handset_core::Product::PossessionSms]).await;
-    let started = app
-        .post_as(&key, "/v1/possession", json!({ "phone": "4155550123" }))
-        .await;
+    let started = app.post_as(&key, "/v1/possession", json!({ "phone": "4155550123" })).await;
     assert_eq!(started.status, 201);
     let stored = app.dump("transactions", "code_hash").await;
     assert!(!stored.is_empty(), "the code's hash is kept");

@@ -43,35 +43,21 @@ impl Answer {
         let headers = response.headers().clone();
         let text = response.text().await.expect("read body");
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Answer {
-            status,
-            headers,
-            text,
-            body,
-        }
+        Answer { status, headers, text, body }
     }
 
     /// Asserts the documented error envelope with this status and code.
     #[track_caller]
     pub fn assert_error(&self, status: u16, code: u64) {
         assert_eq!(self.status.as_u16(), status, "body: {}", self.text);
-        let errors = self.body["errors"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no envelope: {}", self.text));
+        let errors = self.body["errors"].as_array().unwrap_or_else(|| panic!("no envelope: {}", self.text));
         assert_eq!(errors.len(), 1, "{}", self.text);
         assert_eq!(errors[0]["code"].as_u64(), Some(code), "{}", self.text);
-        assert!(
-            errors[0]["message"].as_str().is_some_and(|m| !m.is_empty()),
-            "{}",
-            self.text
-        );
+        assert!(errors[0]["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", self.text);
     }
 
     pub fn id(&self) -> String {
-        self.body["transaction_id"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no transaction_id: {}", self.text))
-            .to_owned()
+        self.body["transaction_id"].as_str().unwrap_or_else(|| panic!("no transaction_id: {}", self.text)).to_owned()
     }
 }
 
@@ -91,10 +77,7 @@ impl TestApp {
         let mut vars: Vec<(String, String)> = vec![
             ("HANDSET__SERVER__BIND".into(), "127.0.0.1:0".into()),
             ("HANDSET__DATABASE__URL".into(), db.url.clone()),
-            (
-                "HANDSET__DATABASE__MIGRATE_ON_START".into(),
-                migrate.to_string(),
-            ),
+            ("HANDSET__DATABASE__MIGRATE_ON_START".into(), migrate.to_string()),
             ("HANDSET__DATABASE__ACQUIRE_TIMEOUT".into(), "2s".into()),
         ];
         vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
@@ -105,18 +88,8 @@ impl TestApp {
             let _ = app.run_until(std::future::pending()).await;
         });
         let store = handset_store::connect(&db.url, &Default::default()).unwrap();
-        let client = Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap();
-        TestApp {
-            address,
-            client,
-            store,
-            kind: db.kind,
-            db,
-            server,
-        }
+        let client = Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+        TestApp { address, client, store, kind: db.kind, db, server }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -128,14 +101,7 @@ impl TestApp {
     }
 
     pub async fn post_as(&self, key: &str, path: &str, body: Value) -> Answer {
-        let response = self
-            .client
-            .post(self.url(path))
-            .bearer_auth(key)
-            .json(&body)
-            .send()
-            .await
-            .expect("POST");
+        let response = self.client.post(self.url(path)).bearer_auth(key).json(&body).send().await.expect("POST");
         Answer::read(response).await
     }
 
@@ -144,13 +110,7 @@ impl TestApp {
     }
 
     pub async fn get_as(&self, key: &str, path: &str) -> Answer {
-        let response = self
-            .client
-            .get(self.url(path))
-            .bearer_auth(key)
-            .send()
-            .await
-            .expect("GET");
+        let response = self.client.get(self.url(path)).bearer_auth(key).send().await.expect("GET");
         Answer::read(response).await
     }
 
@@ -163,11 +123,7 @@ impl TestApp {
     }
 
     pub async fn confirm(&self, id: &str, code: &str) -> Answer {
-        self.post(
-            &format!("/v1/possession/{id}/confirm"),
-            json!({ "code": code }),
-        )
-        .await
+        self.post(&format!("/v1/possession/{id}/confirm"), json!({ "code": code })).await
     }
 
     pub async fn transaction(&self, id: &str) -> Answer {
@@ -186,13 +142,7 @@ impl TestApp {
             created_at: chrono::Utc::now(),
         };
         let id = partner.id;
-        self.store
-            .insert_partner(&NewPartner {
-                partner,
-                api_key_hash: api_key_hash(&key),
-            })
-            .await
-            .unwrap();
+        self.store.insert_partner(&NewPartner { partner, api_key_hash: api_key_hash(&key) }).await.unwrap();
         (id, key)
     }
 
@@ -201,15 +151,11 @@ impl TestApp {
         let sql = format!("SELECT COUNT(*) FROM {table}");
         match self.kind {
             Kind::Sqlite => {
-                let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&self.db.url)
-                    .await
-                    .unwrap();
+                let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&self.db.url).await.unwrap();
                 sqlx::query_scalar(&sql).fetch_one(&mut conn).await.unwrap()
             }
             Kind::Postgres => {
-                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&self.db.url)
-                    .await
-                    .unwrap();
+                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&self.db.url).await.unwrap();
                 sqlx::query_scalar(&sql).fetch_one(&mut conn).await.unwrap()
             }
         }
@@ -220,22 +166,15 @@ impl TestApp {
         let sql = format!("SELECT {columns} FROM {table}");
         let rows: Vec<(Option<String>,)> = match self.kind {
             Kind::Sqlite => {
-                let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&self.db.url)
-                    .await
-                    .unwrap();
+                let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&self.db.url).await.unwrap();
                 sqlx::query_as(&sql).fetch_all(&mut conn).await.unwrap()
             }
             Kind::Postgres => {
-                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&self.db.url)
-                    .await
-                    .unwrap();
+                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&self.db.url).await.unwrap();
                 sqlx::query_as(&sql).fetch_all(&mut conn).await.unwrap()
             }
         };
-        rows.into_iter()
-            .filter_map(|(s,)| s)
-            .collect::<Vec<_>>()
-            .join("\n")
+        rows.into_iter().filter_map(|(s,)| s).collect::<Vec<_>>().join("\n")
     }
 }
 

@@ -13,70 +13,34 @@ use crate::on_both_stores;
 
 const HANDSET: &str = env!("CARGO_BIN_EXE_handset");
 
-on_both_stores!(
-    health_ready_and_metrics,
-    openapi_documents_every_route,
-    production_refuses_the_development_key
-);
+on_both_stores!(health_ready_and_metrics, openapi_documents_every_route, production_refuses_the_development_key);
 
 async fn health_ready_and_metrics(app: TestApp) {
     let health = app.send(app.client.get(app.url("/health"))).await;
     assert_eq!(health.status, 200);
     assert!(health.text.is_empty());
-    assert_eq!(
-        app.send(app.client.get(app.url("/ready"))).await.status,
-        200
-    );
+    assert_eq!(app.send(app.client.get(app.url("/ready"))).await.status, 200);
 
     let id = app.start_sms("4155550123").await.id();
     app.confirm(&id, "000000").await.assert_error(422, 3102);
     let metrics = app.send(app.client.get(app.url("/metrics"))).await;
     assert_eq!(metrics.status, 200);
-    assert!(
-        metrics.headers["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/plain")
-    );
+    assert!(metrics.headers["content-type"].to_str().unwrap().starts_with("text/plain"));
     let text = metrics.text;
-    assert!(
-        text.contains(r#"http_requests_total{method="POST",route="/v1/possession",status="201"}"#),
-        "{text}"
-    );
-    assert!(
-        text.contains(r#"route="/v1/possession/{transaction_id}/confirm",status="422""#),
-        "{text}"
-    );
-    assert!(
-        text.contains("http_request_duration_seconds_bucket{"),
-        "{text}"
-    );
-    assert!(
-        text.contains("# TYPE http_request_duration_seconds histogram"),
-        "{text}"
-    );
+    assert!(text.contains(r#"http_requests_total{method="POST",route="/v1/possession",status="201"}"#), "{text}");
+    assert!(text.contains(r#"route="/v1/possession/{transaction_id}/confirm",status="422""#), "{text}");
+    assert!(text.contains("http_request_duration_seconds_bucket{"), "{text}");
+    assert!(text.contains("# TYPE http_request_duration_seconds histogram"), "{text}");
 
     // A request id given by the caller comes back; otherwise one is made.
-    let tagged = app
-        .send(
-            app.client
-                .get(app.url("/health"))
-                .header("x-request-id", "abc-123"),
-        )
-        .await;
+    let tagged = app.send(app.client.get(app.url("/health")).header("x-request-id", "abc-123")).await;
     assert_eq!(tagged.headers["x-request-id"], "abc-123");
     assert!(!app.send(app.client.get(app.url("/health"))).await.headers["x-request-id"].is_empty());
 
     app.db.destroy().await;
     if app.kind == Kind::Postgres {
-        assert_eq!(
-            app.send(app.client.get(app.url("/ready"))).await.status,
-            503
-        );
-        assert_eq!(
-            app.send(app.client.get(app.url("/health"))).await.status,
-            200
-        );
+        assert_eq!(app.send(app.client.get(app.url("/ready"))).await.status, 503);
+        assert_eq!(app.send(app.client.get(app.url("/health"))).await.status, 200);
         app.start_sms("4155550123").await.assert_error(500, 5000);
     }
 }
@@ -86,24 +50,13 @@ async fn ready_is_503_when_sqlite_cannot_be_opened() {
     let db = TestDatabase::sqlite();
     db.destroy().await; // its directory is gone: the file cannot be created
     let app = TestApp::spawn_on(db, &[], false).await;
-    assert_eq!(
-        app.send(app.client.get(app.url("/ready"))).await.status,
-        503
-    );
-    assert_eq!(
-        app.send(app.client.get(app.url("/health"))).await.status,
-        200
-    );
-    app.get("/v1/transactions/00000000-0000-0000-0000-000000000000")
-        .await
-        .assert_error(500, 5000);
+    assert_eq!(app.send(app.client.get(app.url("/ready"))).await.status, 503);
+    assert_eq!(app.send(app.client.get(app.url("/health"))).await.status, 200);
+    app.get("/v1/transactions/00000000-0000-0000-0000-000000000000").await.assert_error(500, 5000);
 }
 
 async fn openapi_documents_every_route(app: TestApp) {
-    let doc = app
-        .send(app.client.get(app.url("/openapi.json")))
-        .await
-        .body;
+    let doc = app.send(app.client.get(app.url("/openapi.json"))).await.body;
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
     for (path, method) in [
         ("/v1/possession", "post"),
@@ -117,32 +70,20 @@ async fn openapi_documents_every_route(app: TestApp) {
         ("/openapi.json", "get"),
         ("/sandbox/operator/{transaction_id}", "get"),
     ] {
-        assert!(
-            doc["paths"][path][method].is_object(),
-            "{method} {path} is not documented"
-        );
+        assert!(doc["paths"][path][method].is_object(), "{method} {path} is not documented");
     }
     // Every reference resolves.
     let mut refs = Vec::new();
     collect_refs(&doc, &mut refs);
     assert!(refs.len() > 5);
     for reference in refs {
-        let name = reference
-            .strip_prefix("#/components/schemas/")
-            .unwrap_or_else(|| panic!("{reference}"));
-        assert!(
-            doc["components"]["schemas"][name].is_object(),
-            "{reference} does not resolve"
-        );
+        let name = reference.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("{reference}"));
+        assert!(doc["components"]["schemas"][name].is_object(), "{reference} does not resolve");
     }
     // The documented request bodies are exactly the accepted fields.
     let fields = |schema: &str| -> Vec<String> {
-        let mut keys: Vec<String> = doc["components"]["schemas"][schema]["properties"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .cloned()
-            .collect();
+        let mut keys: Vec<String> =
+            doc["components"]["schemas"][schema]["properties"].as_object().unwrap().keys().cloned().collect();
         keys.sort();
         keys
     };
@@ -151,21 +92,10 @@ async fn openapi_documents_every_route(app: TestApp) {
         v.sort();
         v
     };
-    assert_eq!(
-        fields("PossessionIn"),
-        sorted(handset_server::input::PossessionIn::FIELDS)
-    );
-    assert_eq!(
-        fields("IdentityIn"),
-        sorted(handset_server::input::IdentityIn::FIELDS)
-    );
-    assert_eq!(
-        fields("ConfirmIn"),
-        sorted(handset_server::input::ConfirmIn::FIELDS)
-    );
-    assert!(
-        doc["components"]["schemas"]["TransactionOut"]["properties"]["next_action"].is_object()
-    );
+    assert_eq!(fields("PossessionIn"), sorted(handset_server::input::PossessionIn::FIELDS));
+    assert_eq!(fields("IdentityIn"), sorted(handset_server::input::IdentityIn::FIELDS));
+    assert_eq!(fields("ConfirmIn"), sorted(handset_server::input::ConfirmIn::FIELDS));
+    assert!(doc["components"]["schemas"]["TransactionOut"]["properties"]["next_action"].is_object());
 }
 
 fn collect_refs(value: &Value, out: &mut Vec<String>) {
@@ -190,24 +120,13 @@ async fn production_refuses_the_development_key(app: TestApp) {
     let url = app.db.url.clone();
     let production = TestApp::spawn_on(
         TestDatabase::new(app.kind).await,
-        &[
-            ("HANDSET__ENVIRONMENT", "production"),
-            ("HANDSET__DATABASE__URL", url.as_str()),
-        ],
+        &[("HANDSET__ENVIRONMENT", "production"), ("HANDSET__DATABASE__URL", url.as_str())],
         true,
     )
     .await;
-    production
-        .start_sms("4155550123")
-        .await
-        .assert_error(401, 1100);
-    production
-        .get("/v1/transactions/00000000-0000-0000-0000-000000000000")
-        .await
-        .assert_error(401, 1100);
-    let ok = production
-        .post_as(&key, "/v1/possession", json!({ "phone": "4155550123" }))
-        .await;
+    production.start_sms("4155550123").await.assert_error(401, 1100);
+    production.get("/v1/transactions/00000000-0000-0000-0000-000000000000").await.assert_error(401, 1100);
+    let ok = production.post_as(&key, "/v1/possession", json!({ "phone": "4155550123" })).await;
     assert_eq!(ok.status, 201, "{}", ok.text);
 }
 
@@ -224,91 +143,34 @@ async fn cli_manages_partners(kind: Kind) {
     let db = TestDatabase::new(kind).await;
     let env = [("HANDSET__DATABASE__URL", db.url.as_str())];
     let migrate = handset(&["migrate"], &env);
-    assert!(
-        migrate.status.success(),
-        "{}",
-        String::from_utf8_lossy(&migrate.stderr)
-    );
+    assert!(migrate.status.success(), "{}", String::from_utf8_lossy(&migrate.stderr));
 
-    let created = handset(
-        &[
-            "partner",
-            "create",
-            "--name",
-            "Acme",
-            "--products",
-            "identity,possession.sms",
-        ],
-        &env,
-    );
-    assert!(
-        created.status.success(),
-        "{}",
-        String::from_utf8_lossy(&created.stderr)
-    );
+    let created = handset(&["partner", "create", "--name", "Acme", "--products", "identity,possession.sms"], &env);
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
     let printed: Value = serde_json::from_slice(&created.stdout).expect("JSON on stdout");
     let key = printed["api_key"].as_str().unwrap().to_owned();
     let partner_id = printed["partner_id"].as_str().unwrap().to_owned();
-    assert!(
-        printed["webhook_secret"]
-            .as_str()
-            .unwrap()
-            .starts_with("whsec_")
-    );
+    assert!(printed["webhook_secret"].as_str().unwrap().starts_with("whsec_"));
     assert!(uuid::Uuid::parse_str(&partner_id).is_ok());
     assert!(key.len() >= 32);
 
-    let bad = handset(
-        &[
-            "partner",
-            "create",
-            "--name",
-            "X",
-            "--products",
-            "telepathy",
-        ],
-        &env,
-    );
+    let bad = handset(&["partner", "create", "--name", "X", "--products", "telepathy"], &env);
     assert!(!bad.status.success());
 
     let app = TestApp::spawn_on(db, &[], false).await;
-    let identity = app
-        .post_as(
-            &key,
-            "/v1/identity",
-            json!({ "phone": "8885551234", "birth_date": "1968-05-27" }),
-        )
-        .await;
+    let identity =
+        app.post_as(&key, "/v1/identity", json!({ "phone": "8885551234", "birth_date": "1968-05-27" })).await;
     assert_eq!(identity.status, 201, "{}", identity.text);
-    app.post_as(
-        &key,
-        "/v1/possession",
-        json!({ "phone": "4155550123", "channel": "network" }),
-    )
-    .await
-    .assert_error(403, 2300);
+    app.post_as(&key, "/v1/possession", json!({ "phone": "4155550123", "channel": "network" }))
+        .await
+        .assert_error(403, 2300);
 
     let env = [("HANDSET__DATABASE__URL", app.db.url.as_str())];
     let deactivated = handset(&["partner", "deactivate", "--id", &partner_id], &env);
-    assert!(
-        deactivated.status.success(),
-        "{}",
-        String::from_utf8_lossy(&deactivated.stderr)
-    );
-    app.post_as(&key, "/v1/possession", json!({ "phone": "4155550123" }))
-        .await
-        .assert_error(401, 1200);
-    assert!(
-        handset(&["partner", "activate", "--id", &partner_id], &env)
-            .status
-            .success()
-    );
-    assert_eq!(
-        app.post_as(&key, "/v1/possession", json!({ "phone": "4155550123" }))
-            .await
-            .status,
-        201
-    );
+    assert!(deactivated.status.success(), "{}", String::from_utf8_lossy(&deactivated.stderr));
+    app.post_as(&key, "/v1/possession", json!({ "phone": "4155550123" })).await.assert_error(401, 1200);
+    assert!(handset(&["partner", "activate", "--id", &partner_id], &env).status.success());
+    assert_eq!(app.post_as(&key, "/v1/possession", json!({ "phone": "4155550123" })).await.status, 201);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,11 +184,7 @@ async fn cli_manages_partners_postgres() {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// The real binary: `--config FILE` and environment overrides, JSON logs with
@@ -337,21 +195,11 @@ async fn binary_reads_config_layers_and_logs_without_secrets() {
     let dir = std::env::temp_dir().join(format!("handset-bin-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("handset.toml");
-    std::fs::write(
-        &config,
-        "[possession]\nmax_attempts = 2\ncode_ttl = \"1m\"\n",
-    )
-    .unwrap();
+    std::fs::write(&config, "[possession]\nmax_attempts = 2\ncode_ttl = \"1m\"\n").unwrap();
     let port = free_port();
     let bind = format!("127.0.0.1:{port}");
     let child = Command::new(HANDSET)
-        .args([
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-            "--log-format",
-            "json",
-        ])
+        .args(["serve", "--config", config.to_str().unwrap(), "--log-format", "json"])
         .env("HANDSET__SERVER__BIND", &bind)
         .env("HANDSET__DATABASE__URL", &db.url)
         .env("HANDSET__POSSESSION__CODE_TTL", "2m")
@@ -364,12 +212,7 @@ async fn binary_reads_config_layers_and_logs_without_secrets() {
     let client = reqwest::Client::new();
     let mut up = false;
     for _ in 0..100 {
-        if client
-            .get(format!("{base}/health"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
+        if client.get(format!("{base}/health")).send().await.is_ok_and(|r| r.status() == 200) {
             up = true;
             break;
         }
@@ -388,13 +231,8 @@ async fn binary_reads_config_layers_and_logs_without_secrets() {
         .unwrap();
     // max_attempts from the file, code_ttl from the environment (which wins over the file).
     assert_eq!(started["next_action"]["attempts_remaining"], 2, "{started}");
-    let created =
-        chrono::DateTime::parse_from_rfc3339(started["status"]["created"].as_str().unwrap())
-            .unwrap();
-    let expires = chrono::DateTime::parse_from_rfc3339(
-        started["next_action"]["expires_at"].as_str().unwrap(),
-    )
-    .unwrap();
+    let created = chrono::DateTime::parse_from_rfc3339(started["status"]["created"].as_str().unwrap()).unwrap();
+    let expires = chrono::DateTime::parse_from_rfc3339(started["next_action"]["expires_at"].as_str().unwrap()).unwrap();
     assert_eq!((expires - created).num_seconds(), 120);
     let id = started["transaction_id"].as_str().unwrap();
     let confirmed = client
@@ -408,16 +246,8 @@ async fn binary_reads_config_layers_and_logs_without_secrets() {
 
     // SIGTERM: graceful shutdown and a zero exit.
     let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
     assert!(output.status.success(), "exit: {:?}", output.status);
     let logs = String::from_utf8_lossy(&output.stderr);
     let requests: Vec<Value> = logs
@@ -430,18 +260,11 @@ async fn binary_reads_config_layers_and_logs_without_secrets() {
         .find(|l| l["route"] == "/v1/possession/{transaction_id}/confirm")
         .unwrap_or_else(|| panic!("no request line for confirm in:\n{logs}"));
     assert_eq!(confirm_line["status"], 200);
-    assert!(
-        confirm_line["request_id"]
-            .as_str()
-            .is_some_and(|s| !s.is_empty())
-    );
+    assert!(confirm_line["request_id"].as_str().is_some_and(|s| !s.is_empty()));
     assert!(confirm_line["latency_ms"].is_number());
     assert_eq!(confirm_line["method"], "POST");
     for secret in ["4155550123", DEV_KEY, "123123"] {
-        assert!(
-            !logs.contains(secret),
-            "{secret:?} leaked into the logs:\n{logs}"
-        );
+        assert!(!logs.contains(secret), "{secret:?} leaked into the logs:\n{logs}");
     }
     let _ = std::fs::remove_dir_all(dir);
 }

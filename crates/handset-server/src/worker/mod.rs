@@ -1,0 +1,206 @@
+//! The background job runner: delivers due callbacks, expires pending
+//! transactions past their deadline, and purges personal data past the
+//! retention period. Work is claimed from the database with leases, so any
+//! number of `handset serve` processes on one database share it and each
+//! delivery attempt is made by one of them. `tick` does one round and says
+//! what it did, so tests can drive it step by step.
+
+pub mod delivery;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use handset_core::Gateway;
+use handset_core::model::{CallbackAttempt, ClaimedCallback};
+use handset_core::store::{AfterAttempt, Claim, Store};
+use rand::Rng;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use self::delivery::Delivery;
+
+#[derive(Debug, Clone)]
+pub struct RunnerSettings {
+    pub poll_interval: Duration,
+    /// Delay before each retry; its length is the number of retries.
+    pub retry_schedule: Vec<Duration>,
+    /// How long a claimed callback stays this runner's before others may take it.
+    pub lease: Duration,
+    /// Callbacks claimed (and delivered concurrently) per round.
+    pub batch_size: i64,
+    /// Personal data older than this is purged; `None` keeps it.
+    pub retention: Option<Duration>,
+}
+
+/// What one round did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Tick {
+    pub delivered: usize,
+    pub retrying: usize,
+    pub failed: usize,
+    /// Attempts whose lease another runner took over meanwhile (not recorded).
+    pub lease_lost: usize,
+    pub expired: usize,
+    pub purged: u64,
+}
+
+pub struct Runner {
+    gateway: Arc<Gateway>,
+    store: Arc<dyn Store>,
+    delivery: Arc<Delivery>,
+    settings: RunnerSettings,
+    owner: String,
+}
+
+/// Pending transactions expired per round.
+const EXPIRY_BATCH: i64 = 100;
+
+impl Runner {
+    pub fn new(gateway: Arc<Gateway>, delivery: Delivery, settings: RunnerSettings) -> Runner {
+        let owner = format!("{}-{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        Runner { store: gateway.store().clone(), gateway, delivery: Arc::new(delivery), settings, owner }
+    }
+
+    /// Rounds every `poll_interval` until `shutdown` turns true; the round in
+    /// progress (and its deliveries) is finished first.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        tracing::info!(owner = %self.owner, "job runner started");
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            match self.tick().await {
+                Ok(tick) if tick != Tick::default() => tracing::debug!(?tick, "job runner round"),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "job runner round failed; retrying next round"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.settings.poll_interval) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        tracing::info!(owner = %self.owner, "job runner stopped");
+    }
+
+    pub async fn tick(&self) -> Result<Tick, handset_core::store::StoreError> {
+        let mut tick = Tick::default();
+        let now = Utc::now();
+        tick.expired = self.gateway.expire_due(now, EXPIRY_BATCH).await.unwrap_or_else(|error| {
+            tracing::warn!(%error, "expiring pending transactions failed");
+            0
+        });
+        metrics::counter!("transactions_expired_total").increment(tick.expired as u64);
+        self.deliver_due(&mut tick).await?;
+        if let Some(retention) = self.settings.retention {
+            let cutoff = now - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+            tick.purged = self.store.purge_personal_data(cutoff, now).await?;
+            metrics::counter!("personal_data_purged_total").increment(tick.purged);
+        }
+        let due = self.store.due_callbacks(Utc::now()).await?;
+        metrics::gauge!("callback_queue_due").set(due as f64);
+        Ok(tick)
+    }
+
+    async fn deliver_due(&self, tick: &mut Tick) -> Result<(), handset_core::store::StoreError> {
+        let now = Utc::now();
+        let lease_until = now + chrono::Duration::from_std(self.settings.lease).unwrap_or(chrono::Duration::MAX);
+        let claimed = self
+            .store
+            .claim_due_callbacks(Claim { now, lease_until, owner: &self.owner, limit: self.settings.batch_size })
+            .await?;
+        let mut deliveries = JoinSet::new();
+        for callback in claimed {
+            let (delivery, store, owner) = (self.delivery.clone(), self.store.clone(), self.owner.clone());
+            let schedule = self.settings.retry_schedule.clone();
+            deliveries.spawn(async move { deliver_one(&delivery, store.as_ref(), &owner, &schedule, callback).await });
+        }
+        while let Some(joined) = deliveries.join_next().await {
+            match joined {
+                Ok(Ok(Some(AfterAttempt::Delivered))) => tick.delivered += 1,
+                Ok(Ok(Some(AfterAttempt::RetryAt(_)))) => tick.retrying += 1,
+                Ok(Ok(Some(AfterAttempt::GiveUp))) => tick.failed += 1,
+                Ok(Ok(None)) => tick.lease_lost += 1,
+                Ok(Err(error)) => tracing::warn!(%error, "recording a callback attempt failed; it will be retried"),
+                Err(error) => tracing::error!(%error, "a callback delivery task failed"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Attempts one claimed callback and records the attempt and what follows.
+/// `None`: another runner took the lease over, so nothing was recorded.
+async fn deliver_one(
+    delivery: &Delivery,
+    store: &dyn Store,
+    owner: &str,
+    schedule: &[Duration],
+    callback: ClaimedCallback,
+) -> Result<Option<AfterAttempt>, handset_core::store::StoreError> {
+    let attempt = delivery.attempt(&callback, Utc::now()).await;
+    let next = after(&attempt, callback.attempts_before, schedule);
+    let outcome = match next {
+        AfterAttempt::Delivered => "delivered",
+        AfterAttempt::RetryAt(_) => "retry",
+        AfterAttempt::GiveUp => "failed",
+    };
+    metrics::counter!("callback_deliveries_total", "outcome" => outcome).increment(1);
+    metrics::histogram!("callback_delivery_duration_seconds").record(attempt.latency_ms as f64 / 1000.0);
+    if next != AfterAttempt::Delivered {
+        tracing::info!(
+            webhook_id = %callback.message.webhook_id(),
+            transaction_id = %callback.message.transaction_id,
+            status_code = attempt.status_code,
+            error = attempt.error.as_deref().unwrap_or(""),
+            outcome,
+            "callback not delivered"
+        );
+    }
+    let recorded = store.finish_callback_attempt(callback.message.id, owner, &attempt, next).await?;
+    Ok(recorded.then_some(next))
+}
+
+/// 2xx is delivered; anything else is retried after the next delay of the
+/// schedule (with up to 10% jitter, so retries from many callbacks spread
+/// out), or given up once the schedule is used.
+pub fn after(attempt: &CallbackAttempt, attempts_before: i32, schedule: &[Duration]) -> AfterAttempt {
+    if attempt.status_code.is_some_and(|code| (200..300).contains(&code)) {
+        return AfterAttempt::Delivered;
+    }
+    match schedule.get(attempts_before.max(0) as usize) {
+        Some(delay) => AfterAttempt::RetryAt(attempt.attempted_at + jittered(*delay)),
+        None => AfterAttempt::GiveUp,
+    }
+}
+
+fn jittered(delay: Duration) -> chrono::Duration {
+    let spread = delay.as_millis() as u64 / 10;
+    let extra = if spread > 0 { rand::rng().random_range(0..=spread) } else { 0 };
+    chrono::Duration::from_std(delay + Duration::from_millis(extra)).unwrap_or(chrono::Duration::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempt(status: Option<i32>) -> CallbackAttempt {
+        CallbackAttempt { attempted_at: Utc::now(), status_code: status, error: None, latency_ms: 1 }
+    }
+
+    #[test]
+    fn retries_follow_the_schedule_then_give_up() {
+        let schedule = [Duration::from_secs(5), Duration::from_secs(300)];
+        assert_eq!(after(&attempt(Some(204)), 0, &schedule), AfterAttempt::Delivered);
+        let first = attempt(Some(500));
+        match after(&first, 0, &schedule) {
+            AfterAttempt::RetryAt(at) => {
+                let delay = (at - first.attempted_at).num_milliseconds();
+                assert!((5000..=5500).contains(&delay), "{delay}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(after(&attempt(None), 1, &schedule), AfterAttempt::RetryAt(_)));
+        assert_eq!(after(&attempt(Some(302)), 2, &schedule), AfterAttempt::GiveUp);
+    }
+}
