@@ -156,8 +156,18 @@ impl Gateway {
             let now = Utc::now();
             match tx.status {
                 Status::Succeeded => return Ok(tx),
-                Status::Failed if tx.product == Product::PossessionNetwork => return Ok(tx),
-                Status::Failed => return Err(failure_error(&tx)),
+                Status::Failed => {
+                    return match failure_error(&tx) {
+                        // A network check that failed upstream is reported, not refused.
+                        error
+                            if error.code == ErrorCode::NotPossessionCheck
+                                && tx.product == Product::PossessionNetwork =>
+                        {
+                            Ok(tx)
+                        }
+                        error => Err(error),
+                    };
+                }
                 Status::Pending => {}
             }
             if tx.expires_at.is_some_and(|at| at <= now) {
@@ -495,7 +505,8 @@ fn ensure_enabled(partner: &Partner, product: Product) -> Result<(), ApiError> {
     if partner.enabled_for(product) { Ok(()) } else { Err(ApiError::new(ErrorCode::ProductNotEnabled)) }
 }
 
-/// The answer to a confirm on a transaction that already failed.
+/// The answer to a confirm on a transaction that already failed: 3104 after
+/// the attempts ran out, 3103 after its deadline, else 3105.
 fn failure_error(tx: &Transaction) -> ApiError {
     let code = tx.result.as_ref().and_then(TransactionResult::error_code);
     match code.and_then(ErrorCode::from_code) {

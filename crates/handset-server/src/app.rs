@@ -67,6 +67,7 @@ impl Application {
     /// Binds `server.bind` (port 0 picks a free port), opens the store,
     /// migrates when configured, and seeds the development partner.
     pub async fn build(settings: Settings) -> Result<Application, StartError> {
+        crate::install_crypto_provider();
         let listener = TcpListener::bind(&settings.server.bind)
             .await
             .map_err(|source| StartError::Bind { addr: settings.server.bind.clone(), source })?;
@@ -169,8 +170,9 @@ fn runner_settings(settings: &Settings) -> RunnerSettings {
     RunnerSettings {
         poll_interval: settings.workers.poll_interval,
         retry_schedule: settings.callbacks.retry_schedule.iter().map(|d| **d).collect(),
-        // Long enough for a whole round of deliveries, each bounded by the timeout.
-        lease: settings.callbacks.timeout * 2 + Duration::from_secs(10),
+        // Outlasts a round of deliveries (each bounded by the timeout, all
+        // concurrent) and the writes that record them.
+        lease: settings.callbacks.timeout * 2 + Duration::from_secs(2),
         batch_size: i64::from(settings.workers.batch_size),
         retention: (!retention.is_zero()).then_some(retention),
     }

@@ -61,6 +61,12 @@ impl Answer {
     }
 }
 
+/// A client for tests: no redirects followed (handset's own answers are checked as they are).
+pub fn http_client() -> Client {
+    handset_server::install_crypto_provider();
+    Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+}
+
 impl TestApp {
     pub async fn spawn(kind: Kind) -> TestApp {
         Self::spawn_with(kind, &[]).await
@@ -88,7 +94,7 @@ impl TestApp {
             let _ = app.run_until(std::future::pending()).await;
         });
         let store = handset_store::connect(&db.url, &Default::default()).unwrap();
-        let client = Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+        let client = http_client();
         TestApp { address, client, store, kind: db.kind, db, server }
     }
 

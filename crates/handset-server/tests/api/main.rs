@@ -1,10 +1,13 @@
 //! The partner API over real HTTP, on SQLite and on Postgres.
 
 mod helpers;
+mod receiver;
 
+mod callbacks;
 mod confirm;
 mod errors;
 mod flows;
 mod operations;
+mod processes;
 mod rules;
 mod sandbox;

@@ -64,6 +64,8 @@ async fn openapi_documents_every_route(app: TestApp) {
         ("/v1/identity", "post"),
         ("/v1/transactions/{transaction_id}", "get"),
         ("/v1/verifications/{verification_id}", "get"),
+        ("/v1/transactions/{transaction_id}/callbacks", "get"),
+        ("/v1/transactions/{transaction_id}/callbacks/retry", "post"),
         ("/health", "get"),
         ("/ready", "get"),
         ("/metrics", "get"),
@@ -209,7 +211,7 @@ async fn binary_reads_config_layers_and_logs_without_secrets() {
         .spawn()
         .unwrap();
     let base = format!("http://{bind}");
-    let client = reqwest::Client::new();
+    let client = crate::helpers::http_client();
     let mut up = false;
     for _ in 0..100 {
         if client.get(format!("{base}/health")).send().await.is_ok_and(|r| r.status() == 200) {

@@ -248,7 +248,7 @@ providers = ["sandbox"]
         let app = handset_server::Application::build(settings).await.unwrap();
         let base = format!("http://{}", app.local_addr());
         tokio::spawn(app.run_until(std::future::pending()));
-        let client = reqwest::Client::new();
+        let client = crate::helpers::http_client();
         let post = |path: &str, body: serde_json::Value| {
             client.post(format!("{base}{path}")).bearer_auth(crate::helpers::DEV_KEY).json(&body).send()
         };

@@ -1,0 +1,179 @@
+//! The real `handset` binary as separate processes on one database: crashes
+//! (`kill -9`), graceful stops (SIGTERM) and two replicas sharing the work.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use handset_core::store::Store;
+use handset_testkit::{Kind, TestDatabase};
+use serde_json::{Value, json};
+
+use crate::helpers::DEV_KEY;
+use crate::receiver::{Receiver, Reply};
+
+struct Server {
+    child: Child,
+    base: String,
+    log: std::path::PathBuf,
+}
+
+impl Server {
+    async fn start(db: &TestDatabase, extra: &[(&str, &str)]) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let log = std::env::temp_dir().join(format!("handset-proc-{}.log", uuid::Uuid::new_v4().simple()));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_handset"));
+        command
+            .arg("serve")
+            .env("HANDSET__SERVER__BIND", format!("127.0.0.1:{port}"))
+            .env("HANDSET__DATABASE__URL", &db.url)
+            .env("HANDSET__CALLBACKS__ALLOW_PRIVATE_NETWORKS", "true")
+            .env("HANDSET__CALLBACKS__TIMEOUT", "500ms")
+            .env("HANDSET__WORKERS__POLL_INTERVAL", "25ms")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (key, value) in extra {
+            command.env(key, value);
+        }
+        let server = Server { child: command.spawn().unwrap(), base: format!("http://127.0.0.1:{port}"), log };
+        let client = crate::helpers::http_client();
+        for _ in 0..200 {
+            if client.get(format!("{}/health", server.base)).send().await.is_ok_and(|r| r.status() == 200) {
+                return server;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("handset did not start: {}", std::fs::read_to_string(&server.log).unwrap_or_default());
+    }
+
+    fn signal(&self, signal: &str) {
+        assert!(Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap().success());
+    }
+
+    async fn wait(mut self) -> std::process::ExitStatus {
+        tokio::task::spawn_blocking(move || {
+            let status = self.child.wait().unwrap();
+            let _ = std::fs::remove_file(&self.log);
+            status
+        })
+        .await
+        .unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Starts `count` identity checks that are final at once, each owing a callback.
+async fn final_transactions(servers: &[&Server], count: usize, callback_url: &str) -> Vec<String> {
+    let client = crate::helpers::http_client();
+    let mut ids = Vec::new();
+    for i in 0..count {
+        let server = servers[i % servers.len()];
+        let answer: Value = client
+            .post(format!("{}/v1/identity", server.base))
+            .bearer_auth(DEV_KEY)
+            .json(
+                &json!({"phone": format!("888555{:04}", i), "birth_date": "1968-05-27", "callback_url": callback_url}),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ids.push(answer["transaction_id"].as_str().unwrap_or_else(|| panic!("{answer}")).to_owned());
+    }
+    ids
+}
+
+async fn all_delivered(store: &dyn Store, ids: &[String]) -> bool {
+    for id in ids {
+        let records = store.callbacks_of_transaction(id.parse().unwrap()).await.unwrap();
+        if records.iter().any(|r| r.state != handset_core::model::CallbackState::Delivered) {
+            return false;
+        }
+    }
+    true
+}
+
+async fn wait_until_delivered(store: &dyn Store, ids: &[String]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !all_delivered(store, ids).await {
+        assert!(tokio::time::Instant::now() < deadline, "callbacks still undelivered after 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn crash_loses_no_callback(kind: Kind) {
+    let db = TestDatabase::new(kind).await;
+    let receiver = Receiver::start().await;
+    receiver.default_reply(Reply::Status(500));
+    let schedule =
+        [("HANDSET__CALLBACKS__RETRY_SCHEDULE", "100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms")];
+    let first = Server::start(&db, &schedule).await;
+    let ids = final_transactions(&[&first], 20, &receiver.url("/hook")).await;
+    receiver.wait_for(25, Duration::from_secs(15)).await; // deliveries due and failing
+    first.signal("-KILL");
+    first.wait().await;
+
+    receiver.default_reply(Reply::Status(200));
+    let second = Server::start(&db, &schedule).await;
+    let store = handset_store::connect(&db.url, &Default::default()).unwrap();
+    wait_until_delivered(store.as_ref(), &ids).await;
+    let delivered: std::collections::HashSet<String> =
+        receiver.received().iter().map(|r| r.header("webhook-id")).collect();
+    assert_eq!(delivered.len(), 20, "every callback reached the partner");
+    drop(second);
+}
+
+async fn replicas_share_the_work_once(kind: Kind) {
+    let db = TestDatabase::new(kind).await;
+    let receiver = Receiver::start().await;
+    let a = Server::start(&db, &[]).await;
+    let b = Server::start(&db, &[]).await;
+    let ids = final_transactions(&[&a, &b], 200, &receiver.url("/hook")).await;
+    let store = handset_store::connect(&db.url, &Default::default()).unwrap();
+    wait_until_delivered(store.as_ref(), &ids).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let received = receiver.received();
+    let mut webhook_ids: Vec<String> = received.iter().map(|r| r.header("webhook-id")).collect();
+    assert_eq!(webhook_ids.len(), 200, "one delivery per callback");
+    webhook_ids.sort();
+    webhook_ids.dedup();
+    assert_eq!(webhook_ids.len(), 200, "every webhook-id, none twice");
+}
+
+async fn sigterm_finishes_deliveries_in_flight(kind: Kind) {
+    let db = TestDatabase::new(kind).await;
+    let receiver = Receiver::start().await;
+    receiver.script([Reply::Slow(Duration::from_millis(1500), 200)]);
+    let server = Server::start(&db, &[("HANDSET__CALLBACKS__TIMEOUT", "5s")]).await;
+    let ids = final_transactions(&[&server], 1, &receiver.url("/hook")).await;
+    receiver.wait_for(1, Duration::from_secs(10)).await; // the slow delivery is in flight
+    server.signal("-TERM");
+    let status = server.wait().await;
+    assert!(status.success(), "clean exit: {status:?}");
+    let store = handset_store::connect(&db.url, &Default::default()).unwrap();
+    assert!(all_delivered(store.as_ref(), &ids).await, "the delivery in flight was finished and recorded");
+}
+
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name(handset_testkit::Kind::Sqlite).await } )*
+        }
+        mod postgres {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name(handset_testkit::Kind::Postgres).await } )*
+        }
+    };
+}
+
+on_both!(crash_loses_no_callback, replicas_share_the_work_once, sigterm_finishes_deliveries_in_flight);
