@@ -83,6 +83,23 @@ impl IdentityIn {
     pub const FIELDS: &[&str] = &["phone", "birth_date", "provider", "verification_id", "callback_url", "metadata"];
 }
 
+/// The fields every start request shares.
+pub struct Common {
+    pub provider: Option<ProviderName>,
+    pub verification_id: Option<Uuid>,
+    pub callback_url: Option<String>,
+    pub metadata: Value,
+}
+
+pub async fn common(fields: &Fields, allow_private_networks: bool) -> Result<Common, ApiError> {
+    Ok(Common {
+        provider: provider(fields)?,
+        verification_id: verification_id(fields)?,
+        callback_url: callback_url(fields, allow_private_networks).await?,
+        metadata: metadata(fields)?,
+    })
+}
+
 pub fn phone(fields: &Fields, region: Region) -> Result<Phone, ApiError> {
     Phone::parse(fields.required_string("phone", ErrorCode::InvalidPhone)?, region)
 }

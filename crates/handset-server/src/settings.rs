@@ -245,6 +245,11 @@ impl Settings {
         if self.possession.max_attempts == 0 || self.possession.max_attempts > 100 {
             return invalid("possession.max_attempts must be between 1 and 100".into());
         }
+        if self.is_production() && self.callbacks.allow_private_networks {
+            return invalid(
+                "callbacks.allow_private_networks is for development and tests; refused in production".into(),
+            );
+        }
         if self.workers.batch_size == 0 || self.workers.poll_interval.is_zero() {
             return invalid("workers.batch_size and workers.poll_interval must be more than zero".into());
         }
@@ -327,6 +332,9 @@ mod tests {
         assert!(Settings::load_with(None, env(&[("HANDSET__DATABASE__URL", "mysql://x")])).is_err());
         assert!(Settings::load_with(None, env(&[("HANDSET__ENVIRONMENT", "staging")])).is_err());
         assert!(Settings::load_with(None, env(&[("HANDSET__SERVER__TYPO", "x")])).is_err());
+        let open_in_production =
+            env(&[("HANDSET__ENVIRONMENT", "production"), ("HANDSET__CALLBACKS__ALLOW_PRIVATE_NETWORKS", "true")]);
+        assert!(Settings::load_with(None, open_in_production).is_err());
     }
 
     #[test]

@@ -68,6 +68,24 @@ macro_rules! portable_store {
     // (Postgres row locks); SQLite's single writer needs nothing.
     ($store:ty, $migrations:literal, $claim_lock:literal) => {
         impl $store {
+            async fn write_partner(&self, new: &NewPartner, on_conflict: &str) -> Result<(), StoreError> {
+                let p = &new.partner;
+                sqlx::query(&format!(
+                    "INSERT INTO partners ({PARTNER_COLUMNS}, api_key_hash) VALUES ($1, $2, $3, $4, $5, $6, $7) {on_conflict}"
+                ))
+                .bind(p.id)
+                .bind(&p.name)
+                .bind(product_names(p))
+                .bind(p.active)
+                .bind(&p.webhook_secret)
+                .bind(p.created_at)
+                .bind(&new.api_key_hash)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(())
+            }
+
             async fn insert_outbox<'c, E>(executor: E, message: &OutboxMessage) -> Result<(), StoreError>
             where
                 E: sqlx::Executor<'c, Database = <$store as StoreDb>::Db>,
@@ -103,41 +121,16 @@ macro_rules! portable_store {
             }
 
             async fn insert_partner(&self, new: &NewPartner) -> Result<(), StoreError> {
-                let p = &new.partner;
-                sqlx::query(&format!(
-                    "INSERT INTO partners ({PARTNER_COLUMNS}, api_key_hash) VALUES ($1, $2, $3, $4, $5, $6, $7)"
-                ))
-                .bind(p.id)
-                .bind(&p.name)
-                .bind(product_names(p))
-                .bind(p.active)
-                .bind(&p.webhook_secret)
-                .bind(p.created_at)
-                .bind(&new.api_key_hash)
-                .execute(&self.pool)
-                .await
-                .map_err(db)?;
-                Ok(())
+                self.write_partner(new, "").await
             }
 
             async fn upsert_partner(&self, new: &NewPartner) -> Result<(), StoreError> {
-                let p = &new.partner;
-                sqlx::query(&format!(
-                    "INSERT INTO partners ({PARTNER_COLUMNS}, api_key_hash) VALUES ($1, $2, $3, $4, $5, $6, $7) \
-                     ON CONFLICT (id) DO UPDATE SET name = excluded.name, products = excluded.products, \
-                     api_key_hash = excluded.api_key_hash"
-                ))
-                .bind(p.id)
-                .bind(&p.name)
-                .bind(product_names(p))
-                .bind(p.active)
-                .bind(&p.webhook_secret)
-                .bind(p.created_at)
-                .bind(&new.api_key_hash)
-                .execute(&self.pool)
+                self.write_partner(
+                    new,
+                    "ON CONFLICT (id) DO UPDATE SET name = excluded.name, products = excluded.products, \
+                     api_key_hash = excluded.api_key_hash",
+                )
                 .await
-                .map_err(db)?;
-                Ok(())
             }
 
             async fn partner_by_key_hash(&self, api_key_hash: &str) -> Result<Option<Partner>, StoreError> {

@@ -31,13 +31,14 @@ pub async fn start(
     let phone = input::phone(&fields, state.default_region)?;
     let today = chrono::Utc::now().date_naive();
     let birth_date = BirthDate::parse(fields.required_string("birth_date", ErrorCode::InvalidBirthDate)?, today)?;
+    let common = input::common(&fields, state.allow_private_callbacks).await?;
     let request = StartIdentity {
         phone,
         birth_date,
-        provider: input::provider(&fields)?,
-        verification_id: input::verification_id(&fields)?,
-        callback_url: input::callback_url(&fields, state.allow_private_callbacks).await?,
-        metadata: input::metadata(&fields)?,
+        provider: common.provider,
+        verification_id: common.verification_id,
+        callback_url: common.callback_url,
+        metadata: common.metadata,
     };
     let transaction = state.gateway.start_identity(&partner, request).await?;
     Ok((StatusCode::CREATED, Json(transaction.to_resource())))

@@ -41,15 +41,16 @@ pub async fn start(
             .into());
         }
     };
+    let common = input::common(&fields, state.allow_private_callbacks).await?;
     let request = StartPossession {
         phone,
         channel,
-        provider: input::provider(&fields)?,
-        verification_id: input::verification_id(&fields)?,
-        callback_url: input::callback_url(&fields, state.allow_private_callbacks).await?,
+        provider: common.provider,
+        verification_id: common.verification_id,
+        callback_url: common.callback_url,
         redirect_uri: input::redirect_uri(&fields)?,
         name: input::name(&fields)?,
-        metadata: input::metadata(&fields)?,
+        metadata: common.metadata,
     };
     let transaction = state.gateway.start_possession(&partner, request).await?;
     Ok((StatusCode::CREATED, Json(transaction.to_resource())))

@@ -257,20 +257,7 @@ async fn delivery_metrics(kind: Kind) {
     assert!(text.contains("callback_queue_due"), "{text}");
 }
 
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { super::$name(handset_testkit::Kind::Sqlite).await } )*
-        }
-        mod postgres {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { super::$name(handset_testkit::Kind::Postgres).await } )*
-        }
-    };
-}
-
-on_both!(
+crate::on_both_kinds!(
     signed_callback_is_the_transaction,
     failures_are_retried_then_given_up,
     redirects_and_slow_answers_are_failures,

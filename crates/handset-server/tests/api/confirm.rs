@@ -127,13 +127,5 @@ mod expiry {
         assert_eq!(app.transaction(&network).await.body["status"]["code"], 300);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn sqlite() {
-        expired_codes_end_the_transaction(Kind::Sqlite).await
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn postgres() {
-        expired_codes_end_the_transaction(Kind::Postgres).await
-    }
+    crate::on_both_kinds!(expired_codes_end_the_transaction);
 }

@@ -67,6 +67,18 @@ pub fn http_client() -> Client {
     Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
 }
 
+/// Waits up to 10 s for `GET {base}/health` to answer 200.
+pub async fn wait_healthy(base: &str) -> bool {
+    let client = http_client();
+    for _ in 0..200 {
+        if client.get(format!("{base}/health")).send().await.is_ok_and(|r| r.status() == 200) {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
 impl TestApp {
     pub async fn spawn(kind: Kind) -> TestApp {
         Self::spawn_with(kind, &[]).await
@@ -199,6 +211,22 @@ macro_rules! on_both_stores {
                async fn $name() {
                    super::$name($crate::helpers::TestApp::spawn(handset_testkit::Kind::Postgres).await).await
                } )*
+        }
+    };
+}
+
+/// Runs each named scenario `async fn(Kind)` on SQLite and on Postgres, for
+/// scenarios that start their own app, database or processes.
+#[macro_export]
+macro_rules! on_both_kinds {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name(handset_testkit::Kind::Sqlite).await } )*
+        }
+        mod postgres {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name(handset_testkit::Kind::Postgres).await } )*
         }
     };
 }

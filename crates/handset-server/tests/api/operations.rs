@@ -2,7 +2,6 @@
 //! document, the CLI, configuration layers, logs, and the production key rule.
 
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use handset_core::Product;
 use handset_testkit::{Kind, TestDatabase};
@@ -175,14 +174,9 @@ async fn cli_manages_partners(kind: Kind) {
     assert_eq!(app.post_as(&key, "/v1/possession", json!({ "phone": "4155550123" })).await.status, 201);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cli_manages_partners_sqlite() {
-    cli_manages_partners(Kind::Sqlite).await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cli_manages_partners_postgres() {
-    cli_manages_partners(Kind::Postgres).await
+mod cli {
+    use super::*;
+    crate::on_both_kinds!(cli_manages_partners);
 }
 
 fn free_port() -> u16 {
@@ -212,15 +206,7 @@ async fn binary_reads_config_layers_and_logs_without_secrets() {
         .unwrap();
     let base = format!("http://{bind}");
     let client = crate::helpers::http_client();
-    let mut up = false;
-    for _ in 0..100 {
-        if client.get(format!("{base}/health")).send().await.is_ok_and(|r| r.status() == 200) {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up, "the server did not start");
+    assert!(crate::helpers::wait_healthy(&base).await, "the server did not start");
     let started: Value = client
         .post(format!("{base}/v1/possession"))
         .bearer_auth(DEV_KEY)

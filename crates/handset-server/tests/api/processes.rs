@@ -36,12 +36,8 @@ impl Server {
             command.env(key, value);
         }
         let server = Server { child: command.spawn().unwrap(), base: format!("http://127.0.0.1:{port}"), log };
-        let client = crate::helpers::http_client();
-        for _ in 0..200 {
-            if client.get(format!("{}/health", server.base)).send().await.is_ok_and(|r| r.status() == 200) {
-                return server;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if crate::helpers::wait_healthy(&server.base).await {
+            return server;
         }
         panic!("handset did not start: {}", std::fs::read_to_string(&server.log).unwrap_or_default());
     }
@@ -163,17 +159,4 @@ async fn sigterm_finishes_deliveries_in_flight(kind: Kind) {
     assert!(all_delivered(store.as_ref(), &ids).await, "the delivery in flight was finished and recorded");
 }
 
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { super::$name(handset_testkit::Kind::Sqlite).await } )*
-        }
-        mod postgres {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { super::$name(handset_testkit::Kind::Postgres).await } )*
-        }
-    };
-}
-
-on_both!(crash_loses_no_callback, replicas_share_the_work_once, sigterm_finishes_deliveries_in_flight);
+crate::on_both_kinds!(crash_loses_no_callback, replicas_share_the_work_once, sigterm_finishes_deliveries_in_flight);

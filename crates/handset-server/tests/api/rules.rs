@@ -261,23 +261,5 @@ providers = ["sandbox"]
         let _ = std::fs::remove_dir_all(dir);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn default_region_sqlite() {
-        national_numbers_in_the_default_region(Kind::Sqlite).await
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn default_region_postgres() {
-        national_numbers_in_the_default_region(Kind::Postgres).await
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn routing_rules_sqlite() {
-        no_matching_rule_is_3908(Kind::Sqlite).await
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn routing_rules_postgres() {
-        no_matching_rule_is_3908(Kind::Postgres).await
-    }
+    crate::on_both_kinds!(national_numbers_in_the_default_region, no_matching_rule_is_3908);
 }
