@@ -4,6 +4,7 @@
 //! provider, and the `Gateway` service that makes every decision.
 
 pub mod birth_date;
+pub mod breaker;
 pub mod callback;
 pub mod error;
 pub mod model;

@@ -235,6 +235,11 @@ pub struct Transaction {
     pub code_hash: Option<String>,
     /// The provider's own transaction id or session token.
     pub provider_ref: Option<String>,
+    /// The provider's own verification id (ID.me links transactions by it).
+    pub provider_verification: Option<String>,
+    /// When the job runner next asks the provider for a pending result.
+    pub next_poll_at: Option<DateTime<Utc>>,
+    pub poll_attempts: i32,
     /// Operator URL the user is sent to (network possession).
     pub redirect_url: Option<String>,
     /// Where the user goes after the operator step (partner's page).

@@ -24,6 +24,9 @@ pub struct StartRequest<'a> {
     pub phone: &'a Phone,
     pub name: Option<&'a PersonName>,
     pub birth_date: Option<&'a BirthDate>,
+    /// The provider's own id for this verification, when an earlier
+    /// transaction of the same verification went to the same provider.
+    pub provider_verification: Option<&'a str>,
 }
 
 /// Where a check stands after a provider answered.
@@ -44,12 +47,14 @@ pub struct Started {
     pub local_code: Option<String>,
     /// The operator URL to send the user to (network possession).
     pub redirect_url: Option<String>,
+    /// The provider's own verification id, to pass on for later transactions.
+    pub provider_verification: Option<String>,
     pub outcome: Outcome,
 }
 
 impl Started {
     pub fn outcome(outcome: Outcome) -> Self {
-        Started { provider_ref: None, local_code: None, redirect_url: None, outcome }
+        Started { provider_ref: None, local_code: None, redirect_url: None, provider_verification: None, outcome }
     }
 }
 
@@ -77,7 +82,8 @@ pub enum ProviderError {
     /// operator problem, never the partner's.
     #[error("provider refused handset's credentials or configuration: {0}")]
     Misconfigured(String),
-    /// Anything else that went wrong after the request may have reached the user.
+    /// Anything else that went wrong after the request may have reached the
+    /// user (e.g. a timeout after a send): never retried elsewhere.
     #[error("provider call failed: {0}")]
     Failed(String),
 }
@@ -92,6 +98,12 @@ pub trait Provider: Send + Sync {
 
     /// Whether the provider needs the user's name for `product` (Veratad).
     fn needs_name(&self, _product: Product) -> bool {
+        false
+    }
+
+    /// Whether a pending `product` check gets its result by polling
+    /// `fetch_result` (asynchronous identity results, operator checks).
+    fn polls(&self, _product: Product) -> bool {
         false
     }
 

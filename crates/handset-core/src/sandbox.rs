@@ -150,7 +150,13 @@ mod tests {
 
     fn start(phone: &str) -> StartRequest<'static> {
         let phone = Box::leak(Box::new(Phone::parse(phone, Region::default()).unwrap()));
-        StartRequest { transaction_id: uuid::Uuid::nil(), phone, name: None, birth_date: None }
+        StartRequest {
+            transaction_id: uuid::Uuid::nil(),
+            phone,
+            name: None,
+            birth_date: None,
+            provider_verification: None,
+        }
     }
 
     #[tokio::test]

@@ -3,12 +3,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use chrono::{DateTime, Duration, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
 use crate::birth_date::BirthDate;
+use crate::breaker::{BreakerSettings, CircuitBreaker};
 use crate::error::{ApiError, ErrorCode};
 use crate::model::{
     CallbackOut, CallbackRecord, CallbackState, OutboxMessage, Partner, PersonName, Product, ProviderName, ResultError,
@@ -29,6 +31,12 @@ pub struct GatewaySettings {
     pub public_url: String,
     /// A key that must never authenticate (the development key in production).
     pub refused_api_key: Option<String>,
+    /// How long an identity match may wait for an asynchronous result.
+    pub identity_ttl: Duration,
+    /// Polling a provider for a pending result: first delay, doubled up to the max.
+    pub poll_min: std::time::Duration,
+    pub poll_max: std::time::Duration,
+    pub breaker: BreakerSettings,
 }
 
 /// A possession check to start, already parsed.
@@ -63,6 +71,7 @@ fn code_is_well_formed(code: &str) -> bool {
 pub struct Gateway {
     store: Arc<dyn Store>,
     providers: HashMap<ProviderName, Arc<dyn Provider>>,
+    breakers: HashMap<ProviderName, CircuitBreaker>,
     routing: Routing,
     settings: GatewaySettings,
     refused_key_hash: Option<String>,
@@ -78,6 +87,7 @@ impl Gateway {
         let refused_key_hash = settings.refused_api_key.as_deref().map(api_key_hash);
         Gateway {
             store,
+            breakers: providers.iter().map(|p| (p.name(), CircuitBreaker::new(settings.breaker))).collect(),
             providers: providers.into_iter().map(|p| (p.name(), p)).collect(),
             routing,
             settings,
@@ -114,28 +124,28 @@ impl Gateway {
     pub async fn start_possession(&self, partner: &Partner, input: StartPossession) -> Result<Transaction, ApiError> {
         let product = input.channel;
         ensure_enabled(partner, product)?;
-        let (verification_id, new_verification) = self.verification_for(partner, input.verification_id).await?;
+        let joined = self.verification_for(partner, input.verification_id).await?;
         let chain = self.chain(product, &input.phone, input.provider, input.name.is_some())?;
-        let mut draft = self.draft(partner, product, verification_id, &input.phone);
+        let mut draft = self.draft(partner, product, joined.id, &input.phone);
         draft.callback_url = input.callback_url;
         draft.redirect_uri = input.redirect_uri;
         draft.name = input.name;
         draft.metadata = input.metadata;
-        let started = self.first_available(&chain, &mut draft, &input.phone, None).await;
-        self.record_start(draft, new_verification, started).await
+        let started = self.first_available(&chain, &mut draft, &input.phone, None, &joined).await;
+        self.record_start(draft, joined.new, started).await
     }
 
     pub async fn start_identity(&self, partner: &Partner, input: StartIdentity) -> Result<Transaction, ApiError> {
         let product = Product::Identity;
         ensure_enabled(partner, product)?;
-        let (verification_id, new_verification) = self.verification_for(partner, input.verification_id).await?;
+        let joined = self.verification_for(partner, input.verification_id).await?;
         let chain = self.chain(product, &input.phone, input.provider, false)?;
-        let mut draft = self.draft(partner, product, verification_id, &input.phone);
+        let mut draft = self.draft(partner, product, joined.id, &input.phone);
         draft.birth_date = Some(input.birth_date.to_string());
         draft.callback_url = input.callback_url;
         draft.metadata = input.metadata;
-        let started = self.first_available(&chain, &mut draft, &input.phone, Some(&input.birth_date)).await;
-        self.record_start(draft, new_verification, started).await
+        let started = self.first_available(&chain, &mut draft, &input.phone, Some(&input.birth_date), &joined).await;
+        self.record_start(draft, joined.new, started).await
     }
 
     /// Checks a code (sms) or refreshes the operator result (network), with
@@ -279,9 +289,8 @@ impl Gateway {
     pub async fn expire_due(&self, now: DateTime<Utc>, limit: i64) -> Result<usize, ApiError> {
         let due = self.store.expired_pending(now, limit).await.map_err(internal)?;
         let mut expired = 0;
-        for tx in due {
-            let result = TransactionResult::failure(ResultError::new(ErrorCode::CodeExpired));
-            let mut tx = tx;
+        for mut tx in due {
+            let result = deadline_result(&tx);
             if self.finish(&mut tx, Status::Failed, result).await? {
                 expired += 1;
             }
@@ -289,18 +298,71 @@ impl Gateway {
         Ok(expired)
     }
 
-    async fn refresh_network(&self, mut tx: Transaction, token: Option<&str>) -> Result<Transaction, ApiError> {
-        let outcome = self.provider(tx.provider)?.fetch_result(&tx, token).await.map_err(provider_failure)?;
+    /// Asks providers for up to `limit` pending results that are due, with
+    /// backoff between polls of one transaction. Returns how many became final.
+    pub async fn poll_due(&self, now: DateTime<Utc>, limit: i64) -> Result<usize, ApiError> {
+        let lease_until = now + chrono_delay(self.settings.poll_max);
+        let due = self.store.claim_due_polls(now, lease_until, limit).await.map_err(internal)?;
+        let mut settled = 0;
+        for tx in due {
+            let Some(provider) = self.providers.get(&tx.provider) else { continue };
+            match provider.fetch_result(&tx, None).await {
+                Ok(Outcome::Pending) => {}
+                Ok(outcome) => {
+                    if self.apply_outcome(tx.clone(), outcome).await?.is_some_and(|t| t.is_final()) {
+                        settled += 1;
+                        continue;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(provider = %tx.provider, transaction_id = %tx.id, %error, "polling a provider failed")
+                }
+            }
+            let delay = backoff(self.settings.poll_min, self.settings.poll_max, tx.poll_attempts);
+            self.store.schedule_poll(tx.id, Utc::now() + chrono_delay(delay)).await.map_err(internal)?;
+        }
+        Ok(settled)
+    }
+
+    /// A result a provider pushed (e.g. ID.me's webhook) for its transaction
+    /// `provider_ref`. Final outcomes end a pending transaction (once; repeats
+    /// and late arrivals change nothing). `None`: no such transaction.
+    pub async fn provider_result(
+        &self,
+        provider: ProviderName,
+        provider_ref: &str,
+        outcome: Outcome,
+    ) -> Result<Option<Transaction>, ApiError> {
+        let tx = self.store.transaction_by_provider_ref(provider, provider_ref).await.map_err(internal)?;
+        match tx {
+            None => Ok(None),
+            Some(tx) => self.apply_outcome(tx, outcome).await,
+        }
+    }
+
+    async fn apply_outcome(&self, mut tx: Transaction, outcome: Outcome) -> Result<Option<Transaction>, ApiError> {
         let (status, result) = match outcome {
-            Outcome::Pending => return Ok(tx),
+            Outcome::Pending => return Ok(Some(tx)),
+            // A possession result is always the number we checked, in our form.
+            Outcome::Succeeded(TransactionResult::Phone { .. }) => {
+                (Status::Succeeded, TransactionResult::Phone { phone: tx.phone.clone().unwrap_or_default() })
+            }
             Outcome::Succeeded(result) => (Status::Succeeded, result),
             Outcome::Failed(error) => (Status::Failed, TransactionResult::failure(error)),
         };
-        if self.finish(&mut tx, status, result).await? {
-            Ok(tx)
-        } else {
-            self.store.transaction(tx.id).await.map_err(internal)?.ok_or_else(not_found)
+        if tx.is_final() {
+            return Ok(Some(tx));
         }
+        if self.finish(&mut tx, status, result).await? {
+            Ok(Some(tx))
+        } else {
+            self.store.transaction(tx.id).await.map_err(internal)
+        }
+    }
+
+    async fn refresh_network(&self, tx: Transaction, token: Option<&str>) -> Result<Transaction, ApiError> {
+        let outcome = self.provider(tx.provider)?.fetch_result(&tx, token).await.map_err(provider_failure)?;
+        self.apply_outcome(tx, outcome).await?.ok_or_else(not_found)
     }
 
     /// Ends a pending transaction past its deadline: final 300 with 3103.
@@ -328,22 +390,23 @@ impl Gateway {
         Ok(tx)
     }
 
-    async fn verification_for(
-        &self,
-        partner: &Partner,
-        requested: Option<Uuid>,
-    ) -> Result<(Uuid, Option<Verification>), ApiError> {
+    /// The verification a new transaction joins: the requested one (with the
+    /// providers' own verification ids its transactions collected), or a new one.
+    async fn verification_for(&self, partner: &Partner, requested: Option<Uuid>) -> Result<Joined, ApiError> {
         match requested {
             Some(id) => {
                 let existing = self.store.verification(id).await.map_err(internal)?.ok_or_else(not_found)?;
                 if existing.partner_id != partner.id {
                     return Err(ApiError::new(ErrorCode::VerificationNotOwned));
                 }
-                Ok((id, None))
+                let earlier = self.store.transactions_of_verification(id).await.map_err(internal)?;
+                let provider_verifications =
+                    earlier.into_iter().filter_map(|t| Some((t.provider, t.provider_verification?))).collect();
+                Ok(Joined { id, new: None, provider_verifications })
             }
             None => {
                 let verification = Verification { id: Uuid::new_v4(), partner_id: partner.id, created_at: Utc::now() };
-                Ok((verification.id, Some(verification)))
+                Ok(Joined { id: verification.id, new: Some(verification), provider_verifications: Vec::new() })
             }
         }
     }
@@ -405,6 +468,9 @@ impl Gateway {
             max_attempts: if product == Product::PossessionSms { self.settings.max_attempts } else { 0 },
             code_hash: None,
             provider_ref: None,
+            provider_verification: None,
+            next_poll_at: None,
+            poll_attempts: 0,
             redirect_url: None,
             redirect_uri: None,
             callback_url: None,
@@ -423,11 +489,27 @@ impl Gateway {
         draft: &mut Transaction,
         phone: &Phone,
         birth_date: Option<&BirthDate>,
+        joined: &Joined,
     ) -> Result<Started, ProviderError> {
         let mut last = ProviderError::Unavailable("no provider tried".into());
         for provider in chain {
-            draft.provider = provider.name();
-            let request = StartRequest { transaction_id: draft.id, phone, name: draft.name.as_ref(), birth_date };
+            let name = provider.name();
+            draft.provider = name;
+            let breaker = &self.breakers[&name];
+            if !breaker.allows(Instant::now()) {
+                tracing::debug!(provider = %name, "circuit open, skipping the provider");
+                last = ProviderError::Unavailable(format!("{name} is paused after repeated failures"));
+                continue;
+            }
+            let provider_verification =
+                joined.provider_verifications.iter().rev().find(|(p, _)| *p == name).map(|(_, v)| v.as_str());
+            let request = StartRequest {
+                transaction_id: draft.id,
+                phone,
+                name: draft.name.as_ref(),
+                birth_date,
+                provider_verification,
+            };
             let answer = match draft.product {
                 Product::PossessionSms => provider.send_code(request).await,
                 Product::PossessionNetwork => {
@@ -444,10 +526,17 @@ impl Gateway {
             };
             match answer {
                 Err(ProviderError::Unavailable(why)) => {
-                    tracing::warn!(provider = %provider.name(), transaction_id = %draft.id, %why, "provider unavailable, trying the next");
+                    tracing::warn!(provider = %name, transaction_id = %draft.id, %why, "provider unavailable, trying the next");
+                    metrics::counter!("provider_unavailable_total", "provider" => name.as_str()).increment(1);
+                    if breaker.record_failure(Instant::now()) {
+                        tracing::warn!(provider = %name, "circuit opened: the provider is skipped for a while");
+                    }
                     last = ProviderError::Unavailable(why);
                 }
-                answer => return answer,
+                answer => {
+                    breaker.record_success();
+                    return answer;
+                }
             }
         }
         Err(last)
@@ -464,10 +553,18 @@ impl Gateway {
         let unavailable = match started {
             Ok(started) => {
                 tx.provider_ref = started.provider_ref;
+                tx.provider_verification = started.provider_verification;
                 tx.redirect_url = started.redirect_url;
                 tx.code_hash = started.local_code.map(|code| code_hash(tx.id, &code));
                 match started.outcome {
-                    Outcome::Pending => {}
+                    Outcome::Pending => {
+                        if tx.product == Product::Identity {
+                            tx.expires_at = Some(tx.created_at + self.settings.identity_ttl);
+                        }
+                        if self.providers.get(&tx.provider).is_some_and(|p| p.polls(tx.product)) {
+                            tx.next_poll_at = Some(tx.created_at + chrono_delay(self.settings.poll_min));
+                        }
+                    }
                     Outcome::Succeeded(result) => settle(&mut tx, Status::Succeeded, result),
                     Outcome::Failed(error) => settle(&mut tx, Status::Failed, TransactionResult::failure(error)),
                 }
@@ -475,6 +572,14 @@ impl Gateway {
             }
             Err(ProviderError::Unavailable(_)) => {
                 let error = ResultError::new(ErrorCode::ProvidersUnavailable);
+                settle(&mut tx, Status::Failed, TransactionResult::failure(error));
+                true
+            }
+            // No answer after the request left: it may have reached the user, so
+            // no other provider is tried; the transaction ends here.
+            Err(ProviderError::Failed(why)) => {
+                tracing::warn!(provider = %tx.provider, transaction_id = %tx.id, %why, "provider call failed after sending");
+                let error = ResultError::new(ErrorCode::ProvidersUnavailable).provider_code(why);
                 settle(&mut tx, Status::Failed, TransactionResult::failure(error));
                 true
             }
@@ -503,6 +608,35 @@ fn outbox_for(tx: &Transaction) -> Option<OutboxMessage> {
 
 fn ensure_enabled(partner: &Partner, product: Product) -> Result<(), ApiError> {
     if partner.enabled_for(product) { Ok(()) } else { Err(ApiError::new(ErrorCode::ProductNotEnabled)) }
+}
+
+/// The result of a pending transaction that reached its deadline.
+fn deadline_result(tx: &Transaction) -> TransactionResult {
+    let error = match tx.product {
+        Product::Identity => ResultError {
+            message: "No result from the provider before the deadline".into(),
+            ..ResultError::new(ErrorCode::ProvidersUnavailable)
+        },
+        _ => ResultError::new(ErrorCode::CodeExpired),
+    };
+    TransactionResult::failure(error)
+}
+
+/// `min * 2^attempts`, at most `max`.
+fn backoff(min: std::time::Duration, max: std::time::Duration, attempts: i32) -> std::time::Duration {
+    let factor = 2u32.saturating_pow(attempts.clamp(0, 20) as u32);
+    min.saturating_mul(factor).min(max)
+}
+
+fn chrono_delay(delay: std::time::Duration) -> Duration {
+    Duration::from_std(delay).unwrap_or(Duration::MAX)
+}
+
+/// The transaction a new one joins, with the providers' verification ids.
+struct Joined {
+    id: Uuid,
+    new: Option<Verification>,
+    provider_verifications: Vec<(ProviderName, String)>,
 }
 
 /// The answer to a confirm on a transaction that already failed: 3104 after

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::model::{
-    CallbackAttempt, CallbackRecord, ClaimedCallback, OutboxMessage, Partner, Transaction, Verification,
+    CallbackAttempt, CallbackRecord, ClaimedCallback, OutboxMessage, Partner, ProviderName, Transaction, Verification,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +104,25 @@ pub trait Store: Send + Sync {
 
     /// Pending callbacks due at `now` (a gauge for operators).
     async fn due_callbacks(&self, now: DateTime<Utc>) -> Result<i64, StoreError>;
+
+    /// The transaction a provider knows as `provider_ref`.
+    async fn transaction_by_provider_ref(
+        &self,
+        provider: ProviderName,
+        provider_ref: &str,
+    ) -> Result<Option<Transaction>, StoreError>;
+
+    /// Leases up to `limit` pending transactions whose provider poll is due
+    /// (their next poll moves to `lease_until` and their poll count goes up).
+    async fn claim_due_polls(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<Transaction>, StoreError>;
+
+    /// Sets when a pending transaction is next polled.
+    async fn schedule_poll(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError>;
 
     /// Pending transactions whose deadline is at or before `now`.
     async fn expired_pending(&self, now: DateTime<Utc>, limit: i64) -> Result<Vec<Transaction>, StoreError>;

@@ -9,6 +9,7 @@ use axum::Router;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use handset_core::breaker::BreakerSettings;
 use handset_core::model::{Partner, Product};
 use handset_core::provider::Provider;
 use handset_core::routing::Routing;
@@ -23,7 +24,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use uuid::Uuid;
 
 use crate::error::{Failure, error_response};
-use crate::routes::{callbacks, docs, health, identity, possession, sandbox, transactions};
+use crate::routes::{callbacks, docs, health, identity, possession, providers, sandbox, transactions};
 use crate::settings::Settings;
 use crate::telemetry;
 use crate::worker::delivery::Delivery;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub gateway: Arc<Gateway>,
     pub default_region: Region,
     pub allow_private_callbacks: bool,
+    /// Set when ID.me's result webhook is enabled.
+    pub idme_webhook_secret: Option<String>,
     pub metrics: PrometheusHandle,
 }
 
@@ -95,7 +98,7 @@ impl Application {
                 }
             });
         }
-        let providers = providers(&settings, &public_url);
+        let providers = providers(&settings, &public_url)?;
         let gateway = Gateway::new(
             store,
             providers,
@@ -105,6 +108,13 @@ impl Application {
                 max_attempts: settings.possession.max_attempts as i32,
                 public_url,
                 refused_api_key: settings.is_production().then(|| settings.dev.api_key.expose().to_owned()),
+                identity_ttl: chrono::Duration::from_std(settings.identity.result_ttl).unwrap_or(chrono::Duration::MAX),
+                poll_min: settings.workers.provider_poll_min,
+                poll_max: settings.workers.provider_poll_max,
+                breaker: BreakerSettings {
+                    failure_threshold: settings.circuit_breaker.failure_threshold,
+                    open_for: settings.circuit_breaker.open_for,
+                },
             },
         );
         let gateway = Arc::new(gateway);
@@ -119,6 +129,8 @@ impl Application {
             gateway,
             default_region: settings.default_region(),
             allow_private_callbacks: settings.callbacks.allow_private_networks,
+            idme_webhook_secret: (settings.idme_enabled() && settings.providers.idme.webhook_secret.is_set())
+                .then(|| settings.providers.idme.webhook_secret.expose().to_owned()),
             metrics: telemetry::metrics_handle(),
         };
         Ok(Application {
@@ -186,23 +198,52 @@ pub fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StoreError> {
     handset_store::connect(settings.database.url.expose(), &pool)
 }
 
-/// The providers handset can call. Only the sandbox is built in so far; the
-/// others say at start why they are off.
-fn providers(settings: &Settings, public_url: &str) -> Vec<Arc<dyn Provider>> {
+/// The providers handset can call: the sandbox always, ID.me when it has a
+/// secret. The others say at start why they are off.
+fn providers(settings: &Settings, public_url: &str) -> Result<Vec<Arc<dyn Provider>>, StartError> {
+    let mut providers: Vec<Arc<dyn Provider>> = vec![Arc::new(Sandbox::new(public_url))];
     let p = &settings.providers;
-    let configured = [
-        ("idme", p.idme.secret.is_set()),
+    if settings.idme_enabled() {
+        let webhook_url = p.idme.webhook_secret.is_set().then(|| {
+            let mut url =
+                url::Url::parse(&format!("{public_url}/providers/idme/webhook")).expect("public_url is a URL");
+            url.query_pairs_mut().append_pair("token", p.idme.webhook_secret.expose());
+            url.to_string()
+        });
+        if webhook_url.is_none() {
+            tracing::info!(provider = "idme", "no providers.idme.webhook_secret: ID.me results are polled");
+        }
+        let idme = handset_idme::Idme::new(handset_idme::IdmeSettings {
+            base_url: p.idme.base_url.clone(),
+            secret: p.idme.secret.expose().to_owned(),
+            webhook_url,
+            timeout: p.idme.timeout,
+        })
+        .map_err(|e| StartError::Io(std::io::Error::other(e)))?;
+        tracing::info!(provider = "idme", base_url = %p.idme.base_url, "provider enabled");
+        providers.push(Arc::new(idme));
+    } else {
+        tracing::info!(provider = "idme", "provider disabled: no credentials configured");
+    }
+    let pending = [
         ("veratad", !p.veratad.user.is_empty() && p.veratad.pass.is_set()),
         ("dqe", p.dqe.licence.is_set() && p.dqe.token.is_set()),
     ];
-    for (name, has_credentials) in configured {
+    for (name, has_credentials) in pending {
         if has_credentials {
             tracing::warn!(provider = name, "provider disabled: its adapter is not part of this build yet");
         } else {
             tracing::info!(provider = name, "provider disabled: no credentials configured");
         }
     }
-    vec![Arc::new(Sandbox::new(public_url))]
+    for rule in &settings.routing.rules {
+        for name in &rule.providers {
+            if !providers.iter().any(|p| p.name() == *name) {
+                tracing::warn!(provider = %name, product = %rule.product, "a routing rule names a disabled provider; it is skipped");
+            }
+        }
+    }
+    Ok(providers)
 }
 
 /// In development, the configured key authenticates a partner with every
@@ -233,6 +274,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/transactions/{transaction_id}/callbacks/retry", post(callbacks::retry))
         .route("/v1/verifications/{verification_id}", get(transactions::get_verification))
         .route("/sandbox/operator/{transaction_id}", get(sandbox::operator))
+        .route("/providers/idme/webhook", post(providers::idme_webhook))
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .route("/metrics", get(health::metrics))

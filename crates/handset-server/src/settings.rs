@@ -56,10 +56,12 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub phone: PhoneSettings,
     pub possession: PossessionSettings,
+    pub identity: IdentitySettings,
     pub callbacks: CallbackSettings,
     pub workers: WorkerSettings,
     pub retention: RetentionSettings,
     pub providers: ProvidersSettings,
+    pub circuit_breaker: CircuitBreakerSettings,
     pub rate_limits: RateLimitSettings,
     pub routing: RoutingSettings,
     pub dev: DevSettings,
@@ -114,6 +116,28 @@ pub struct WorkerSettings {
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
     pub batch_size: u32,
+    /// First wait before asking a provider again for a pending result; doubled each time up to the max.
+    #[serde(with = "humantime_serde")]
+    pub provider_poll_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub provider_poll_max: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySettings {
+    /// How long an identity match may wait for an asynchronous result.
+    #[serde(with = "humantime_serde")]
+    pub result_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerSettings {
+    /// Consecutive unavailable answers that pause a provider.
+    pub failure_threshold: u32,
+    #[serde(with = "humantime_serde")]
+    pub open_for: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -253,6 +277,12 @@ impl Settings {
         if self.workers.batch_size == 0 || self.workers.poll_interval.is_zero() {
             return invalid("workers.batch_size and workers.poll_interval must be more than zero".into());
         }
+        if self.workers.provider_poll_min.is_zero() || self.workers.provider_poll_max < self.workers.provider_poll_min {
+            return invalid("workers.provider_poll_min must be more than zero and at most provider_poll_max".into());
+        }
+        if self.identity.result_ttl.is_zero() {
+            return invalid("identity.result_ttl must be more than zero".into());
+        }
         if self.callbacks.timeout.is_zero() {
             return invalid("callbacks.timeout must be more than zero".into());
         }
@@ -274,6 +304,11 @@ impl Settings {
 
     pub fn default_region(&self) -> Region {
         Region::parse(&self.phone.default_region).unwrap_or_default()
+    }
+
+    /// ID.me is enabled when it has a secret.
+    pub fn idme_enabled(&self) -> bool {
+        self.providers.idme.secret.is_set()
     }
 
     pub fn is_production(&self) -> bool {

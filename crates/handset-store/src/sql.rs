@@ -5,7 +5,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use handset_core::model::{
-    CallbackAttempt, CallbackRecord, CallbackState, ClaimedCallback, OutboxMessage, Partner, Transaction,
+    CallbackAttempt, CallbackRecord, CallbackState, ClaimedCallback, OutboxMessage, Partner, ProviderName, Transaction,
     TransactionResult, Verification,
 };
 use handset_core::store::{AfterAttempt, Claim, Finalization, NewPartner, Store, StoreError};
@@ -52,7 +52,8 @@ const PARTNER_COLUMNS: &str = "id, name, products, active, webhook_secret, creat
 
 const TRANSACTION_COLUMNS: &str = "id, verification_id, partner_id, product, provider, phone, birth_date, \
     status_code, created_at, updated_at, expires_at, attempts_used, max_attempts, code_hash, provider_ref, \
-    redirect_url, redirect_uri, callback_url, name, metadata, result";
+    redirect_url, redirect_uri, callback_url, name, metadata, result, provider_verification, next_poll_at, \
+    poll_attempts";
 
 const OUTBOX_COLUMNS: &str = "id, transaction_id, partner_id, callback_url, payload, created_at";
 
@@ -181,7 +182,8 @@ macro_rules! portable_store {
                 }
                 sqlx::query(&format!(
                     "INSERT INTO transactions ({TRANSACTION_COLUMNS}) VALUES \
-                     ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"
+                     ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, \
+                     $22, $23, $24)"
                 ))
                 .bind(t.id)
                 .bind(t.verification_id)
@@ -204,6 +206,9 @@ macro_rules! portable_store {
                 .bind(t.name.as_ref().map(Json))
                 .bind(Json(&t.metadata))
                 .bind(t.result.as_ref().map(Json))
+                .bind(&t.provider_verification)
+                .bind(t.next_poll_at)
+                .bind(t.poll_attempts)
                 .execute(&mut *db_tx)
                 .await
                 .map_err(db)?;
@@ -391,6 +396,53 @@ macro_rules! portable_store {
                     .fetch_one(&self.pool)
                     .await
                     .map_err(db)
+            }
+
+            async fn transaction_by_provider_ref(
+                &self,
+                provider: ProviderName,
+                provider_ref: &str,
+            ) -> Result<Option<Transaction>, StoreError> {
+                let row: Option<TransactionRow> = sqlx::query_as(&format!(
+                    "SELECT {TRANSACTION_COLUMNS} FROM transactions WHERE provider = $1 AND provider_ref = $2"
+                ))
+                .bind(provider.as_str())
+                .bind(provider_ref)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+                row.map(Transaction::try_from).transpose()
+            }
+
+            async fn claim_due_polls(
+                &self,
+                now: DateTime<Utc>,
+                lease_until: DateTime<Utc>,
+                limit: i64,
+            ) -> Result<Vec<Transaction>, StoreError> {
+                let rows: Vec<TransactionRow> = sqlx::query_as(&format!(
+                    "UPDATE transactions SET next_poll_at = $2, poll_attempts = poll_attempts + 1 \
+                     WHERE id IN (SELECT id FROM transactions WHERE status_code = 210 AND next_poll_at IS NOT NULL \
+                     AND next_poll_at <= $1 ORDER BY next_poll_at LIMIT $3 {}) RETURNING {TRANSACTION_COLUMNS}",
+                    $claim_lock
+                ))
+                .bind(now)
+                .bind(lease_until)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+                rows.into_iter().map(Transaction::try_from).collect()
+            }
+
+            async fn schedule_poll(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
+                sqlx::query("UPDATE transactions SET next_poll_at = $2 WHERE id = $1 AND status_code = 210")
+                    .bind(id)
+                    .bind(at)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(())
             }
 
             async fn expired_pending(&self, now: DateTime<Utc>, limit: i64) -> Result<Vec<Transaction>, StoreError> {

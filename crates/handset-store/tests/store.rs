@@ -61,7 +61,10 @@ fn pending(partner: &Partner, verification: &Verification) -> Transaction {
         attempts_used: 0,
         max_attempts: 5,
         code_hash: Some(secret::code_hash(Uuid::nil(), "123123")),
-        provider_ref: Some("ref-1".into()),
+        provider_ref: Some(format!("ref-{}", Uuid::new_v4())),
+        provider_verification: Some("idme-verification".into()),
+        next_poll_at: None,
+        poll_attempts: 0,
         redirect_url: None,
         redirect_uri: Some("https://partner.example/done".into()),
         callback_url: Some("https://partner.example/hook".into()),
@@ -128,6 +131,7 @@ on_both_stores!(
     concurrent_claims_hand_out_each_callback_once,
     expired_pending_lists_only_overdue_checks,
     purge_removes_personal_data_and_keeps_the_audit_trail,
+    provider_refs_and_polls,
 );
 
 async fn migrations_are_idempotent(f: Fixture) {
@@ -157,7 +161,8 @@ async fn transactions_round_trip(f: Fixture) {
     assert_eq!(read.phone, tx.phone);
     assert_eq!(read.status, Status::Pending);
     assert_eq!(read.code_hash, tx.code_hash);
-    assert_eq!(read.provider_ref.as_deref(), Some("ref-1"));
+    assert_eq!(read.provider_ref, tx.provider_ref);
+    assert_eq!(read.provider_verification.as_deref(), Some("idme-verification"));
     assert_eq!(read.expires_at.map(|t| t.timestamp_millis()), tx.expires_at.map(|t| t.timestamp_millis()));
     assert_eq!(read.created_at.timestamp_micros(), tx.created_at.timestamp_micros());
 
@@ -398,4 +403,36 @@ async fn purge_removes_personal_data_and_keeps_the_audit_trail(f: Fixture) {
     assert_eq!(record.attempts.len(), 1, "the delivery log stays");
     assert!(f.store.transaction(still_pending.id).await.unwrap().unwrap().phone.is_some());
     assert_eq!(f.store.purge_personal_data(cutoff, Utc::now()).await.unwrap(), 0, "purged once");
+}
+
+async fn provider_refs_and_polls(f: Fixture) {
+    let v = verification(&f.partner);
+    let now = Utc::now();
+    let tx = Transaction {
+        provider: ProviderName::Idme,
+        product: Product::Identity,
+        next_poll_at: Some(now + Duration::seconds(2)),
+        ..pending(&f.partner, &v)
+    };
+    f.store.insert_transaction(&tx, Some(&v), None).await.unwrap();
+    let reference = tx.provider_ref.clone().unwrap();
+    let found = f.store.transaction_by_provider_ref(ProviderName::Idme, &reference).await.unwrap().unwrap();
+    assert_eq!(found.id, tx.id);
+    assert!(f.store.transaction_by_provider_ref(ProviderName::Veratad, &reference).await.unwrap().is_none());
+
+    assert!(f.store.claim_due_polls(now, now + Duration::minutes(1), 10).await.unwrap().is_empty(), "not due yet");
+    let due_at = now + Duration::seconds(2);
+    let claimed = f.store.claim_due_polls(due_at, due_at + Duration::minutes(1), 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].poll_attempts, 1);
+    assert!(f.store.claim_due_polls(due_at, due_at + Duration::minutes(1), 10).await.unwrap().is_empty(), "leased");
+    f.store.schedule_poll(tx.id, due_at + Duration::seconds(4)).await.unwrap();
+    assert_eq!(f.store.claim_due_polls(due_at + Duration::seconds(4), due_at, 10).await.unwrap().len(), 1);
+
+    let done = succeeded(&tx);
+    f.store.finalize(Finalization { transaction: &done, outbox: None }).await.unwrap();
+    assert!(
+        f.store.claim_due_polls(due_at + Duration::days(1), due_at, 10).await.unwrap().is_empty(),
+        "final: no polls"
+    );
 }

@@ -23,6 +23,7 @@ use crate::input::{ConfirmIn, IdentityIn, PossessionIn};
         super::health::ready,
         super::health::metrics,
         super::sandbox::operator,
+        super::providers::idme_webhook,
         openapi,
     ),
     components(schemas(PossessionIn, ConfirmIn, IdentityIn, ErrorsOut, ErrorOut)),

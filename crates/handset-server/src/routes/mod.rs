@@ -5,6 +5,7 @@ pub mod docs;
 pub mod health;
 pub mod identity;
 pub mod possession;
+pub mod providers;
 pub mod sandbox;
 pub mod transactions;
 

@@ -42,6 +42,8 @@ pub struct Tick {
     /// Attempts whose lease another runner took over meanwhile (not recorded).
     pub lease_lost: usize,
     pub expired: usize,
+    /// Pending transactions that polling their provider made final.
+    pub polled: usize,
     pub purged: u64,
 }
 
@@ -91,6 +93,10 @@ impl Runner {
             0
         });
         metrics::counter!("transactions_expired_total").increment(tick.expired as u64);
+        tick.polled = self.gateway.poll_due(now, self.settings.batch_size).await.unwrap_or_else(|error| {
+            tracing::warn!(%error, "polling providers failed");
+            0
+        });
         self.deliver_due(&mut tick).await?;
         if let Some(retention) = self.settings.retention {
             let cutoff = now - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);

@@ -1,0 +1,226 @@
+//! handset's adapter for ID.me's Services API v2 telecom endpoints
+//! (`shared/providers/idme-telecom.txt`, `idme-overview-errors.txt`):
+//! SMS possession (send, confirm), identity, transaction status, health.
+//!
+//! - Phones go out as ID.me's 10 NANP digits; other numbers make ID.me
+//!   ineligible (`accepts`), so routing never sends it garbage.
+//! - ID.me's own `transaction_id` / `verification_id` stay server-side as
+//!   provider references; partners only see handset's ids.
+//! - Every documented HTTP status, error code, transaction status and result
+//!   error maps to handset's catalogue, keeping ID.me's code in
+//!   `provider_code` (see `docs/providers/idme.md`).
+//! - Every call has a timeout. Only idempotent calls (status, health) are
+//!   retried; a send that may have reached the user is never resent.
+
+mod mapping;
+mod wire;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use backon::{ExponentialBuilder, Retryable};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use handset_core::Phone;
+use handset_core::model::{Product, ProviderName, Transaction};
+use handset_core::provider::{CodeCheck, Outcome, Provider, ProviderError, StartRequest, Started};
+use serde::Serialize;
+
+pub use mapping::{outcome_of, webhook_result};
+pub use wire::TelecomResponse;
+
+pub const SEND_PATH: &str = "/api/v2/telecom/possession/sms/send";
+pub const CONFIRM_PATH: &str = "/api/v2/telecom/possession/sms/confirm";
+pub const IDENTITY_PATH: &str = "/api/v2/telecom/identity";
+pub const STATUS_PATH: &str = "/api/v2/telecom/";
+pub const HEALTH_PATH: &str = "/health";
+
+#[derive(Clone)]
+pub struct IdmeSettings {
+    /// scheme://host:port; the documented paths are appended.
+    pub base_url: String,
+    /// The account's API secret; sent as `Bearer ID.me <base64(secret)>`.
+    pub secret: String,
+    /// Where ID.me should push results (handset's own webhook), if configured.
+    pub webhook_url: Option<String>,
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for IdmeSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdmeSettings").field("base_url", &self.base_url).field("timeout", &self.timeout).finish()
+    }
+}
+
+pub struct Idme {
+    client: reqwest::Client,
+    base_url: String,
+    authorization: String,
+    webhook_url: Option<String>,
+}
+
+/// Whether the call may have had an effect on the user when no answer came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Effect {
+    /// It may have sent an SMS: a timeout is not safe to fail over.
+    ReachesUser,
+    /// Nothing reaches the user: a timeout is just unavailability.
+    None,
+}
+
+impl Idme {
+    pub fn new(settings: IdmeSettings) -> Result<Idme, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Idme {
+            client,
+            base_url: settings.base_url.trim_end_matches('/').to_owned(),
+            authorization: format!("Bearer ID.me {}", STANDARD.encode(settings.secret.as_bytes())),
+            webhook_url: settings.webhook_url,
+        })
+    }
+
+    /// ID.me's form of a number: the 10 NANP digits.
+    pub fn phone_digits(phone: &Phone) -> Option<&str> {
+        (phone.calling_code() == 1 && phone.national_digits().len() == 10).then(|| phone.national_digits())
+    }
+
+    async fn post<B: Serialize>(&self, path: &str, body: &B, effect: Effect) -> Result<TelecomResponse, ProviderError> {
+        let sent = self
+            .client
+            .post(format!("{}{path}", self.base_url))
+            .header("authorization", &self.authorization)
+            .json(body)
+            .send()
+            .await;
+        mapping::read(sent, effect == Effect::ReachesUser).await
+    }
+
+    async fn get_status(&self, transaction_ref: &str) -> Result<TelecomResponse, ProviderError> {
+        let url = format!("{}{STATUS_PATH}{transaction_ref}", self.base_url);
+        let once = || async {
+            let sent = self.client.get(&url).header("authorization", &self.authorization).send().await;
+            mapping::read(sent, false).await
+        };
+        // A status read changes nothing upstream, so it is retried.
+        once.retry(ExponentialBuilder::default().with_min_delay(Duration::from_millis(200)).with_max_times(2))
+            .sleep(tokio::time::sleep)
+            .when(|e| matches!(e, ProviderError::Unavailable(_)))
+            .await
+    }
+
+    /// `GET /health`, retried like any idempotent call.
+    pub async fn health(&self) -> bool {
+        let url = format!("{}{HEALTH_PATH}", self.base_url);
+        let once = || async { self.client.get(&url).send().await.and_then(|r| r.error_for_status()) };
+        once.retry(ExponentialBuilder::default().with_min_delay(Duration::from_millis(200)).with_max_times(2))
+            .sleep(tokio::time::sleep)
+            .await
+            .is_ok()
+    }
+
+    fn started(&self, answer: TelecomResponse) -> Result<Started, ProviderError> {
+        let outcome = outcome_of(&answer)?;
+        Ok(Started {
+            provider_ref: answer.transaction_id.clone(),
+            provider_verification: answer.verification_id.clone(),
+            ..Started::outcome(outcome)
+        })
+    }
+}
+
+#[derive(Serialize)]
+struct SendBody<'a> {
+    phone: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    callback_url: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verification_id: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct ConfirmBody<'a> {
+    transaction_id: &'a str,
+    code: &'a str,
+}
+
+#[derive(Serialize)]
+struct IdentityBody<'a> {
+    phone: &'a str,
+    birth_date: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    callback_url: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verification_id: Option<&'a str>,
+}
+
+fn ineligible() -> ProviderError {
+    ProviderError::Rejected(handset_core::ApiError::new(handset_core::ErrorCode::NoProvider))
+}
+
+fn reference(transaction: &Transaction) -> Result<&str, ProviderError> {
+    transaction.provider_ref.as_deref().ok_or_else(|| ProviderError::Failed("no ID.me transaction id was kept".into()))
+}
+
+#[async_trait]
+impl Provider for Idme {
+    fn name(&self) -> ProviderName {
+        ProviderName::Idme
+    }
+
+    fn accepts(&self, product: Product, phone: &Phone) -> bool {
+        matches!(product, Product::PossessionSms | Product::Identity) && Self::phone_digits(phone).is_some()
+    }
+
+    fn polls(&self, product: Product) -> bool {
+        product == Product::Identity
+    }
+
+    async fn send_code(&self, request: StartRequest<'_>) -> Result<Started, ProviderError> {
+        let phone = Self::phone_digits(request.phone).ok_or_else(ineligible)?;
+        let body = SendBody {
+            phone,
+            callback_url: self.webhook_url.as_deref(),
+            verification_id: request.provider_verification,
+        };
+        let answer = self.post(SEND_PATH, &body, Effect::ReachesUser).await?;
+        self.started(answer)
+    }
+
+    async fn check_code(&self, transaction: &Transaction, code: &str) -> Result<CodeCheck, ProviderError> {
+        let body = ConfirmBody { transaction_id: reference(transaction)?, code };
+        match self.post(CONFIRM_PATH, &body, Effect::None).await {
+            Ok(answer) => Ok(match outcome_of(&answer)? {
+                Outcome::Succeeded(result) => CodeCheck::Matched(result),
+                Outcome::Failed(error) => CodeCheck::Failed(error),
+                Outcome::Pending => CodeCheck::Mismatched,
+            }),
+            Err(error) => mapping::code_check_of(error),
+        }
+    }
+
+    async fn start_network(&self, _request: StartRequest<'_>, _return_url: &str) -> Result<Started, ProviderError> {
+        Err(ineligible())
+    }
+
+    async fn start_identity(&self, request: StartRequest<'_>) -> Result<Started, ProviderError> {
+        let phone = Self::phone_digits(request.phone).ok_or_else(ineligible)?;
+        let birth_date = request.birth_date.map(|b| b.to_string()).unwrap_or_default();
+        let body = IdentityBody {
+            phone,
+            birth_date,
+            callback_url: self.webhook_url.as_deref(),
+            verification_id: request.provider_verification,
+        };
+        let answer = self.post(IDENTITY_PATH, &body, Effect::None).await?;
+        self.started(answer)
+    }
+
+    async fn fetch_result(&self, transaction: &Transaction, _token: Option<&str>) -> Result<Outcome, ProviderError> {
+        let answer = self.get_status(reference(transaction)?).await?;
+        outcome_of(&answer)
+    }
+}

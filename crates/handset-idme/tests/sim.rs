@@ -1,0 +1,168 @@
+//! The adapter against `handset-sim`'s ID.me: whole flows, the mock rules
+//! and injected faults.
+
+use std::time::Duration;
+
+use chrono::NaiveDate;
+use handset_core::model::{Product, ProviderName, Status, Transaction, TransactionResult};
+use handset_core::provider::{CodeCheck, Outcome, Provider, ProviderError, StartRequest};
+use handset_core::{BirthDate, ErrorCode, Phone, Region};
+use handset_idme::{Idme, IdmeSettings};
+use handset_sim::faults::Faults;
+use handset_sim::idme::IdmeConfig;
+use handset_sim::{Sim, SimConfig};
+
+async fn sim() -> Sim {
+    let config = SimConfig {
+        idme: IdmeConfig { identity_delay: Duration::from_millis(100), push_webhooks: false, ..IdmeConfig::default() },
+        ..SimConfig::default()
+    };
+    Sim::start("127.0.0.1:0", config).await.unwrap()
+}
+
+fn idme(sim: &Sim, secret: &str, timeout: Duration) -> Idme {
+    Idme::new(IdmeSettings { base_url: sim.base_url(), secret: secret.into(), webhook_url: None, timeout }).unwrap()
+}
+
+fn phone(number: &str) -> Phone {
+    Phone::parse(number, Region::default()).unwrap()
+}
+
+fn born() -> BirthDate {
+    BirthDate::parse("1968-05-27", NaiveDate::from_ymd_opt(2026, 1, 1).unwrap()).unwrap()
+}
+
+fn request<'a>(phone: &'a Phone, birth_date: Option<&'a BirthDate>) -> StartRequest<'a> {
+    StartRequest { transaction_id: uuid::Uuid::nil(), phone, name: None, birth_date, provider_verification: None }
+}
+
+fn kept(product: Product, provider_ref: Option<String>) -> Transaction {
+    let now = chrono::Utc::now();
+    Transaction {
+        id: uuid::Uuid::new_v4(),
+        verification_id: uuid::Uuid::new_v4(),
+        partner_id: uuid::Uuid::new_v4(),
+        product,
+        provider: ProviderName::Idme,
+        phone: Some("+14155550123".into()),
+        birth_date: None,
+        status: Status::Pending,
+        created_at: now,
+        updated_at: now,
+        expires_at: None,
+        attempts_used: 0,
+        max_attempts: 5,
+        code_hash: None,
+        provider_ref,
+        provider_verification: None,
+        next_poll_at: None,
+        poll_attempts: 0,
+        redirect_url: None,
+        redirect_uri: None,
+        callback_url: None,
+        name: None,
+        metadata: serde_json::json!({}),
+        result: None,
+    }
+}
+
+#[tokio::test]
+async fn sms_possession_flow() {
+    let sim = sim().await;
+    let idme = idme(&sim, "sim-secret", Duration::from_secs(2));
+    let number = phone("4155550123");
+    let started = idme.send_code(request(&number, None)).await.unwrap();
+    assert_eq!(started.outcome, Outcome::Pending);
+    let tx = kept(Product::PossessionSms, started.provider_ref.clone());
+    assert_eq!(idme.check_code(&tx, "000000").await.unwrap(), CodeCheck::Mismatched);
+    assert!(matches!(
+        idme.check_code(&tx, "123123").await.unwrap(),
+        CodeCheck::Matched(TransactionResult::Phone { .. })
+    ));
+    assert_eq!(sim.idme.transaction(started.provider_ref.as_deref().unwrap()).unwrap().status, 200);
+
+    let other = kept(Product::PossessionSms, idme.send_code(request(&number, None)).await.unwrap().provider_ref);
+    for _ in 0..4 {
+        assert_eq!(idme.check_code(&other, "000000").await.unwrap(), CodeCheck::Mismatched);
+    }
+    match idme.check_code(&other, "000000").await.unwrap() {
+        CodeCheck::Failed(error) => assert_eq!(error.code, 3104),
+        check => panic!("{check:?}"),
+    }
+}
+
+#[tokio::test]
+async fn identity_is_pending_then_final() {
+    let sim = sim().await;
+    let idme = idme(&sim, "sim-secret", Duration::from_secs(2));
+    let born = born();
+    for (number, expect_success) in [("8885551234", true), ("9995550000", false)] {
+        let number = phone(number);
+        let started = idme.start_identity(request(&number, Some(&born))).await.unwrap();
+        assert_eq!(started.outcome, Outcome::Pending);
+        let tx = kept(Product::Identity, started.provider_ref);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let outcome = loop {
+            match idme.fetch_result(&tx, None).await.unwrap() {
+                Outcome::Pending if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                outcome => break outcome,
+            }
+        };
+        match (expect_success, outcome) {
+            (true, Outcome::Succeeded(TransactionResult::Address { address })) => assert_eq!(address.region, "VA"),
+            (false, Outcome::Failed(error)) => {
+                assert_eq!(error.code, 1014);
+                assert_eq!(error.additional_info.as_deref(), Some("birth_date does not match data on file."));
+            }
+            (_, other) => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn mock_numbers_trigger_their_errors() {
+    let sim = sim().await;
+    let idme = idme(&sim, "sim-secret", Duration::from_secs(2));
+    let send = |n: &'static str| {
+        let idme = &idme;
+        async move {
+            let number = phone(n);
+            idme.send_code(request(&number, None)).await
+        }
+    };
+    assert!(matches!(send("9995553101").await, Err(ProviderError::Rejected(e)) if e.code == ErrorCode::InvalidPhone));
+    assert!(matches!(send("9995551100").await, Err(ProviderError::Misconfigured(_))));
+    match send("9995555100").await {
+        Err(ProviderError::Rejected(e)) => {
+            assert_eq!(e.code, ErrorCode::ProductRateLimited);
+            assert_eq!(e.retry_after, Some(Duration::from_secs(30)));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(send("9995555000").await, Err(ProviderError::Unavailable(_))));
+    match send("9995551005").await.unwrap().outcome {
+        Outcome::Failed(error) => assert_eq!((error.code, error.provider_code.as_deref()), (1005, Some("1005"))),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn wrong_credentials_and_faults() {
+    let sim = sim().await;
+    let number = phone("4155550123");
+    let wrong = idme(&sim, "not-the-secret", Duration::from_secs(2));
+    assert!(matches!(wrong.send_code(request(&number, None)).await, Err(ProviderError::Misconfigured(_))));
+
+    let idme = idme(&sim, "sim-secret", Duration::from_millis(300));
+    sim.set_faults(Faults { error_rate: 1.0, ..Faults::default() });
+    assert!(matches!(idme.send_code(request(&number, None)).await, Err(ProviderError::Unavailable(_))));
+    sim.set_faults(Faults { hang: true, ..Faults::default() });
+    assert!(matches!(idme.send_code(request(&number, None)).await, Err(ProviderError::Failed(_))));
+    sim.set_faults(Faults { latency_ms: 50, jitter_ms: 20, ..Faults::default() });
+    let started = std::time::Instant::now();
+    assert!(idme.send_code(request(&number, None)).await.is_ok());
+    assert!(started.elapsed() >= Duration::from_millis(50));
+    assert!(idme.health().await);
+}

@@ -1,0 +1,90 @@
+//! `handset-sim`: one HTTP server that imitates handset's upstream providers
+//! statefully, for the local stack, end-to-end tests and benchmarks. ID.me's
+//! telecom API lives under its documented paths; Veratad and DQE will join
+//! as sibling modules with their own routers. Faults (latency, jitter, error
+//! rate, hanging) apply to every provider route and are set by flags or at
+//! run time through `/_admin/faults`.
+
+pub mod faults;
+pub mod idme;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use tokio::net::TcpListener;
+
+use crate::faults::{Faults, SharedFaults};
+
+#[derive(Debug, Clone, Default)]
+pub struct SimConfig {
+    pub faults: Faults,
+    pub idme: idme::IdmeConfig,
+}
+
+/// A running simulator.
+pub struct Sim {
+    pub addr: SocketAddr,
+    pub faults: SharedFaults,
+    pub idme: idme::IdmeSim,
+}
+
+impl Sim {
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        *self.faults.write().unwrap_or_else(|e| e.into_inner()) = faults;
+    }
+
+    /// Binds `bind` (port 0 for any) and serves in the background.
+    pub async fn start(bind: &str, config: SimConfig) -> std::io::Result<Sim> {
+        let listener = TcpListener::bind(bind).await?;
+        let addr = listener.local_addr()?;
+        let (sim, router) = Self::build(addr, config);
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        Ok(sim)
+    }
+
+    /// Serves on `bind` until the process ends.
+    pub async fn serve(bind: &str, config: SimConfig) -> std::io::Result<()> {
+        let listener = TcpListener::bind(bind).await?;
+        let addr = listener.local_addr()?;
+        let (_, router) = Self::build(addr, config);
+        tracing::info!(%addr, "handset-sim listening");
+        axum::serve(listener, router).await
+    }
+
+    fn build(addr: SocketAddr, config: SimConfig) -> (Sim, Router) {
+        install_crypto_provider();
+        let faults: SharedFaults = Arc::new(RwLock::new(config.faults));
+        let idme = idme::IdmeSim::new(config.idme);
+        let providers = Router::new()
+            .merge(idme.router())
+            .layer(axum::middleware::from_fn_with_state(faults.clone(), faults::inject));
+        let admin = Router::new()
+            .route("/_admin/faults", get(get_faults).put(put_faults))
+            .with_state(faults.clone())
+            .merge(idme.admin_router());
+        (Sim { addr, faults, idme }, providers.merge(admin))
+    }
+}
+
+async fn get_faults(State(faults): State<SharedFaults>) -> Json<Faults> {
+    Json(faults.read().unwrap_or_else(|e| e.into_inner()).clone())
+}
+
+async fn put_faults(State(faults): State<SharedFaults>, Json(new): Json<Faults>) -> Json<Faults> {
+    *faults.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
+    Json(new)
+}
+
+/// The simulator pushes webhooks over HTTPS too; ring is its TLS backend.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -1,0 +1,59 @@
+use std::time::Duration;
+
+use clap::Parser;
+use handset_sim::faults::Faults;
+use handset_sim::idme::IdmeConfig;
+use handset_sim::{Sim, SimConfig};
+
+/// Imitates handset's upstream providers (ID.me today) for local runs and tests.
+#[derive(Debug, Parser)]
+#[command(name = "handset-sim", version)]
+struct Args {
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    bind: String,
+    /// The ID.me API secret callers must use.
+    #[arg(long, default_value = "sim-secret", env = "HANDSET_SIM_IDME_SECRET")]
+    idme_secret: String,
+    /// How long identity checks stay pending (humantime: 500ms, 2s).
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    idme_identity_delay: Duration,
+    /// Push identity results here instead of the request's callback_url.
+    #[arg(long)]
+    idme_webhook_url: Option<String>,
+    /// Do not push results (callers must poll).
+    #[arg(long)]
+    no_idme_webhooks: bool,
+    /// Latency added to every provider answer.
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    latency: Duration,
+    /// Up to this much extra latency, at random.
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    jitter: Duration,
+    /// Share of requests answered 500 (0.0 to 1.0).
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// Never answer provider requests.
+    #[arg(long)]
+    hang: bool,
+}
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new("info")).init();
+    let args = Args::parse();
+    let config = SimConfig {
+        faults: Faults {
+            latency_ms: args.latency.as_millis() as u64,
+            jitter_ms: args.jitter.as_millis() as u64,
+            error_rate: args.error_rate,
+            hang: args.hang,
+        },
+        idme: IdmeConfig {
+            secret: args.idme_secret,
+            identity_delay: args.idme_identity_delay,
+            push_webhooks: !args.no_idme_webhooks,
+            webhook_url: args.idme_webhook_url,
+        },
+    };
+    Sim::serve(&args.bind, config).await
+}
