@@ -207,6 +207,7 @@ impl Gateway {
             let mut tx = Transaction { attempts_used: used, ..tx };
             match check {
                 CodeCheck::Matched(result) => {
+                    let result = possession_result(&tx, result);
                     if self.finish(&mut tx, Status::Succeeded, result).await? {
                         return Ok(tx);
                     }
@@ -343,11 +344,7 @@ impl Gateway {
     async fn apply_outcome(&self, mut tx: Transaction, outcome: Outcome) -> Result<Option<Transaction>, ApiError> {
         let (status, result) = match outcome {
             Outcome::Pending => return Ok(Some(tx)),
-            // A possession result is always the number we checked, in our form.
-            Outcome::Succeeded(TransactionResult::Phone { .. }) => {
-                (Status::Succeeded, TransactionResult::Phone { phone: tx.phone.clone().unwrap_or_default() })
-            }
-            Outcome::Succeeded(result) => (Status::Succeeded, result),
+            Outcome::Succeeded(result) => (Status::Succeeded, possession_result(&tx, result)),
             Outcome::Failed(error) => (Status::Failed, TransactionResult::failure(error)),
         };
         if tx.is_final() {
@@ -608,6 +605,15 @@ fn outbox_for(tx: &Transaction) -> Option<OutboxMessage> {
 
 fn ensure_enabled(partner: &Partner, product: Product) -> Result<(), ApiError> {
     if partner.enabled_for(product) { Ok(()) } else { Err(ApiError::new(ErrorCode::ProductNotEnabled)) }
+}
+
+/// A possession result is always the number handset checked, in E.164,
+/// whatever form the provider wrote it in.
+fn possession_result(tx: &Transaction, result: TransactionResult) -> TransactionResult {
+    match result {
+        TransactionResult::Phone { .. } => TransactionResult::Phone { phone: tx.phone.clone().unwrap_or_default() },
+        other => other,
+    }
 }
 
 /// The result of a pending transaction that reached its deadline.

@@ -1,6 +1,7 @@
 //! Fault injection shared by every simulated provider: fixed latency plus
 //! random jitter, a rate of 500 answers, and hanging (never answering).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -25,11 +26,19 @@ pub struct Faults {
     pub hang: bool,
 }
 
-pub type SharedFaults = Arc<RwLock<Faults>>;
+/// The faults in force and how many provider requests arrived.
+#[derive(Debug, Default)]
+pub struct FaultState {
+    pub faults: RwLock<Faults>,
+    pub requests: AtomicU64,
+}
+
+pub type SharedFaults = Arc<FaultState>;
 
 /// Middleware applying the current faults before the provider handles a request.
-pub async fn inject(State(faults): State<SharedFaults>, request: Request, next: Next) -> Response {
-    let faults = faults.read().unwrap_or_else(|e| e.into_inner()).clone();
+pub async fn inject(State(state): State<SharedFaults>, request: Request, next: Next) -> Response {
+    state.requests.fetch_add(1, Ordering::Relaxed);
+    let faults = state.faults.read().unwrap_or_else(|e| e.into_inner()).clone();
     if faults.hang {
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }

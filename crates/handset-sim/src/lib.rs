@@ -16,7 +16,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio::net::TcpListener;
 
-use crate::faults::{Faults, SharedFaults};
+use crate::faults::{FaultState, Faults, SharedFaults};
 
 #[derive(Debug, Clone, Default)]
 pub struct SimConfig {
@@ -37,7 +37,12 @@ impl Sim {
     }
 
     pub fn set_faults(&self, faults: Faults) {
-        *self.faults.write().unwrap_or_else(|e| e.into_inner()) = faults;
+        *self.faults.faults.write().unwrap_or_else(|e| e.into_inner()) = faults;
+    }
+
+    /// Provider requests received so far (admin calls not counted).
+    pub fn requests(&self) -> u64 {
+        self.faults.requests.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Binds `bind` (port 0 for any) and serves in the background.
@@ -62,7 +67,7 @@ impl Sim {
 
     fn build(addr: SocketAddr, config: SimConfig) -> (Sim, Router) {
         install_crypto_provider();
-        let faults: SharedFaults = Arc::new(RwLock::new(config.faults));
+        let faults: SharedFaults = Arc::new(FaultState { faults: RwLock::new(config.faults), ..FaultState::default() });
         let idme = idme::IdmeSim::new(config.idme);
         let providers = Router::new()
             .merge(idme.router())
@@ -75,12 +80,12 @@ impl Sim {
     }
 }
 
-async fn get_faults(State(faults): State<SharedFaults>) -> Json<Faults> {
-    Json(faults.read().unwrap_or_else(|e| e.into_inner()).clone())
+async fn get_faults(State(state): State<SharedFaults>) -> Json<Faults> {
+    Json(state.faults.read().unwrap_or_else(|e| e.into_inner()).clone())
 }
 
-async fn put_faults(State(faults): State<SharedFaults>, Json(new): Json<Faults>) -> Json<Faults> {
-    *faults.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
+async fn put_faults(State(state): State<SharedFaults>, Json(new): Json<Faults>) -> Json<Faults> {
+    *state.faults.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
     Json(new)
 }
 

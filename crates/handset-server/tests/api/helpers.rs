@@ -92,6 +92,25 @@ impl TestApp {
     }
 
     pub async fn spawn_on(db: TestDatabase, env: &[(&str, &str)], migrate: bool) -> TestApp {
+        Self::spawn_configured(db, None, env, migrate).await
+    }
+
+    /// Starts the app with a configuration file (TOML text) layered under `env`.
+    pub async fn spawn_with_config(kind: Kind, toml: &str, env: &[(&str, &str)]) -> TestApp {
+        let db = TestDatabase::new(kind).await;
+        let file = std::env::temp_dir().join(format!("handset-test-{}.toml", Uuid::new_v4().simple()));
+        std::fs::write(&file, toml).unwrap();
+        let app = Self::spawn_configured(db, Some(&file), env, true).await;
+        let _ = std::fs::remove_file(file);
+        app
+    }
+
+    async fn spawn_configured(
+        db: TestDatabase,
+        file: Option<&std::path::Path>,
+        env: &[(&str, &str)],
+        migrate: bool,
+    ) -> TestApp {
         let mut vars: Vec<(String, String)> = vec![
             ("HANDSET__SERVER__BIND".into(), "127.0.0.1:0".into()),
             ("HANDSET__DATABASE__URL".into(), db.url.clone()),
@@ -99,7 +118,7 @@ impl TestApp {
             ("HANDSET__DATABASE__ACQUIRE_TIMEOUT".into(), "2s".into()),
         ];
         vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let settings = Settings::load_with(None, Some(vars)).expect("test settings");
+        let settings = Settings::load_with(file, Some(vars)).expect("test settings");
         let app = Application::build(settings).await.expect("build the app");
         let address = format!("http://{}", app.local_addr());
         let server = tokio::spawn(async move {

@@ -1,0 +1,284 @@
+//! The gateway routed to ID.me, with `handset-sim` standing in for ID.me:
+//! SMS possession, identity completed by webhook or by polling, the webhook's
+//! authentication, rejected credentials, and ID.me down or hanging.
+
+use std::time::Duration;
+
+use handset_sim::faults::Faults;
+use handset_sim::idme::IdmeConfig;
+use handset_sim::{Sim, SimConfig};
+use handset_testkit::Kind;
+use serde_json::{Value, json};
+
+use crate::helpers::TestApp;
+use crate::receiver::Receiver;
+
+const WEBHOOK_SECRET: &str = "hook-secret";
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn sim(push_webhooks: bool) -> Sim {
+    let idme = IdmeConfig { identity_delay: Duration::from_millis(150), push_webhooks, ..IdmeConfig::default() };
+    Sim::start("127.0.0.1:0", SimConfig { idme, ..SimConfig::default() }).await.unwrap()
+}
+
+async fn app_for(kind: Kind, sim: &Sim, extra: &[(&str, &str)]) -> TestApp {
+    let base = sim.base_url();
+    let mut env = vec![
+        ("HANDSET__PROVIDERS__IDME__BASE_URL", base.as_str()),
+        ("HANDSET__PROVIDERS__IDME__SECRET", "sim-secret"),
+        ("HANDSET__PROVIDERS__IDME__WEBHOOK_SECRET", WEBHOOK_SECRET),
+        ("HANDSET__PROVIDERS__IDME__TIMEOUT", "2s"),
+        ("HANDSET__CALLBACKS__ALLOW_PRIVATE_NETWORKS", "true"),
+        ("HANDSET__WORKERS__POLL_INTERVAL", "25ms"),
+        ("HANDSET__WORKERS__PROVIDER_POLL_MIN", "50ms"),
+        ("HANDSET__WORKERS__PROVIDER_POLL_MAX", "200ms"),
+    ];
+    env.extend_from_slice(extra);
+    TestApp::spawn_with(kind, &env).await
+}
+
+async fn wait_final(app: &TestApp, id: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let tx = app.transaction(id).await.body;
+        if tx["status"]["code"] != 210 {
+            return tx;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still pending: {tx}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn sms_possession_through_idme(kind: Kind) {
+    let sim = sim(true).await;
+    let app = app_for(kind, &sim, &[]).await;
+    let started = app.post("/v1/possession", json!({"phone": "4155550123", "provider": "idme"})).await;
+    assert_eq!(started.status, 201, "{}", started.text);
+    assert_eq!(started.body["provider"], "idme");
+    assert_eq!(started.body["next_action"]["type"], "enter_code");
+    let id = started.id();
+    let row = app.store.transaction(id.parse().unwrap()).await.unwrap().unwrap();
+    let idme_id = row.provider_ref.clone().expect("ID.me's transaction id is kept");
+    assert_ne!(idme_id, id, "partners only see handset's ids");
+    assert!(!started.text.contains(&idme_id));
+    assert_eq!(row.code_hash, None, "ID.me checks its own codes");
+
+    app.confirm(&id, "000000").await.assert_error(422, 3102);
+    assert_eq!(sim.idme.transaction(&idme_id).unwrap().attempts, 1);
+    let done = app.confirm(&id, "123123").await;
+    assert_eq!(done.status, 200, "{}", done.text);
+    assert_eq!(done.body["result"], json!({"phone": "+14155550123"}));
+
+    // The same verification reuses ID.me's verification id.
+    let verification_id = started.body["verification_id"].as_str().unwrap();
+    let identity = app
+        .post("/v1/identity", json!({"phone": "4155550123", "birth_date": "1968-05-27", "provider": "idme", "verification_id": verification_id}))
+        .await;
+    let identity_ref =
+        app.store.transaction(identity.id().parse().unwrap()).await.unwrap().unwrap().provider_ref.unwrap();
+    assert_eq!(
+        sim.idme.transaction(&identity_ref).unwrap().verification_id,
+        sim.idme.transaction(&idme_id).unwrap().verification_id
+    );
+
+    // Mock numbers: ID.me's errors come back as ours.
+    app.post("/v1/possession", json!({"phone": "9995553101", "provider": "idme"})).await.assert_error(422, 3101);
+    let limited = app.post("/v1/possession", json!({"phone": "9995555200", "provider": "idme"})).await;
+    limited.assert_error(429, 5200);
+    assert_eq!(limited.headers["retry-after"], "30");
+    let failed = app.post("/v1/possession", json!({"phone": "9995551007", "provider": "idme"})).await;
+    assert_eq!(failed.body["status"]["code"], 300);
+    assert_eq!(failed.body["result"]["errors"][0]["provider_code"], "1007");
+    // Outside NANP ID.me cannot serve.
+    app.post("/v1/possession", json!({"phone": "+33612345678", "provider": "idme"})).await.assert_error(422, 3908);
+}
+
+async fn identity_completed_by_webhook(kind: Kind) {
+    let sim = sim(true).await;
+    let receiver = Receiver::start().await;
+    let app = app_for(kind, &sim, &[]).await;
+    let started = app
+        .post("/v1/identity", json!({"phone": "8885551234", "birth_date": "1968-05-27", "provider": "idme", "callback_url": receiver.url("/hook")}))
+        .await;
+    assert_eq!(started.status, 201, "{}", started.text);
+    assert_eq!(started.body["status"]["code"], 210);
+    assert_eq!(started.body["next_action"], Value::Null);
+    let id = started.id();
+    let got = receiver.wait_for(1, WAIT).await;
+    let body = got[0].json();
+    assert_eq!(body["status"]["code"], 200);
+    assert_eq!(body["result"]["address"]["line1"], "1 Simulated Way");
+    let idme_id = app.store.transaction(id.parse().unwrap()).await.unwrap().unwrap().provider_ref.unwrap();
+    assert_eq!(sim.idme.transaction(&idme_id).unwrap().pushes, 1, "completed by the webhook");
+
+    // A duplicate push changes nothing and sends no second callback.
+    let again = crate::helpers::http_client()
+        .put(format!("{}/_admin/idme/transactions/{idme_id}/push", sim.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(again["webhook_status"], 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.received().len(), 1);
+
+    let failed = app
+        .post("/v1/identity", json!({"phone": "9995550000", "birth_date": "1968-05-27", "provider": "idme"}))
+        .await
+        .id();
+    let tx = wait_final(&app, &failed).await;
+    assert_eq!(tx["status"]["code"], 300);
+    assert_eq!(tx["result"]["errors"][0]["code"], 1014);
+    assert_eq!(tx["result"]["errors"][0]["additional_info"], "birth_date does not match data on file.");
+}
+
+async fn identity_completed_by_polling(kind: Kind) {
+    let sim = sim(false).await;
+    let receiver = Receiver::start().await;
+    let app = app_for(kind, &sim, &[]).await;
+    let id = app
+        .post("/v1/identity", json!({"phone": "8885551234", "birth_date": "1968-05-27", "provider": "idme", "callback_url": receiver.url("/hook")}))
+        .await
+        .id();
+    let tx = wait_final(&app, &id).await;
+    assert_eq!(tx["status"]["code"], 200, "{tx}");
+    let got = receiver.wait_for(1, WAIT).await;
+    assert_eq!(got[0].json()["transaction_id"], id.as_str());
+    let idme_id = app.store.transaction(id.parse().unwrap()).await.unwrap().unwrap().provider_ref.unwrap();
+    assert_eq!(sim.idme.transaction(&idme_id).unwrap().pushes, 0, "nothing was pushed: polling found it");
+}
+
+async fn identity_without_result_ends_at_its_deadline(kind: Kind) {
+    let sim = sim(false).await;
+    sim.idme.set_config(IdmeConfig {
+        identity_delay: Duration::from_secs(3600),
+        push_webhooks: false,
+        ..IdmeConfig::default()
+    });
+    let app = app_for(kind, &sim, &[("HANDSET__IDENTITY__RESULT_TTL", "300ms")]).await;
+    let id = app
+        .post("/v1/identity", json!({"phone": "8885551234", "birth_date": "1968-05-27", "provider": "idme"}))
+        .await
+        .id();
+    let tx = wait_final(&app, &id).await;
+    assert_eq!(tx["status"]["code"], 300);
+    assert_eq!(tx["result"]["errors"][0]["code"], 5001);
+}
+
+async fn webhook_is_authenticated(kind: Kind) {
+    let sim = sim(false).await;
+    let app = app_for(kind, &sim, &[]).await;
+    let id = app
+        .post("/v1/identity", json!({"phone": "8885551234", "birth_date": "1968-05-27", "provider": "idme"}))
+        .await
+        .id();
+    let idme_id = app.store.transaction(id.parse().unwrap()).await.unwrap().unwrap().provider_ref.unwrap();
+    let result = json!({"transaction_id": idme_id, "status": {"code": 300}, "result": {"errors": [{"code": 1014, "message": "Could not find the user"}]}});
+    let hook = |query: &str| app.client.post(app.url(&format!("/providers/idme/webhook{query}"))).json(&result);
+    app.send(hook("")).await.assert_error(401, 1100);
+    app.send(hook("?token=wrong")).await.assert_error(401, 1100);
+    app.send(hook("").bearer_auth("wrong")).await.assert_error(401, 1100);
+    assert_eq!(app.transaction(&id).await.body["status"]["code"], 210, "refused calls change nothing");
+    let unknown = json!({"transaction_id": "nope", "status": {"code": 200}});
+    app.send(app.client.post(app.url("/providers/idme/webhook?token=hook-secret")).json(&unknown))
+        .await
+        .assert_error(404, 4100);
+    app.send(app.client.post(app.url("/providers/idme/webhook?token=hook-secret")).body("{"))
+        .await
+        .assert_error(400, 3900);
+
+    let accepted = app.send(hook("").bearer_auth(WEBHOOK_SECRET)).await;
+    assert_eq!(accepted.status, 200, "{}", accepted.text);
+    let tx = app.transaction(&id).await.body;
+    assert_eq!(tx["status"]["code"], 300);
+    assert_eq!(tx["result"]["errors"][0]["provider_code"], "1014");
+    // A late, different result for a final transaction changes nothing.
+    let late = json!({"transaction_id": idme_id, "status": {"code": 200}, "result": {"address": {"line1": "x"}}});
+    let answer = app.send(app.client.post(app.url("/providers/idme/webhook?token=hook-secret")).json(&late)).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(app.transaction(&id).await.body["status"]["code"], 300);
+}
+
+async fn rejected_credentials_are_our_error(kind: Kind) {
+    let sim = sim(false).await;
+    let app = app_for(kind, &sim, &[("HANDSET__PROVIDERS__IDME__SECRET", "not-the-secret")]).await;
+    let before = app.count("transactions").await;
+    app.post("/v1/possession", json!({"phone": "4155550123", "provider": "idme"})).await.assert_error(500, 5000);
+    app.post("/v1/identity", json!({"phone": "8885551234", "birth_date": "1968-05-27", "provider": "idme"}))
+        .await
+        .assert_error(500, 5000);
+    assert_eq!(app.count("transactions").await, before);
+    let metrics = app.send(app.client.get(app.url("/metrics"))).await.text;
+    assert!(metrics.contains(r#"provider_auth_failures_total{provider="idme"}"#), "{metrics}");
+}
+
+async fn idme_down_or_hanging(kind: Kind) {
+    let sim = sim(false).await;
+    let app = app_for(kind, &sim, &[("HANDSET__PROVIDERS__IDME__TIMEOUT", "300ms")]).await;
+    sim.set_faults(Faults { error_rate: 1.0, ..Faults::default() });
+    app.post("/v1/possession", json!({"phone": "4155550123", "provider": "idme"})).await.assert_error(503, 5001);
+    sim.set_faults(Faults { hang: true, ..Faults::default() });
+    let hung = app.post("/v1/possession", json!({"phone": "4155550124", "provider": "idme"})).await;
+    hung.assert_error(503, 5001);
+    app.post("/v1/identity", json!({"phone": "8885551234", "birth_date": "1968-05-27", "provider": "idme"}))
+        .await
+        .assert_error(503, 5001);
+    // Each was recorded as final, so nothing waits forever.
+    let pending = app.dump("transactions", "CAST(status_code AS TEXT)").await;
+    assert_eq!(pending.lines().filter(|s| *s == "300").count(), 3, "{pending}");
+    assert!(!pending.lines().any(|s| s == "210"));
+}
+
+/// Routing from config: ID.me first, the sandbox when ID.me is unavailable.
+async fn routing_falls_back_when_idme_is_down(kind: Kind) {
+    let sim = sim(false).await;
+    let rules = r#"
+[[routing.rules]]
+product = "possession.sms"
+providers = ["idme", "sandbox"]
+
+[[routing.rules]]
+product = "identity"
+providers = ["idme"]
+
+[[routing.rules]]
+product = "possession.network"
+providers = ["sandbox"]
+"#;
+    let base = sim.base_url();
+    let env = [
+        ("HANDSET__PROVIDERS__IDME__BASE_URL", base.as_str()),
+        ("HANDSET__PROVIDERS__IDME__SECRET", "sim-secret"),
+        ("HANDSET__CIRCUIT_BREAKER__FAILURE_THRESHOLD", "2"),
+        ("HANDSET__CIRCUIT_BREAKER__OPEN_FOR", "1h"),
+    ];
+    let app = TestApp::spawn_with_config(kind, rules, &env).await;
+    let routed = app.start_sms("4155550123").await;
+    assert_eq!(routed.body["provider"], "idme", "{}", routed.text);
+    let identity = app.post("/v1/identity", json!({"phone": "8885551234", "birth_date": "1968-05-27"})).await;
+    assert_eq!(identity.body["provider"], "idme");
+    // Non-NANP numbers skip ID.me.
+    assert_eq!(app.start_sms("+33612345678").await.body["provider"], "sandbox");
+
+    sim.set_faults(Faults { error_rate: 1.0, ..Faults::default() });
+    let before = sim.requests();
+    for phone in ["4155550124", "4155550125", "4155550126", "4155550127"] {
+        let answer = app.start_sms(phone).await;
+        assert_eq!(answer.status, 201, "{}", answer.text);
+        assert_eq!(answer.body["provider"], "sandbox", "skipped to the next provider");
+    }
+    assert_eq!(sim.requests() - before, 2, "the circuit opened after two failures: ID.me is not called meanwhile");
+}
+
+crate::on_both_kinds!(
+    sms_possession_through_idme,
+    identity_completed_by_webhook,
+    identity_completed_by_polling,
+    identity_without_result_ends_at_its_deadline,
+    webhook_is_authenticated,
+    rejected_credentials_are_our_error,
+    idme_down_or_hanging,
+    routing_falls_back_when_idme_is_down,
+);
