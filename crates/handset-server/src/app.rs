@@ -221,7 +221,15 @@ fn providers(settings: &Settings, public_url: &str) -> Result<Vec<Arc<dyn Provid
         })
         .map_err(|e| StartError::Io(std::io::Error::other(e)))?;
         tracing::info!(provider = "idme", base_url = %p.idme.base_url, "provider enabled");
-        providers.push(Arc::new(idme));
+        let idme = Arc::new(idme);
+        // Tell the operator early if ID.me cannot be reached; requests work (or fail over) regardless.
+        let probe = idme.clone();
+        tokio::spawn(async move {
+            if !probe.health().await {
+                tracing::warn!(provider = "idme", "ID.me's /health does not answer: requests will fail over or fail");
+            }
+        });
+        providers.push(idme);
     } else {
         tracing::info!(provider = "idme", "provider disabled: no credentials configured");
     }

@@ -251,6 +251,10 @@ async fn binary_reads_config_layers_and_logs_without_secrets() {
     assert!(confirm_line["request_id"].as_str().is_some_and(|s| !s.is_empty()));
     assert!(confirm_line["latency_ms"].is_number());
     assert_eq!(confirm_line["method"], "POST");
+    assert!(
+        logs.contains("provider disabled: no credentials configured"),
+        "providers without credentials say so:\n{logs}"
+    );
     for secret in ["4155550123", DEV_KEY, "123123"] {
         assert!(!logs.contains(secret), "{secret:?} leaked into the logs:\n{logs}");
     }
