@@ -1,10 +1,12 @@
 //! The adapter against `handset-sim`'s ID.me: whole flows, the mock rules
 //! and injected faults.
 
+mod common;
+
 use std::time::Duration;
 
 use chrono::NaiveDate;
-use handset_core::model::{Product, ProviderName, Status, Transaction, TransactionResult};
+use handset_core::model::{Product, TransactionResult};
 use handset_core::provider::{CodeCheck, Outcome, Provider, ProviderError, StartRequest};
 use handset_core::{BirthDate, ErrorCode, Phone, Region};
 use handset_idme::{Idme, IdmeSettings};
@@ -36,36 +38,6 @@ fn request<'a>(phone: &'a Phone, birth_date: Option<&'a BirthDate>) -> StartRequ
     StartRequest { transaction_id: uuid::Uuid::nil(), phone, name: None, birth_date, provider_verification: None }
 }
 
-fn kept(product: Product, provider_ref: Option<String>) -> Transaction {
-    let now = chrono::Utc::now();
-    Transaction {
-        id: uuid::Uuid::new_v4(),
-        verification_id: uuid::Uuid::new_v4(),
-        partner_id: uuid::Uuid::new_v4(),
-        product,
-        provider: ProviderName::Idme,
-        phone: Some("+14155550123".into()),
-        birth_date: None,
-        status: Status::Pending,
-        created_at: now,
-        updated_at: now,
-        expires_at: None,
-        attempts_used: 0,
-        max_attempts: 5,
-        code_hash: None,
-        provider_ref,
-        provider_verification: None,
-        next_poll_at: None,
-        poll_attempts: 0,
-        redirect_url: None,
-        redirect_uri: None,
-        callback_url: None,
-        name: None,
-        metadata: serde_json::json!({}),
-        result: None,
-    }
-}
-
 #[tokio::test]
 async fn sms_possession_flow() {
     let sim = sim().await;
@@ -73,7 +45,7 @@ async fn sms_possession_flow() {
     let number = phone("4155550123");
     let started = idme.send_code(request(&number, None)).await.unwrap();
     assert_eq!(started.outcome, Outcome::Pending);
-    let tx = kept(Product::PossessionSms, started.provider_ref.clone());
+    let tx = common::kept(Product::PossessionSms, started.provider_ref.clone());
     assert_eq!(idme.check_code(&tx, "000000").await.unwrap(), CodeCheck::Mismatched);
     assert!(matches!(
         idme.check_code(&tx, "123123").await.unwrap(),
@@ -81,7 +53,8 @@ async fn sms_possession_flow() {
     ));
     assert_eq!(sim.idme.transaction(started.provider_ref.as_deref().unwrap()).unwrap().status, 200);
 
-    let other = kept(Product::PossessionSms, idme.send_code(request(&number, None)).await.unwrap().provider_ref);
+    let other =
+        common::kept(Product::PossessionSms, idme.send_code(request(&number, None)).await.unwrap().provider_ref);
     for _ in 0..4 {
         assert_eq!(idme.check_code(&other, "000000").await.unwrap(), CodeCheck::Mismatched);
     }
@@ -100,7 +73,7 @@ async fn identity_is_pending_then_final() {
         let number = phone(number);
         let started = idme.start_identity(request(&number, Some(&born))).await.unwrap();
         assert_eq!(started.outcome, Outcome::Pending);
-        let tx = kept(Product::Identity, started.provider_ref);
+        let tx = common::kept(Product::Identity, started.provider_ref);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         let outcome = loop {
             match idme.fetch_result(&tx, None).await.unwrap() {

@@ -1,10 +1,12 @@
 //! The adapter against a mock HTTP server on loopback: request shapes and
 //! every documented status, code and result of ID.me's catalogue.
 
+mod common;
+
 use std::time::Duration;
 
 use chrono::NaiveDate;
-use handset_core::model::{Product, ProviderName, ResultError, Status, Transaction, TransactionResult};
+use handset_core::model::{Product, ResultError, TransactionResult};
 use handset_core::provider::{CodeCheck, Outcome, Provider, ProviderError, StartRequest};
 use handset_core::{BirthDate, ErrorCode, Phone, Region};
 use handset_idme::{Idme, IdmeSettings};
@@ -33,36 +35,6 @@ fn phone(number: &str) -> Phone {
 
 fn request<'a>(phone: &'a Phone, birth_date: Option<&'a BirthDate>) -> StartRequest<'a> {
     StartRequest { transaction_id: uuid::Uuid::nil(), phone, name: None, birth_date, provider_verification: None }
-}
-
-fn transaction(provider_ref: &str) -> Transaction {
-    let now = chrono::Utc::now();
-    Transaction {
-        id: uuid::Uuid::new_v4(),
-        verification_id: uuid::Uuid::new_v4(),
-        partner_id: uuid::Uuid::new_v4(),
-        product: Product::PossessionSms,
-        provider: ProviderName::Idme,
-        phone: Some("+14155550123".into()),
-        birth_date: None,
-        status: Status::Pending,
-        created_at: now,
-        updated_at: now,
-        expires_at: None,
-        attempts_used: 0,
-        max_attempts: 5,
-        code_hash: None,
-        provider_ref: Some(provider_ref.into()),
-        provider_verification: None,
-        next_poll_at: None,
-        poll_attempts: 0,
-        redirect_url: None,
-        redirect_uri: None,
-        callback_url: None,
-        name: None,
-        metadata: json!({}),
-        result: None,
-    }
 }
 
 fn pending(id: &str) -> Value {
@@ -246,7 +218,7 @@ async fn confirm_verdicts() {
             .await;
     }
     let idme = idme(&server, Duration::from_secs(2));
-    let tx = transaction("t-1");
+    let tx = common::kept(Product::PossessionSms, Some("t-1".into()));
     assert_eq!(idme.check_code(&tx, "111111").await.unwrap(), CodeCheck::Mismatched);
     for (code, expected) in [("222222", 3104), ("333333", 3103), ("444444", 3105)] {
         match idme.check_code(&tx, code).await.unwrap() {
@@ -309,7 +281,10 @@ async fn status_reads_are_retried_but_sends_are_not() {
         .mount(&server)
         .await;
     let idme = idme(&server, Duration::from_secs(2));
-    assert_eq!(idme.fetch_result(&transaction("t-3"), None).await.unwrap(), Outcome::Pending);
+    assert_eq!(
+        idme.fetch_result(&common::kept(Product::PossessionSms, Some("t-3".into())), None).await.unwrap(),
+        Outcome::Pending
+    );
     let number = phone("+14155550123");
     assert!(matches!(idme.send_code(request(&number, None)).await, Err(ProviderError::Unavailable(_))));
 }

@@ -30,6 +30,13 @@ async fn app(kind: Kind, extra: &[(&str, &str)]) -> TestApp {
     TestApp::spawn_with(kind, &env).await
 }
 
+/// An identity check, final at once (sandbox), that owes a callback; its id.
+async fn identity_with_callback(app: &TestApp, phone: &str, callback_url: &str) -> String {
+    app.post("/v1/identity", json!({"phone": phone, "birth_date": "1968-05-27", "callback_url": callback_url}))
+        .await
+        .id()
+}
+
 async fn callbacks_of(app: &TestApp, id: &str) -> Vec<Value> {
     app.get(&format!("/v1/transactions/{id}/callbacks")).await.body["callbacks"].as_array().cloned().unwrap_or_default()
 }
@@ -93,13 +100,7 @@ async fn failures_are_retried_then_given_up(kind: Kind) {
     let receiver = Receiver::start().await;
     receiver.script([Reply::Status(500), Reply::Status(503)]);
     let app = app(kind, &[]).await;
-    let id = app
-        .post(
-            "/v1/identity",
-            json!({"phone": "8885551234", "birth_date": "1968-05-27", "callback_url": receiver.url("/a")}),
-        )
-        .await
-        .id();
+    let id = identity_with_callback(&app, "8885551234", &receiver.url("/a")).await;
     let got = receiver.wait_for(3, WAIT).await;
     let ids: Vec<String> = got.iter().map(|r| r.header("webhook-id")).collect();
     assert!(ids.iter().all(|i| *i == ids[0]), "the same webhook-id on every attempt: {ids:?}");
@@ -110,13 +111,7 @@ async fn failures_are_retried_then_given_up(kind: Kind) {
     // Always failing: one attempt plus one per retry of the schedule, then failed.
     let failing = Receiver::start().await;
     failing.default_reply(Reply::Status(500));
-    let id = app
-        .post(
-            "/v1/identity",
-            json!({"phone": "8885551235", "birth_date": "1968-05-27", "callback_url": failing.url("/b")}),
-        )
-        .await
-        .id();
+    let id = identity_with_callback(&app, "8885551235", &failing.url("/b")).await;
     let record = wait_state(&app, &id, "failed").await;
     assert_eq!(record["attempts"].as_array().unwrap().len(), 3);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -127,13 +122,7 @@ async fn redirects_and_slow_answers_are_failures(kind: Kind) {
     let receiver = Receiver::start().await;
     receiver.script([Reply::Redirect("/elsewhere"), Reply::Slow(Duration::from_secs(3), 200)]);
     let app = app(kind, &[("HANDSET__CALLBACKS__TIMEOUT", "300ms")]).await;
-    let id = app
-        .post(
-            "/v1/identity",
-            json!({"phone": "8885551234", "birth_date": "1968-05-27", "callback_url": receiver.url("/hook")}),
-        )
-        .await
-        .id();
+    let id = identity_with_callback(&app, "8885551234", &receiver.url("/hook")).await;
     let record = wait_state(&app, &id, "delivered").await;
     let attempts = record["attempts"].as_array().unwrap();
     assert_eq!(attempts.len(), 3, "{record}");
@@ -146,13 +135,7 @@ async fn redirects_and_slow_answers_are_failures(kind: Kind) {
 async fn retry_endpoint_queues_the_current_state(kind: Kind) {
     let receiver = Receiver::start().await;
     let app = app(kind, &[]).await;
-    let id = app
-        .post(
-            "/v1/identity",
-            json!({"phone": "8885551234", "birth_date": "1968-05-27", "callback_url": receiver.url("/hook")}),
-        )
-        .await
-        .id();
+    let id = identity_with_callback(&app, "8885551234", &receiver.url("/hook")).await;
     receiver.wait_for(1, WAIT).await;
     let queued = app.post(&format!("/v1/transactions/{id}/callbacks/retry"), json!({})).await;
     assert_eq!(queued.status, 202, "{}", queued.text);
@@ -242,13 +225,7 @@ async fn delivery_metrics(kind: Kind) {
     let receiver = Receiver::start().await;
     receiver.script([Reply::Status(500)]);
     let app = app(kind, &[]).await;
-    let id = app
-        .post(
-            "/v1/identity",
-            json!({"phone": "8885551234", "birth_date": "1968-05-27", "callback_url": receiver.url("/hook")}),
-        )
-        .await
-        .id();
+    let id = identity_with_callback(&app, "8885551234", &receiver.url("/hook")).await;
     wait_state(&app, &id, "delivered").await;
     let text = app.send(app.client.get(app.url("/metrics"))).await.text;
     assert!(text.contains(r#"callback_deliveries_total{outcome="delivered"}"#), "{text}");
