@@ -24,14 +24,15 @@ impl BirthDate {
             return Err(bad_format());
         }
         let date = NaiveDate::parse_from_str(input, "%Y-%m-%d").map_err(|_| bad_format())?;
-        if date > today || date.year() < 1900 {
+        if date.year() < 1900 {
             return Err(ApiError::with_message(
                 ErrorCode::InvalidBirthDate,
                 "Transaction parameter birth_date is not a plausible date of birth",
             ));
         }
         let birth_date = BirthDate(date);
-        if birth_date.age_on(today) < MINIMUM_AGE {
+        // A date still to come is no adult's either.
+        if date > today || birth_date.age_on(today) < MINIMUM_AGE {
             return Err(ApiError::new(ErrorCode::Minor));
         }
         Ok(birth_date)
@@ -73,7 +74,7 @@ mod tests {
         for bad in ["1968-5-27", "27/05/1968", "1968-02-30", "1968-05-27T00:00:00", "", "19680527"] {
             assert_eq!(BirthDate::parse(bad, today).unwrap_err().code, ErrorCode::InvalidBirthDate, "{bad}");
         }
-        assert_eq!(BirthDate::parse("2030-01-01", today).unwrap_err().code, ErrorCode::InvalidBirthDate);
+        assert_eq!(BirthDate::parse("2030-01-01", today).unwrap_err().code, ErrorCode::Minor);
     }
 
     #[test]

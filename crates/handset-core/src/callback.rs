@@ -101,8 +101,8 @@ fn is_forbidden_v6(ip: Ipv6Addr) -> bool {
         || (first == 0x2001 && ip.segments()[1] == 0x0db8) // documentation
 }
 
-/// IPv4 carried inside IPv6: mapped (::ffff:a.b.c.d), compatible (::a.b.c.d)
-/// and NAT64 (64:ff9b::a.b.c.d).
+/// IPv4 carried inside IPv6: mapped (::ffff:a.b.c.d), compatible (::a.b.c.d),
+/// NAT64 (64:ff9b::a.b.c.d and the local 64:ff9b:1::/48) and 6to4 (2002:aabb:ccdd::).
 fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     if let Some(v4) = ip.to_ipv4_mapped() {
         return Some(v4);
@@ -112,8 +112,11 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     if s[..6] == [0, 0, 0, 0, 0, 0] && !ip.is_loopback() && !ip.is_unspecified() {
         return Some(tail);
     }
-    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || s[..3] == [0x64, 0xff9b, 1] {
         return Some(tail);
+    }
+    if s[0] == 0x2002 {
+        return Some(Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8));
     }
     None
 }
@@ -153,10 +156,13 @@ mod tests {
             "::ffff:10.0.0.1",
             "64:ff9b::a9fe:a9fe",
             "::7f00:1",
+            "64:ff9b:1::a00:1",
+            "2002:7f00:1::1",
+            "2002:a9fe:a9fe::",
         ] {
             assert!(is_forbidden_ip(ip.parse().unwrap()), "{ip}");
         }
-        for ip in ["8.8.8.8", "203.0.114.9", "2606:4700::1111", "::ffff:8.8.8.8"] {
+        for ip in ["8.8.8.8", "203.0.114.9", "2606:4700::1111", "::ffff:8.8.8.8", "2002:808:808::1"] {
             assert!(!is_forbidden_ip(ip.parse().unwrap()), "{ip}");
         }
     }

@@ -159,25 +159,11 @@ impl Gateway {
         // A concurrent request can change the transaction between our read and
         // our conditional write; re-reading and deciding again settles it.
         for _ in 0..3 {
-            let tx = self.owned_transaction(partner, transaction_id).await?;
-            if !tx.product.is_possession() {
-                return Err(ApiError::new(ErrorCode::NotPossessionCheck));
-            }
+            let tx = self.possession_transaction(partner, transaction_id).await?;
             let now = Utc::now();
             match tx.status {
                 Status::Succeeded => return Ok(tx),
-                Status::Failed => {
-                    return match failure_error(&tx) {
-                        // A network check that failed upstream is reported, not refused.
-                        error
-                            if error.code == ErrorCode::NotPossessionCheck
-                                && tx.product == Product::PossessionNetwork =>
-                        {
-                            Ok(tx)
-                        }
-                        error => Err(error),
-                    };
-                }
+                Status::Failed => return Err(failure_error(&tx)),
                 Status::Pending => {}
             }
             if tx.expires_at.is_some_and(|at| at <= now) {
@@ -227,6 +213,15 @@ impl Gateway {
             }
         }
         Err(internal("confirm did not settle after 3 reads"))
+    }
+
+    /// A possession transaction of this partner: 404 4100, 403 3200, 422 3105 otherwise.
+    pub async fn possession_transaction(&self, partner: &Partner, id: Uuid) -> Result<Transaction, ApiError> {
+        let tx = self.owned_transaction(partner, id).await?;
+        if !tx.product.is_possession() {
+            return Err(ApiError::new(ErrorCode::NotPossessionCheck));
+        }
+        Ok(tx)
     }
 
     pub async fn transaction(&self, partner: &Partner, id: Uuid) -> Result<Transaction, ApiError> {
@@ -299,30 +294,47 @@ impl Gateway {
         Ok(expired)
     }
 
-    /// Asks providers for up to `limit` pending results that are due, with
-    /// backoff between polls of one transaction. Returns how many became final.
-    pub async fn poll_due(&self, now: DateTime<Utc>, limit: i64) -> Result<usize, ApiError> {
+    /// Asks providers for up to `limit` pending results that are due, all at
+    /// once, with backoff between polls of one transaction. Returns how many
+    /// became final.
+    pub async fn poll_due(self: &Arc<Self>, now: DateTime<Utc>, limit: i64) -> Result<usize, ApiError> {
         let lease_until = now + chrono_delay(self.settings.poll_max);
         let due = self.store.claim_due_polls(now, lease_until, limit).await.map_err(internal)?;
-        let mut settled = 0;
+        let mut polls = tokio::task::JoinSet::new();
         for tx in due {
-            let Some(provider) = self.providers.get(&tx.provider) else { continue };
-            match provider.fetch_result(&tx, None).await {
-                Ok(Outcome::Pending) => {}
-                Ok(outcome) => {
-                    if self.apply_outcome(tx.clone(), outcome).await?.is_some_and(|t| t.is_final()) {
-                        settled += 1;
-                        continue;
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(provider = %tx.provider, transaction_id = %tx.id, %error, "polling a provider failed")
-                }
+            let gateway = self.clone();
+            polls.spawn(async move { gateway.poll_one(tx).await });
+        }
+        let mut settled = 0;
+        while let Some(joined) = polls.join_next().await {
+            match joined {
+                Ok(Ok(true)) => settled += 1,
+                Ok(Ok(false)) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "recording a polled result failed"),
+                Err(error) => tracing::error!(%error, "a provider poll task failed"),
             }
-            let delay = backoff(self.settings.poll_min, self.settings.poll_max, tx.poll_attempts);
-            self.store.schedule_poll(tx.id, Utc::now() + chrono_delay(delay)).await.map_err(internal)?;
         }
         Ok(settled)
+    }
+
+    /// Polls one claimed transaction; true when it became final.
+    async fn poll_one(&self, tx: Transaction) -> Result<bool, ApiError> {
+        let Some(provider) = self.providers.get(&tx.provider) else { return Ok(false) };
+        match provider.fetch_result(&tx, None).await {
+            Ok(Outcome::Pending) => {}
+            Ok(outcome) => {
+                if self.apply_outcome(tx.clone(), outcome).await?.is_some_and(|t| t.is_final()) {
+                    return Ok(true);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(provider = %tx.provider, transaction_id = %tx.id, %error, "polling a provider failed")
+            }
+        }
+        // The claim counted this poll already: the first wait after it is `poll_min`.
+        let delay = backoff(self.settings.poll_min, self.settings.poll_max, tx.poll_attempts - 1);
+        self.store.schedule_poll(tx.id, Utc::now() + chrono_delay(delay)).await.map_err(internal)?;
+        Ok(false)
     }
 
     /// A result a provider pushed (e.g. ID.me's webhook) for its transaction
@@ -529,6 +541,13 @@ impl Gateway {
                         tracing::warn!(provider = %name, "circuit opened: the provider is skipped for a while");
                     }
                     last = ProviderError::Unavailable(why);
+                }
+                Err(ProviderError::Failed(why)) => {
+                    // No answer after sending: not failed over, but it counts toward pausing a hanging provider.
+                    if breaker.record_failure(Instant::now()) {
+                        tracing::warn!(provider = %name, "circuit opened: the provider is skipped for a while");
+                    }
+                    return Err(ProviderError::Failed(why));
                 }
                 answer => {
                     breaker.record_success();

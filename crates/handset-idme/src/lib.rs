@@ -100,9 +100,14 @@ impl Idme {
     }
 
     async fn get_status(&self, transaction_ref: &str) -> Result<TelecomResponse, ProviderError> {
-        let url = format!("{}{STATUS_PATH}{transaction_ref}", self.base_url);
+        let mut url = reqwest::Url::parse(&format!("{}{STATUS_PATH}", self.base_url))
+            .map_err(|e| ProviderError::Misconfigured(format!("providers.idme.base_url: {e}")))?;
+        url.path_segments_mut()
+            .map_err(|_| ProviderError::Misconfigured("providers.idme.base_url cannot take a path".into()))?
+            .pop_if_empty()
+            .push(transaction_ref);
         let once = || async {
-            let sent = self.client.get(&url).header("authorization", &self.authorization).send().await;
+            let sent = self.client.get(url.clone()).header("authorization", &self.authorization).send().await;
             mapping::read(sent, false).await
         };
         // A status read changes nothing upstream, so it is retried.
@@ -187,7 +192,12 @@ impl Provider for Idme {
             verification_id: request.provider_verification,
         };
         let answer = self.post(SEND_PATH, &body, Effect::ReachesUser).await?;
-        self.started(answer)
+        let started = self.started(answer)?;
+        // A send proves nothing by itself, and without ID.me's id the code cannot be checked.
+        if matches!(started.outcome, Outcome::Succeeded(_)) || started.provider_ref.is_none() {
+            return Err(ProviderError::Failed("ID.me answered the send without a pending transaction id".into()));
+        }
+        Ok(started)
     }
 
     async fn check_code(&self, transaction: &Transaction, code: &str) -> Result<CodeCheck, ProviderError> {

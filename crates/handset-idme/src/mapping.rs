@@ -11,6 +11,9 @@ use serde_json::Value;
 
 use crate::wire::{Envelope, ErrorBody, TelecomResponse};
 
+/// ID.me's product name for identity transactions.
+const IDENTITY_PRODUCT: &str = "telecom.identity";
+
 /// `Retry-After` assumed when ID.me rate-limits without saying for how long.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
 
@@ -46,11 +49,18 @@ pub(crate) async fn read(
             .map_err(|e| ProviderError::Failed(format!("unreadable answer from ID.me ({status}): {e}")));
     }
     let envelope: Envelope = serde_json::from_slice(&body).unwrap_or_default();
-    Err(http_error(status, envelope.errors.first(), retry_after))
+    Err(http_error(status, envelope.errors.first(), retry_after, reaches_user))
 }
 
-/// A non-2xx answer as a provider error.
-pub(crate) fn http_error(status: u16, error: Option<&ErrorBody>, retry_after: Option<Duration>) -> ProviderError {
+/// A non-2xx answer as a provider error. On a call that may reach the user
+/// (a send), only 502 and 503 say the request was not processed; any other
+/// 5xx may come after the SMS went out, so it is not failed over.
+pub(crate) fn http_error(
+    status: u16,
+    error: Option<&ErrorBody>,
+    retry_after: Option<Duration>,
+    reaches_user: bool,
+) -> ProviderError {
     let code = error.map(|e| e.code).unwrap_or_default();
     let text = error.and_then(|e| e.message.clone()).unwrap_or_default();
     let described = format!("ID.me answered {status} {code} {text}");
@@ -72,6 +82,10 @@ pub(crate) fn http_error(status: u16, error: Option<&ErrorBody>, retry_after: Op
                 _ => ErrorCode::AccountRateLimited,
             };
             ProviderError::Rejected(ApiError::new(code).retry_after(retry_after.unwrap_or(DEFAULT_RETRY_AFTER)))
+        }
+        502 | 503 => ProviderError::Unavailable(described),
+        500..=599 if reaches_user => {
+            ProviderError::Failed(format!("{described}; the code may have been sent, so no other provider is tried"))
         }
         500..=599 => ProviderError::Unavailable(described),
         _ => ProviderError::Failed(described),
@@ -109,11 +123,24 @@ pub fn outcome_of(answer: &TelecomResponse) -> Result<Outcome, ProviderError> {
     match answer.status.as_ref().map(|s| s.code) {
         Some(200) => {
             let address = answer.result.as_ref().and_then(|r| r.address.as_ref()).and_then(address_of);
-            Ok(Outcome::Succeeded(match address {
-                Some(address) => TransactionResult::Address { address },
+            match (address, answer.product.as_deref()) {
+                (Some(address), _) => Ok(Outcome::Succeeded(TransactionResult::Address { address })),
+                // An identity match must carry the address; say which fields came, never their values.
+                (None, Some(IDENTITY_PRODUCT)) => {
+                    let fields = answer
+                        .result
+                        .as_ref()
+                        .and_then(|r| r.address.as_ref())
+                        .and_then(Value::as_object)
+                        .map(|o| o.keys().cloned().collect::<Vec<_>>().join(","))
+                        .unwrap_or_default();
+                    Err(ProviderError::Failed(format!(
+                        "ID.me identity success without a readable address (fields: {fields})"
+                    )))
+                }
                 // Possession: the number is the one handset checked (filled in by the gateway).
-                None => TransactionResult::Phone { phone: String::new() },
-            }))
+                (None, _) => Ok(Outcome::Succeeded(TransactionResult::Phone { phone: String::new() })),
+            }
         }
         Some(210) => Ok(Outcome::Pending),
         Some(300) => Ok(Outcome::Failed(ResultError {

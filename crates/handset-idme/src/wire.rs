@@ -12,6 +12,8 @@ pub struct TelecomResponse {
     pub verification_id: Option<String>,
     pub product: Option<String>,
     pub status: Option<StatusBody>,
+    /// The overview document also names it `results`.
+    #[serde(alias = "results")]
     pub result: Option<ResultBody>,
 }
 

@@ -107,10 +107,50 @@ async fn every_http_error_maps_to_the_catalogue() {
                 assert_eq!(api.code, code);
                 assert_eq!(api.retry_after, Some(Duration::from_secs(60)), "no Retry-After: the default");
             }
-            (500, _, ProviderError::Unavailable(_)) => {}
+            // A 500 after a send may follow an SMS that went out: no failover.
+            (500, _, ProviderError::Failed(_)) => {}
             other => panic!("{code:?}: {other:?}"),
         }
     }
+}
+
+/// 5xx: a send fails over only on 502/503; a lookup that reaches no user on any 5xx.
+#[tokio::test]
+async fn server_errors_fail_over_only_when_safe() {
+    let born = BirthDate::parse("1968-05-27", NaiveDate::from_ymd_opt(2026, 1, 1).unwrap()).unwrap();
+    let number = phone("+14155550123");
+    for (status, send_fails_over) in [(500, false), (502, true), (503, true), (504, false)] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST")).respond_with(ResponseTemplate::new(status)).mount(&server).await;
+        let idme = idme(&server, Duration::from_secs(2));
+        let send = idme.send_code(request(&number, None)).await;
+        assert_eq!(matches!(send, Err(ProviderError::Unavailable(_))), send_fails_over, "{status}: {send:?}");
+        assert!(matches!(send, Err(ProviderError::Unavailable(_) | ProviderError::Failed(_))));
+        let lookup = idme.start_identity(request(&number, Some(&born))).await;
+        assert!(matches!(lookup, Err(ProviderError::Unavailable(_))), "{status}: {lookup:?}");
+    }
+}
+
+#[tokio::test]
+async fn sends_must_leave_a_pending_transaction() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"transaction_id": "t", "status": {"code": 200}})))
+        .mount(&server)
+        .await;
+    let idme = idme(&server, Duration::from_secs(2));
+    let number = phone("+14155550123");
+    assert!(
+        matches!(idme.send_code(request(&number, None)).await, Err(ProviderError::Failed(_))),
+        "a send proves nothing"
+    );
+    let identity = json!({"transaction_id": "t", "product": "telecom.identity", "status": {"code": 200}, "result": {"verified": true}});
+    assert!(handset_idme::outcome_of(&serde_json::from_value(identity).unwrap()).is_err(), "identity needs an address");
+    let plural =
+        json!({"transaction_id": "t", "results": {"errors": [{"code": 1014, "message": "Could not find the user"}]}});
+    assert!(
+        matches!(handset_idme::outcome_of(&serde_json::from_value(plural).unwrap()).unwrap(), Outcome::Failed(e) if e.code == 1014)
+    );
 }
 
 #[tokio::test]

@@ -181,7 +181,7 @@ fn runner_settings(settings: &Settings) -> RunnerSettings {
     let retention = settings.retention.personal_data;
     RunnerSettings {
         poll_interval: settings.workers.poll_interval,
-        retry_schedule: settings.callbacks.retry_schedule.iter().map(|d| **d).collect(),
+        retry_schedule: settings.callbacks.retry_schedule.clone(),
         // Outlasts a round of deliveries (each bounded by the timeout, all
         // concurrent) and the writes that record them.
         lease: settings.callbacks.timeout * 2 + Duration::from_secs(2),

@@ -2,11 +2,12 @@
 //! handset's own limits and error codes (never axum's plain-text rejections).
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::request::Parts;
 use handset_core::{ApiError, ErrorCode, Partner};
 use serde_json::{Map, Value};
+use uuid::Uuid;
 
 use crate::app::AppState;
 use crate::error::Failure;
@@ -34,6 +35,23 @@ impl FromRequestParts<AppState> for AuthPartner {
             .ok_or(ErrorCode::CredentialsUnknown)?;
         Ok(AuthPartner(state.gateway.authenticate(key).await?))
     }
+}
+
+/// The id in a route's path (`/v1/transactions/{id}`). Anything that is not
+/// a UUID, including bytes that are not UTF-8, names nothing: 404 4100.
+pub struct PathId(pub Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathId {
+    type Rejection = Failure;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Failure> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state).await.map_err(|_| not_found())?;
+        Uuid::parse_str(&raw).map(PathId).map_err(|_| not_found())
+    }
+}
+
+fn not_found() -> Failure {
+    Failure::from(ErrorCode::NotFound)
 }
 
 /// A request body that is a JSON object. An empty body reads as `{}`; a

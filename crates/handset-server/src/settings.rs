@@ -2,7 +2,6 @@
 //! then `HANDSET__SECTION__KEY` environment variables; validated as a whole.
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -103,7 +102,8 @@ pub struct PossessionSettings {
 #[serde(deny_unknown_fields)]
 pub struct CallbackSettings {
     pub allow_private_networks: bool,
-    pub retry_schedule: Vec<humantime_serde::Serde<Duration>>,
+    #[serde(deserialize_with = "durations")]
+    pub retry_schedule: Vec<Duration>,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
 }
@@ -214,6 +214,26 @@ pub struct LogSettings {
     pub level: String,
 }
 
+/// A list of humantime durations, as a TOML array or as one comma-separated
+/// string (how environment variables give lists).
+fn durations<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Duration>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        List(Vec<String>),
+        Joined(String),
+    }
+    let items = match Form::deserialize(deserializer)? {
+        Form::List(items) => items,
+        Form::Joined(text) => text.split(',').map(str::to_owned).collect(),
+    };
+    items
+        .iter()
+        .filter(|item| !item.trim().is_empty())
+        .map(|item| humantime::parse_duration(item.trim()).map_err(serde::de::Error::custom))
+        .collect()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
     #[error("configuration could not be read: {0}")]
@@ -233,14 +253,12 @@ impl Settings {
     pub fn load_with(file: Option<&Path>, env: Option<Vec<(String, String)>>) -> Result<Settings, SettingsError> {
         let mut builder = Config::builder().add_source(File::from_str(DEFAULT_CONFIG, FileFormat::Toml));
         if let Some(path) = file {
-            builder = builder.add_source(File::from(path).required(true));
+            // Whatever the file is called, it is TOML.
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml).required(true));
         }
-        let mut env_source = EnvSource::with_prefix("HANDSET")
-            .prefix_separator("__")
-            .separator("__")
-            .try_parsing(true)
-            .list_separator(",")
-            .with_list_parse_key("callbacks.retry_schedule");
+        // Values stay strings (a key like "000123" must not become 123); typed
+        // fields convert them, and lists accept "5s,1m".
+        let mut env_source = EnvSource::with_prefix("HANDSET").prefix_separator("__").separator("__");
         if let Some(vars) = env {
             env_source = env_source.source(Some(vars.into_iter().collect()));
         }
@@ -251,7 +269,8 @@ impl Settings {
 
     fn validate(&self) -> Result<(), SettingsError> {
         let invalid = |why: String| Err(SettingsError::Invalid(why));
-        if self.server.bind.parse::<SocketAddr>().is_err() {
+        let port = self.server.bind.rsplit_once(':').map(|(_, port)| port.parse::<u16>());
+        if !matches!(port, Some(Ok(_))) {
             return invalid(format!("server.bind must be HOST:PORT, got {:?}", self.server.bind));
         }
         if !self.server.public_url.is_empty() && url::Url::parse(&self.server.public_url).is_err() {
@@ -346,7 +365,9 @@ mod tests {
                 ("HANDSET__POSSESSION__CODE_TTL", "90s"),
                 ("HANDSET__PROVIDERS__IDME__BASE_URL", "http://127.0.0.1:9"),
                 ("HANDSET__CALLBACKS__RETRY_SCHEDULE", "1s,2s"),
-                ("HANDSET__DEV__API_KEY", "123456"),
+                ("HANDSET__DEV__API_KEY", "000123"),
+                ("HANDSET__CALLBACKS__ALLOW_PRIVATE_NETWORKS", "true"),
+                ("HANDSET__SERVER__BIND", "localhost:0"),
             ]),
         )
         .unwrap();
@@ -354,11 +375,10 @@ mod tests {
         assert_eq!(s.possession.max_attempts, 3);
         assert_eq!(s.possession.code_ttl, Duration::from_secs(90));
         assert_eq!(s.providers.idme.base_url, "http://127.0.0.1:9");
-        assert_eq!(
-            s.callbacks.retry_schedule.iter().map(|d| **d).collect::<Vec<_>>(),
-            [Duration::from_secs(1), Duration::from_secs(2)]
-        );
-        assert_eq!(s.dev.api_key.expose(), "123456");
+        assert_eq!(s.callbacks.retry_schedule, [Duration::from_secs(1), Duration::from_secs(2)]);
+        assert_eq!(s.dev.api_key.expose(), "000123", "strings stay strings");
+        assert!(s.callbacks.allow_private_networks);
+        assert_eq!(s.server.bind, "localhost:0");
     }
 
     #[test]

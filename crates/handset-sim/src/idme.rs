@@ -40,6 +40,9 @@ pub struct IdmeConfig {
     pub push_webhooks: bool,
     /// The organisation's webhook; when unset, the request's `callback_url`.
     pub webhook_url: Option<String>,
+    /// How long a sent code can be confirmed (then 3103).
+    #[serde(with = "humantime_serde")]
+    pub code_ttl: Duration,
 }
 
 impl Default for IdmeConfig {
@@ -49,6 +52,7 @@ impl Default for IdmeConfig {
             identity_delay: Duration::from_millis(500),
             push_webhooks: true,
             webhook_url: None,
+            code_ttl: Duration::from_secs(600),
         }
     }
 }
@@ -67,6 +71,8 @@ pub struct SimTransaction {
     pub callback_url: Option<String>,
     /// Webhook pushes made for this transaction.
     pub pushes: u32,
+    #[serde(skip)]
+    created_at: std::time::Instant,
 }
 
 impl SimTransaction {
@@ -127,7 +133,12 @@ fn mock(phone: &str) -> Option<Mock> {
     if !phone.starts_with("999") {
         return None;
     }
-    let code = phone[phone.len() - 4..].parse().ok().and_then(ErrorCode::from_code);
+    // Only ID.me's own catalogue: handset's 39xx, 5001 and 5300 are not ID.me's.
+    let code = phone[phone.len() - 4..]
+        .parse()
+        .ok()
+        .filter(|c| !(3900..4000).contains(c) && !matches!(*c, 5001 | 5300))
+        .and_then(ErrorCode::from_code);
     Some(match code {
         Some(code) if code.http_status().is_some() => Mock::Http(code),
         Some(code) if code.is_telecom_result() => Mock::Result(code),
@@ -236,6 +247,7 @@ impl IdmeSim {
             result: None,
             callback_url,
             pushes: 0,
+            created_at: std::time::Instant::now(),
         };
         self.lock().transactions.insert(tx.transaction_id.clone(), tx.clone());
         tx
@@ -324,7 +336,12 @@ async fn confirm(State(sim): State<IdmeSim>, headers: HeaderMap, Json(body): Jso
     if !sim.authorized(&headers) {
         return error(ErrorCode::CredentialsUnknown);
     }
-    let Some(tx) = body.transaction_id.as_deref().and_then(|id| sim.transaction(id)) else {
+    let code_ttl = sim.config().code_ttl;
+    let id = body.transaction_id.unwrap_or_default();
+    let code = body.code.unwrap_or_default();
+    // Check and count under one lock, so concurrent confirms cannot pass the limit.
+    let mut inner = sim.lock();
+    let Some(tx) = inner.transactions.get_mut(&id) else {
         return error(ErrorCode::NotFound);
     };
     if tx.product != "telecom.possession_send" {
@@ -333,30 +350,30 @@ async fn confirm(State(sim): State<IdmeSim>, headers: HeaderMap, Json(body): Jso
     match tx.status {
         200 => return Json(tx.to_json()).into_response(),
         300 if tx.attempts >= MAX_ATTEMPTS => return error(ErrorCode::RetryLimitExceeded),
+        300 if tx.result.is_none() => return error(ErrorCode::CodeExpired),
         300 => return error(ErrorCode::NotPossessionCheck),
         _ => {}
     }
-    let Some(code) = body.code.filter(|c| !c.is_empty()) else {
+    if tx.created_at.elapsed() > code_ttl {
+        tx.status = 300;
+        tx.updated = now();
+        return error(ErrorCode::CodeExpired);
+    }
+    if code.is_empty() {
         return error(ErrorCode::InvalidCode);
-    };
+    }
+    tx.updated = now();
     if code == SUCCESS_CODE {
-        let phone = tx.phone.clone();
-        let done = sim.update(&tx.transaction_id, |t| {
-            t.status = 200;
-            t.result = Some(json!({"phone": phone}));
-        });
-        return Json(done.unwrap_or(tx).to_json()).into_response();
+        tx.status = 200;
+        tx.result = Some(json!({"phone": tx.phone}));
+        return Json(tx.to_json()).into_response();
     }
-    let after = sim.update(&tx.transaction_id, |t| {
-        t.attempts += 1;
-        if t.attempts >= MAX_ATTEMPTS {
-            t.status = 300;
-        }
-    });
-    match after {
-        Some(t) if t.status == 300 => error(ErrorCode::RetryLimitExceeded),
-        _ => error(ErrorCode::InvalidCode),
+    tx.attempts += 1;
+    if tx.attempts >= MAX_ATTEMPTS {
+        tx.status = 300;
+        return error(ErrorCode::RetryLimitExceeded);
     }
+    error(ErrorCode::InvalidCode)
 }
 
 async fn identity(State(sim): State<IdmeSim>, headers: HeaderMap, Json(body): Json<IdentityIn>) -> Response {

@@ -17,6 +17,9 @@ struct Args {
     /// How long identity checks stay pending (humantime: 500ms, 2s).
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     idme_identity_delay: Duration,
+    /// How long a sent code can be confirmed (then 3103).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    idme_code_ttl: Duration,
     /// Push identity results here instead of the request's callback_url.
     #[arg(long)]
     idme_webhook_url: Option<String>,
@@ -29,7 +32,7 @@ struct Args {
     /// Up to this much extra latency, at random.
     #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
     jitter: Duration,
-    /// Share of requests answered 500 (0.0 to 1.0).
+    /// Share of requests answered 503 (0.0 to 1.0).
     #[arg(long, default_value_t = 0.0)]
     error_rate: f64,
     /// Never answer provider requests.
@@ -53,6 +56,7 @@ async fn main() -> std::io::Result<()> {
             identity_delay: args.idme_identity_delay,
             push_webhooks: !args.no_idme_webhooks,
             webhook_url: args.idme_webhook_url,
+            code_ttl: args.idme_code_ttl,
         },
     };
     Sim::serve(&args.bind, config).await

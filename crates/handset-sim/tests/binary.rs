@@ -64,6 +64,6 @@ async fn flags_and_admin_endpoint() {
     let set = client.put(format!("{base}/_admin/faults")).json(&json!({"error_rate": 1.0})).send().await.unwrap();
     assert_eq!(set.status(), 200);
     let failing = send("Bearer ID.me ZmxhZy1zZWNyZXQ=").await.unwrap();
-    assert_eq!(failing.status(), 500);
+    assert_eq!(failing.status(), 503);
     assert_eq!(failing.json::<Value>().await.unwrap()["errors"][0]["code"], 5000);
 }

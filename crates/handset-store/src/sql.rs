@@ -311,7 +311,7 @@ macro_rules! portable_store {
 
             async fn claim_due_callbacks(&self, claim: Claim<'_>) -> Result<Vec<ClaimedCallback>, StoreError> {
                 let rows: Vec<OutboxRow> = sqlx::query_as(&format!(
-                    "UPDATE outbox SET lease_owner = $1, lease_until = $2, attempts = attempts + 1 \
+                    "UPDATE outbox SET lease_owner = $1, lease_until = $2 \
                      WHERE id IN (SELECT id FROM outbox WHERE state = 'pending' AND next_attempt_at <= $3 \
                      AND (lease_until IS NULL OR lease_until <= $3) ORDER BY next_attempt_at LIMIT $4 {}) \
                      RETURNING {OUTBOX_SELECT}",
@@ -340,7 +340,8 @@ macro_rules! portable_store {
                             secret
                         }
                     };
-                    claimed.push(ClaimedCallback { message: row.message(), attempts_before: row.attempts - 1, webhook_secret: secret });
+                    // Attempts are counted when recorded, so a claim lost to a crash costs no retry.
+                    claimed.push(ClaimedCallback { message: row.message(), attempts_before: row.attempts, webhook_secret: secret });
                 }
                 Ok(claimed)
             }
@@ -360,7 +361,7 @@ macro_rules! portable_store {
                 let mut db_tx = self.pool.begin().await.map_err(db)?;
                 let done = sqlx::query(
                     "UPDATE outbox SET state = $3, next_attempt_at = COALESCE($4, next_attempt_at), \
-                     finished_at = $5, lease_owner = NULL, lease_until = NULL \
+                     finished_at = $5, lease_owner = NULL, lease_until = NULL, attempts = attempts + 1 \
                      WHERE id = $1 AND lease_owner = $2 AND state = 'pending'",
                 )
                 .bind(id)
@@ -462,8 +463,7 @@ macro_rules! portable_store {
             async fn purge_personal_data(&self, created_before: DateTime<Utc>, now: DateTime<Utc>) -> Result<u64, StoreError> {
                 let mut db_tx = self.pool.begin().await.map_err(db)?;
                 sqlx::query(
-                    "UPDATE outbox SET payload = '' WHERE state <> 'pending' AND payload <> '' AND transaction_id IN \
-                     (SELECT id FROM transactions WHERE created_at < $1 AND status_code <> 210 AND purged_at IS NULL)",
+                    "UPDATE outbox SET payload = '' WHERE state <> 'pending' AND payload <> '' AND created_at < $1",
                 )
                 .bind(created_before)
                 .execute(&mut *db_tx)

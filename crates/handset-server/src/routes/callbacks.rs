@@ -1,7 +1,7 @@
 //! `GET /v1/transactions/{id}/callbacks` and `POST .../callbacks/retry`.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use handset_core::model::CallbackOut;
 use serde::Serialize;
@@ -9,8 +9,7 @@ use utoipa::ToSchema;
 
 use crate::app::AppState;
 use crate::error::{ErrorsOut, Failure};
-use crate::extract::{AuthPartner, JsonObject};
-use crate::routes::path_id;
+use crate::extract::{AuthPartner, JsonObject, PathId};
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CallbacksOut {
@@ -30,9 +29,9 @@ pub struct CallbacksOut {
 pub async fn list(
     State(state): State<AppState>,
     AuthPartner(partner): AuthPartner,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Json<CallbacksOut>, Failure> {
-    let callbacks = state.gateway.callbacks(&partner, path_id(&id)?).await?;
+    let callbacks = state.gateway.callbacks(&partner, id).await?;
     Ok(Json(CallbacksOut { callbacks }))
 }
 
@@ -50,10 +49,9 @@ pub async fn list(
 pub async fn retry(
     State(state): State<AppState>,
     AuthPartner(partner): AuthPartner,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     JsonObject(fields): JsonObject,
 ) -> Result<(StatusCode, Json<CallbackOut>), Failure> {
-    let id = path_id(&id)?;
     fields.only(&[])?;
     let callback = state.gateway.retry_callback(&partner, id).await?;
     Ok((StatusCode::ACCEPTED, Json(callback)))

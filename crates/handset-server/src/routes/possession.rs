@@ -1,16 +1,15 @@
 //! `POST /v1/possession` and `POST /v1/possession/{transaction_id}/confirm`.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use handset_core::model::Product;
 use handset_core::{ApiError, ErrorCode, StartPossession, TransactionOut};
 
 use crate::app::AppState;
 use crate::error::{ErrorsOut, Failure};
-use crate::extract::{AuthPartner, JsonObject};
+use crate::extract::{AuthPartner, JsonObject, PathId};
 use crate::input::{self, ConfirmIn, PossessionIn};
-use crate::routes::path_id;
 
 /// Start a possession check.
 #[utoipa::path(
@@ -71,10 +70,12 @@ pub async fn start(
 pub async fn confirm(
     State(state): State<AppState>,
     AuthPartner(partner): AuthPartner,
-    Path(id): Path<String>,
-    JsonObject(fields): JsonObject,
+    PathId(id): PathId,
+    body: Result<JsonObject, Failure>,
 ) -> Result<Json<TransactionOut>, Failure> {
-    let id = path_id(&id)?;
+    // Which transaction comes first (404, 403 3200, 422 3105), then the body.
+    state.gateway.possession_transaction(&partner, id).await?;
+    let JsonObject(fields) = body?;
     fields.only(ConfirmIn::FIELDS)?;
     // A code of the wrong JSON type is a malformed code, checked (without
     // counting an attempt) after the transaction's own state.

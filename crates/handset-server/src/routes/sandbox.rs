@@ -2,14 +2,14 @@
 //! mobile operator's page. Visiting it completes a pending sandbox network
 //! check, then sends the user to the partner's `redirect_uri`.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use handset_core::Status;
 
 use crate::app::AppState;
 use crate::error::{ErrorsOut, Failure};
-use crate::routes::path_id;
+use crate::extract::PathId;
 
 /// Complete a sandbox network check (the user's browser lands here).
 #[utoipa::path(
@@ -21,8 +21,8 @@ use crate::routes::path_id;
         (status = 404, body = ErrorsOut),
     )
 )]
-pub async fn operator(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, Failure> {
-    let transaction = state.gateway.complete_sandbox_operator(path_id(&id)?).await?;
+pub async fn operator(State(state): State<AppState>, PathId(id): PathId) -> Result<Response, Failure> {
+    let transaction = state.gateway.complete_sandbox_operator(id).await?;
     let status = if transaction.status == Status::Succeeded { "success" } else { "failure" };
     let Some(redirect_uri) = transaction.redirect_uri.as_deref().and_then(|u| url::Url::parse(u).ok()) else {
         let page = format!(

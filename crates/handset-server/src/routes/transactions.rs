@@ -1,13 +1,12 @@
 //! `GET /v1/transactions/{transaction_id}` and `GET /v1/verifications/{verification_id}`.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use handset_core::{TransactionOut, VerificationOut};
 
 use crate::app::AppState;
 use crate::error::{ErrorsOut, Failure};
-use crate::extract::AuthPartner;
-use crate::routes::path_id;
+use crate::extract::{AuthPartner, PathId};
 
 /// Read a transaction.
 #[utoipa::path(
@@ -23,9 +22,9 @@ use crate::routes::path_id;
 pub async fn get_transaction(
     State(state): State<AppState>,
     AuthPartner(partner): AuthPartner,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Json<TransactionOut>, Failure> {
-    let transaction = state.gateway.transaction(&partner, path_id(&id)?).await?;
+    let transaction = state.gateway.transaction(&partner, id).await?;
     Ok(Json(transaction.to_resource()))
 }
 
@@ -43,7 +42,7 @@ pub async fn get_transaction(
 pub async fn get_verification(
     State(state): State<AppState>,
     AuthPartner(partner): AuthPartner,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Json<VerificationOut>, Failure> {
-    Ok(Json(state.gateway.verification(&partner, path_id(&id)?).await?))
+    Ok(Json(state.gateway.verification(&partner, id).await?))
 }

@@ -55,6 +55,14 @@ pub struct Runner {
     owner: String,
 }
 
+/// The runner's independent loops.
+#[derive(Debug, Clone, Copy)]
+enum Job {
+    Deliver,
+    Poll,
+    Upkeep,
+}
+
 /// Pending transactions expired per round.
 const EXPIRY_BATCH: i64 = 100;
 
@@ -64,48 +72,74 @@ impl Runner {
         Runner { store: gateway.store().clone(), gateway, delivery: Arc::new(delivery), settings, owner }
     }
 
-    /// Rounds every `poll_interval` until `shutdown` turns true; the round in
-    /// progress (and its deliveries) is finished first.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    /// Runs three loops, each every `poll_interval`, until `shutdown` turns
+    /// true: callback delivery, provider polling, and upkeep (expiry,
+    /// retention, the queue gauge). Separate loops keep a slow provider from
+    /// holding up callbacks. Each loop finishes the round in progress (its
+    /// deliveries included) before it stops.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
         tracing::info!(owner = %self.owner, "job runner started");
-        loop {
-            if *shutdown.borrow() {
-                break;
-            }
-            match self.tick().await {
-                Ok(tick) if tick != Tick::default() => tracing::debug!(?tick, "job runner round"),
-                Ok(_) => {}
-                Err(error) => tracing::warn!(%error, "job runner round failed; retrying next round"),
+        let runner = Arc::new(self);
+        let loops = [Job::Deliver, Job::Poll, Job::Upkeep].map(|job| {
+            let (runner, shutdown) = (runner.clone(), shutdown.clone());
+            tokio::spawn(async move { runner.repeat(job, shutdown).await })
+        });
+        for task in loops {
+            let _ = task.await;
+        }
+        tracing::info!(owner = %runner.owner, "job runner stopped");
+    }
+
+    async fn repeat(&self, job: Job, mut shutdown: watch::Receiver<bool>) {
+        while !*shutdown.borrow() {
+            let mut tick = Tick::default();
+            match self.run_job(job, &mut tick).await {
+                Ok(()) if tick != Tick::default() => tracing::debug!(?job, ?tick, "job runner round"),
+                Ok(()) => {}
+                Err(error) => tracing::warn!(?job, %error, "job runner round failed; retrying next round"),
             }
             tokio::select! {
                 () = tokio::time::sleep(self.settings.poll_interval) => {}
                 _ = shutdown.changed() => {}
             }
         }
-        tracing::info!(owner = %self.owner, "job runner stopped");
     }
 
+    /// One round of every job, in order (tests drive the runner with it).
     pub async fn tick(&self) -> Result<Tick, handset_core::store::StoreError> {
         let mut tick = Tick::default();
-        let now = Utc::now();
-        tick.expired = self.gateway.expire_due(now, EXPIRY_BATCH).await.unwrap_or_else(|error| {
-            tracing::warn!(%error, "expiring pending transactions failed");
-            0
-        });
-        metrics::counter!("transactions_expired_total").increment(tick.expired as u64);
-        tick.polled = self.gateway.poll_due(now, self.settings.batch_size).await.unwrap_or_else(|error| {
-            tracing::warn!(%error, "polling providers failed");
-            0
-        });
-        self.deliver_due(&mut tick).await?;
-        if let Some(retention) = self.settings.retention {
-            let cutoff = now - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
-            tick.purged = self.store.purge_personal_data(cutoff, now).await?;
-            metrics::counter!("personal_data_purged_total").increment(tick.purged);
+        for job in [Job::Upkeep, Job::Poll, Job::Deliver] {
+            self.run_job(job, &mut tick).await?;
         }
-        let due = self.store.due_callbacks(Utc::now()).await?;
-        metrics::gauge!("callback_queue_due").set(due as f64);
         Ok(tick)
+    }
+
+    async fn run_job(&self, job: Job, tick: &mut Tick) -> Result<(), handset_core::store::StoreError> {
+        let now = Utc::now();
+        match job {
+            Job::Deliver => self.deliver_due(tick).await?,
+            Job::Poll => {
+                tick.polled = self.gateway.poll_due(now, self.settings.batch_size).await.unwrap_or_else(|error| {
+                    tracing::warn!(%error, "polling providers failed");
+                    0
+                });
+            }
+            Job::Upkeep => {
+                tick.expired = self.gateway.expire_due(now, EXPIRY_BATCH).await.unwrap_or_else(|error| {
+                    tracing::warn!(%error, "expiring pending transactions failed");
+                    0
+                });
+                metrics::counter!("transactions_expired_total").increment(tick.expired as u64);
+                if let Some(retention) = self.settings.retention {
+                    let cutoff = now - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+                    tick.purged = self.store.purge_personal_data(cutoff, now).await?;
+                    metrics::counter!("personal_data_purged_total").increment(tick.purged);
+                }
+                let due = self.store.due_callbacks(now).await?;
+                metrics::gauge!("callback_queue_due").set(due as f64);
+            }
+        }
+        Ok(())
     }
 
     async fn deliver_due(&self, tick: &mut Tick) -> Result<(), handset_core::store::StoreError> {

@@ -99,6 +99,12 @@ async fn foreign_and_unknown_transactions(app: TestApp) {
     assert_eq!(remaining(&app, &id).await, 5, "a foreign confirm counts nothing");
     let unknown = uuid::Uuid::new_v4();
     app.confirm(&unknown.to_string(), "123123").await.assert_error(404, 4100);
+    // Which transaction is decided before the body is looked at.
+    let bad_body = json!({"code": "123123", "extra": 1});
+    app.post(&format!("/v1/possession/{unknown}/confirm"), bad_body.clone()).await.assert_error(404, 4100);
+    app.post_as(&other, &path, bad_body.clone()).await.assert_error(403, 3200);
+    app.post(&format!("/v1/possession/{id}/confirm"), bad_body).await.assert_error(422, 3903);
+    app.get("/v1/transactions/%FF%FE").await.assert_error(404, 4100);
     app.confirm("not-a-uuid", "123123").await.assert_error(404, 4100);
     app.get(&format!("/v1/transactions/{unknown}")).await.assert_error(404, 4100);
     app.get("/v1/transactions/nope").await.assert_error(404, 4100);

@@ -89,4 +89,6 @@ async fn network_channel_follows_the_same_rules(app: TestApp) {
     let failed = app.post("/v1/possession", start("9995551004")).await;
     assert_eq!(failed.body["status"]["code"], 300);
     assert_eq!(failed.body["result"]["errors"][0]["code"], 1004);
+    // Confirm's precedence holds for network checks too: otherwise failed is 3105.
+    app.post(&format!("/v1/possession/{}/confirm", failed.id()), json!({})).await.assert_error(422, 3105);
 }
