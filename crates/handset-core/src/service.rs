@@ -150,16 +150,23 @@ impl Gateway {
 
     /// Checks a code (sms) or refreshes the operator result (network), with
     /// the precedence of DESIGN §9.
+    ///
+    /// `loaded` is the transaction as `possession_transaction` just read it.
     pub async fn confirm_possession(
         &self,
         partner: &Partner,
-        transaction_id: Uuid,
+        loaded: Transaction,
         code: Option<&str>,
     ) -> Result<Transaction, ApiError> {
+        let transaction_id = loaded.id;
+        let mut fresh = Some(loaded);
         // A concurrent request can change the transaction between our read and
         // our conditional write; re-reading and deciding again settles it.
         for _ in 0..3 {
-            let tx = self.possession_transaction(partner, transaction_id).await?;
+            let tx = match fresh.take() {
+                Some(tx) => tx,
+                None => self.possession_transaction(partner, transaction_id).await?,
+            };
             let now = Utc::now();
             match tx.status {
                 Status::Succeeded => return Ok(tx),

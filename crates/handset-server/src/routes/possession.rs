@@ -74,12 +74,12 @@ pub async fn confirm(
     body: Result<JsonObject, Failure>,
 ) -> Result<Json<TransactionOut>, Failure> {
     // Which transaction comes first (404, 403 3200, 422 3105), then the body.
-    state.gateway.possession_transaction(&partner, id).await?;
+    let loaded = state.gateway.possession_transaction(&partner, id).await?;
     let JsonObject(fields) = body?;
     fields.only(ConfirmIn::FIELDS)?;
     // A code of the wrong JSON type is a malformed code, checked (without
     // counting an attempt) after the transaction's own state.
     let code = fields.string("code", ErrorCode::InvalidCode).unwrap_or(Some(""));
-    let transaction = state.gateway.confirm_possession(&partner, id, code).await?;
+    let transaction = state.gateway.confirm_possession(&partner, loaded, code).await?;
     Ok(Json(transaction.to_resource()))
 }
