@@ -436,3 +436,15 @@ async fn provider_refs_and_polls(f: Fixture) {
         "final: no polls"
     );
 }
+
+/// Production Postgres usually requires TLS: `?sslmode=require` must connect
+/// (the local server has Debian's default certificate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_tls() {
+    let db = TestDatabase::postgres().await;
+    let separator = if db.url.contains('?') { '&' } else { '?' };
+    let url = format!("{}{separator}sslmode=require", db.url);
+    let store = handset_store::connect(&url, &PoolSettings::default()).unwrap();
+    store.migrate().await.expect("migrate over TLS");
+    store.ping().await.expect("ping over TLS");
+}
