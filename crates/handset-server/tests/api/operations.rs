@@ -260,3 +260,40 @@ async fn binary_reads_config_layers_and_logs_without_secrets() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A database restart drops every connection: the next requests must work
+/// on fresh connections, and the job runner must carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connection_loss_is_survived() {
+    let receiver = crate::receiver::Receiver::start().await;
+    let app = TestApp::spawn_with(
+        Kind::Postgres,
+        &[("HANDSET__CALLBACKS__ALLOW_PRIVATE_NETWORKS", "true"), ("HANDSET__WORKERS__POLL_INTERVAL", "25ms")],
+    )
+    .await;
+    let id = app.start_sms("4155550123").await.id();
+    let name = app.db.url.rsplit('/').next().unwrap().to_owned();
+    let admin_url = std::env::var(handset_testkit::POSTGRES_URL_VAR)
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url).await.unwrap();
+    let killed: Vec<(bool,)> = sqlx::query_as(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(&name)
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(!killed.is_empty(), "the app had connections to drop");
+
+    let confirmed = app.confirm(&id, "123123").await;
+    assert_eq!(confirmed.status, 200, "{}", confirmed.text);
+    let with_callback = app
+        .post(
+            "/v1/identity",
+            json!({"phone": "8885551234", "birth_date": "1968-05-27", "callback_url": receiver.url("/hook")}),
+        )
+        .await;
+    assert_eq!(with_callback.status, 201, "{}", with_callback.text);
+    receiver.wait_for(1, std::time::Duration::from_secs(10)).await;
+    assert_eq!(app.send(app.client.get(app.url("/ready"))).await.status, 200);
+}
