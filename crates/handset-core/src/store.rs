@@ -124,6 +124,18 @@ pub trait Store: Send + Sync {
     /// Sets when a pending transaction is next polled.
     async fn schedule_poll(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError>;
 
+    /// Claims an `Idempotency-Key` for a request, or says why not.
+    async fn begin_idempotent(&self, claim: IdempotencyClaim<'_>) -> Result<IdempotencyBegin, StoreError>;
+
+    /// Keeps the first response to a claimed key.
+    async fn finish_idempotent(&self, scope: &str, key: &str, status: u16, body: &str) -> Result<(), StoreError>;
+
+    /// Forgets a claimed key (its request failed in a way worth retrying).
+    async fn release_idempotent(&self, scope: &str, key: &str) -> Result<(), StoreError>;
+
+    /// Deletes idempotency records created before `before`; returns how many.
+    async fn purge_idempotency(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
+
     /// Pending transactions whose deadline is at or before `now`.
     async fn expired_pending(&self, now: DateTime<Utc>, limit: i64) -> Result<Vec<Transaction>, StoreError>;
 
@@ -132,6 +144,34 @@ pub trait Store: Send + Sync {
     /// before `created_before`, keeping statuses, codes and times. Returns the
     /// number of transactions purged.
     async fn purge_personal_data(&self, created_before: DateTime<Utc>, now: DateTime<Utc>) -> Result<u64, StoreError>;
+}
+
+/// A request's claim on an `Idempotency-Key`.
+#[derive(Debug, Clone, Copy)]
+pub struct IdempotencyClaim<'a> {
+    /// Hash of the API key: keys are per partner key.
+    pub scope: &'a str,
+    pub key: &'a str,
+    /// Hash of method, path and body.
+    pub request_hash: &'a str,
+    pub now: DateTime<Utc>,
+    /// Records created before this are expired and may be reused.
+    pub expired_before: DateTime<Utc>,
+    /// How long this request holds the key before another may take it over.
+    pub lock_until: DateTime<Utc>,
+}
+
+/// What a claimed `Idempotency-Key` means for the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyBegin {
+    /// Go ahead; the response is kept when done.
+    Proceed,
+    /// Answer this stored response again.
+    Replay { status: u16, body: String },
+    /// The first request with this key is still being answered.
+    InFlight,
+    /// The key was used with a different request.
+    Mismatch,
 }
 
 /// A claim of due callbacks.

@@ -273,13 +273,17 @@ async fn seed_dev_partner(settings: &Settings, store: &dyn Store) -> Result<(), 
 }
 
 pub fn router(state: AppState) -> Router {
-    let api = Router::new()
+    // POSTs that change state honour Idempotency-Key.
+    let idempotent = Router::new()
         .route("/v1/possession", post(possession::start))
         .route("/v1/possession/{transaction_id}/confirm", post(possession::confirm))
         .route("/v1/identity", post(identity::start))
+        .route("/v1/transactions/{transaction_id}/callbacks/retry", post(callbacks::retry))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::idempotency::guard));
+    let api = Router::new()
+        .merge(idempotent)
         .route("/v1/transactions/{transaction_id}", get(transactions::get_transaction))
         .route("/v1/transactions/{transaction_id}/callbacks", get(callbacks::list))
-        .route("/v1/transactions/{transaction_id}/callbacks/retry", post(callbacks::retry))
         .route("/v1/verifications/{verification_id}", get(transactions::get_verification))
         .route("/sandbox/operator/{transaction_id}", get(sandbox::operator))
         .route("/providers/idme/webhook", post(providers::idme_webhook))

@@ -6,6 +6,7 @@ pub mod app;
 pub mod cli;
 pub mod error;
 pub mod extract;
+pub mod idempotency;
 pub mod input;
 pub mod routes;
 pub mod settings;

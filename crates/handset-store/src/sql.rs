@@ -8,7 +8,9 @@ use handset_core::model::{
     CallbackAttempt, CallbackRecord, CallbackState, ClaimedCallback, OutboxMessage, Partner, ProviderName, Transaction,
     TransactionResult, Verification,
 };
-use handset_core::store::{AfterAttempt, Claim, Finalization, NewPartner, Store, StoreError};
+use handset_core::store::{
+    AfterAttempt, Claim, Finalization, IdempotencyBegin, IdempotencyClaim, NewPartner, Store, StoreError,
+};
 use sqlx::types::Json;
 use sqlx::{PgPool, SqlitePool};
 use uuid::Uuid;
@@ -444,6 +446,95 @@ macro_rules! portable_store {
                     .await
                     .map_err(db)?;
                 Ok(())
+            }
+
+            async fn begin_idempotent(&self, c: IdempotencyClaim<'_>) -> Result<IdempotencyBegin, StoreError> {
+                let inserted = sqlx::query(
+                    "INSERT INTO idempotency_keys (scope, idem_key, request_hash, state, created_at, locked_until) \
+                     VALUES ($1, $2, $3, 'in_flight', $4, $5) ON CONFLICT (scope, idem_key) DO NOTHING",
+                )
+                .bind(c.scope)
+                .bind(c.key)
+                .bind(c.request_hash)
+                .bind(c.now)
+                .bind(c.lock_until)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                if inserted.rows_affected() == 1 {
+                    return Ok(IdempotencyBegin::Proceed);
+                }
+                // Taken over when expired (24 h) or when its request died holding it.
+                let taken = sqlx::query(
+                    "UPDATE idempotency_keys SET request_hash = $3, state = 'in_flight', status_code = NULL, \
+                     response_body = NULL, created_at = $4, locked_until = $5 \
+                     WHERE scope = $1 AND idem_key = $2 AND (created_at < $6 \
+                     OR (state = 'in_flight' AND locked_until <= $4 AND request_hash = $3))",
+                )
+                .bind(c.scope)
+                .bind(c.key)
+                .bind(c.request_hash)
+                .bind(c.now)
+                .bind(c.lock_until)
+                .bind(c.expired_before)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                if taken.rows_affected() == 1 {
+                    return Ok(IdempotencyBegin::Proceed);
+                }
+                let row: Option<(String, String, Option<i32>, Option<String>)> = sqlx::query_as(
+                    "SELECT request_hash, state, status_code, response_body FROM idempotency_keys \
+                     WHERE scope = $1 AND idem_key = $2",
+                )
+                .bind(c.scope)
+                .bind(c.key)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(match row {
+                    // Released meanwhile: the caller may simply try again.
+                    None => IdempotencyBegin::InFlight,
+                    Some((hash, _, _, _)) if hash != c.request_hash => IdempotencyBegin::Mismatch,
+                    Some((_, state, Some(status), Some(body))) if state == "done" => {
+                        IdempotencyBegin::Replay { status: u16::try_from(status).unwrap_or(500), body }
+                    }
+                    Some(_) => IdempotencyBegin::InFlight,
+                })
+            }
+
+            async fn finish_idempotent(&self, scope: &str, key: &str, status: u16, body: &str) -> Result<(), StoreError> {
+                sqlx::query(
+                    "UPDATE idempotency_keys SET state = 'done', status_code = $3, response_body = $4 \
+                     WHERE scope = $1 AND idem_key = $2",
+                )
+                .bind(scope)
+                .bind(key)
+                .bind(i32::from(status))
+                .bind(body)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(())
+            }
+
+            async fn release_idempotent(&self, scope: &str, key: &str) -> Result<(), StoreError> {
+                sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND idem_key = $2 AND state = 'in_flight'")
+                    .bind(scope)
+                    .bind(key)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(())
+            }
+
+            async fn purge_idempotency(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+                let done = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
+                    .bind(before)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(done.rows_affected())
             }
 
             async fn expired_pending(&self, now: DateTime<Utc>, limit: i64) -> Result<Vec<Transaction>, StoreError> {

@@ -38,7 +38,7 @@ pub async fn list(
 /// Queue a new delivery of the transaction's current state (new `webhook-id`).
 #[utoipa::path(
     post, path = "/v1/transactions/{transaction_id}/callbacks/retry", tag = "callbacks",
-    params(("transaction_id" = uuid::Uuid, Path)),
+    params(("transaction_id" = uuid::Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "Same key and request within 24 h: the first response again")),
     responses(
         (status = 202, description = "Queued", body = CallbackOut),
         (status = 401, body = ErrorsOut), (status = 403, body = ErrorsOut), (status = 404, body = ErrorsOut),

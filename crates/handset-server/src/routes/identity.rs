@@ -13,6 +13,7 @@ use crate::input::{self, IdentityIn};
 /// Match a phone number and birth date against carrier records.
 #[utoipa::path(
     post, path = "/v1/identity", tag = "identity",
+    params(("Idempotency-Key" = Option<String>, Header, description = "Same key and request within 24 h: the first response again")),
     request_body = IdentityIn,
     responses(
         (status = 201, description = "Match started (or already final)", body = TransactionOut),

@@ -135,6 +135,9 @@ impl Runner {
                     tick.purged = self.store.purge_personal_data(cutoff, now).await?;
                     metrics::counter!("personal_data_purged_total").increment(tick.purged);
                 }
+                let lifetime =
+                    chrono::Duration::from_std(crate::idempotency::KEY_LIFETIME).unwrap_or(chrono::Duration::MAX);
+                self.store.purge_idempotency(now - lifetime).await?;
                 let due = self.store.due_callbacks(now).await?;
                 metrics::gauge!("callback_queue_due").set(due as f64);
             }

@@ -7,6 +7,7 @@ mod callbacks;
 mod confirm;
 mod errors;
 mod flows;
+mod idempotency;
 mod idme;
 mod operations;
 mod processes;

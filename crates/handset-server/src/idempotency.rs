@@ -1,0 +1,106 @@
+//! `Idempotency-Key` on POST routes (DESIGN §3): the same key with the same
+//! request within 24 hours answers the first response again; with a
+//! different request 422 3906; while the first is still being answered 409
+//! 3907. Keys belong to the API key that sent them. Responses of 500 and up
+//! (and 401) are not kept, so a retry with the same key runs again.
+
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use handset_core::secret::api_key_hash;
+use handset_core::store::{IdempotencyBegin, IdempotencyClaim};
+use handset_core::{ApiError, ErrorCode};
+use sha2::{Digest, Sha256};
+
+use crate::app::AppState;
+use crate::error::Failure;
+use crate::extract::MAX_BODY_BYTES;
+
+pub const HEADER: &str = "idempotency-key";
+/// Set on a response that was answered again from a stored first response.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+const MAX_KEY_LEN: usize = 255;
+/// How long a key remembers its first response.
+pub const KEY_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// How long a request holds its key before a retry may take it over (its
+/// process may have died); longer than any request takes.
+const LOCK: Duration = Duration::from_secs(120);
+
+/// The hash that tells "the same request": method, path and body.
+pub fn request_hash(method: &Method, path: &str, body: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    for part in [method.as_str().as_bytes(), b"\n", path.as_bytes(), b"\n", body] {
+        hasher.update(part);
+    }
+    hex::encode(hasher.finalize())
+}
+
+fn refuse(code: ErrorCode, message: &'static str) -> Response {
+    Failure(ApiError::with_message(code, message)).into_response()
+}
+
+pub async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(key) = request.headers().get(HEADER) else {
+        return next.run(request).await;
+    };
+    let key = match key.to_str() {
+        Ok(key) if !key.trim().is_empty() && key.len() <= MAX_KEY_LEN => key.to_owned(),
+        _ => return refuse(ErrorCode::IdempotencyKeyReused, "Idempotency-Key must be 1 to 255 visible characters"),
+    };
+    let bearer =
+        request.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let Some(scope) = bearer.map(|k| api_key_hash(k.trim())) else {
+        // No key, no partner: authentication answers 401 as usual.
+        return next.run(request).await;
+    };
+    let (parts, body) = request.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
+        return Failure::from(ErrorCode::BodyTooLarge).into_response();
+    };
+    let hash = request_hash(&parts.method, parts.uri.path(), &body);
+    let store = state.gateway.store().clone();
+    let now = Utc::now();
+    let claim = IdempotencyClaim {
+        scope: &scope,
+        key: &key,
+        request_hash: &hash,
+        now,
+        expired_before: now - chrono::Duration::from_std(KEY_LIFETIME).unwrap_or(chrono::Duration::MAX),
+        lock_until: now + chrono::Duration::from_std(LOCK).unwrap_or(chrono::Duration::MAX),
+    };
+    match store.begin_idempotent(claim).await {
+        Err(error) => {
+            tracing::error!(%error, "idempotency record could not be read");
+            Failure::from(ErrorCode::Internal).into_response()
+        }
+        Ok(IdempotencyBegin::Mismatch) => Failure::from(ErrorCode::IdempotencyKeyReused).into_response(),
+        Ok(IdempotencyBegin::InFlight) => Failure::from(ErrorCode::IdempotencyKeyInFlight).into_response(),
+        Ok(IdempotencyBegin::Replay { status, body }) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+            let mut response = (status, [(CONTENT_TYPE, "application/json")], body).into_response();
+            response.headers_mut().insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+            response
+        }
+        Ok(IdempotencyBegin::Proceed) => {
+            let response = next.run(Request::from_parts(parts, Body::from(body))).await;
+            let status = response.status();
+            let (response_parts, response_body) = response.into_parts();
+            let bytes = axum::body::to_bytes(response_body, usize::MAX).await.unwrap_or_else(|_| Bytes::new());
+            let kept = if status.is_server_error() || status == StatusCode::UNAUTHORIZED {
+                store.release_idempotent(&scope, &key).await
+            } else {
+                store.finish_idempotent(&scope, &key, status.as_u16(), &String::from_utf8_lossy(&bytes)).await
+            };
+            if let Err(error) = kept {
+                tracing::error!(%error, "idempotency record could not be written");
+            }
+            Response::from_parts(response_parts, Body::from(bytes))
+        }
+    }
+}

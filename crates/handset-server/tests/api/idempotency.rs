@@ -1,0 +1,122 @@
+//! `Idempotency-Key` (DESIGN §3): replays, mismatches, requests in flight,
+//! per-key scope, and no double effect of a retried confirm.
+
+use handset_core::store::{IdempotencyBegin, IdempotencyClaim};
+use handset_server::idempotency::{REPLAYED_HEADER, request_hash};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::helpers::{Answer, DEV_KEY, TestApp};
+use crate::on_both_stores;
+
+on_both_stores!(
+    same_key_same_request_answers_the_first_response,
+    same_key_other_request_is_refused,
+    a_request_in_flight_is_409,
+    keys_belong_to_their_api_key,
+    retried_confirms_count_once,
+);
+
+async fn post_with_key(app: &TestApp, api_key: &str, idem: &str, path: &str, body: &Value) -> Answer {
+    app.send(app.client.post(app.url(path)).bearer_auth(api_key).header("idempotency-key", idem).json(body)).await
+}
+
+async fn same_key_same_request_answers_the_first_response(app: TestApp) {
+    let body = json!({"phone": "4155550123", "metadata": {"order": 7}});
+    let first = post_with_key(&app, DEV_KEY, "order-7", "/v1/possession", &body).await;
+    assert_eq!(first.status, 201, "{}", first.text);
+    assert!(first.headers.get(REPLAYED_HEADER).is_none());
+    let again = post_with_key(&app, DEV_KEY, "order-7", "/v1/possession", &body).await;
+    assert_eq!(again.status, 201);
+    assert_eq!(again.text, first.text, "the first response, byte for byte");
+    assert_eq!(again.headers[REPLAYED_HEADER], "true");
+    assert_eq!(app.count("transactions").await, 1, "one transaction for both requests");
+    // Without the header every request is new.
+    app.post("/v1/possession", body.clone()).await;
+    assert_eq!(app.count("transactions").await, 2);
+    // A refused request is kept too: the same answer again.
+    let bad = json!({"phone": "12"});
+    post_with_key(&app, DEV_KEY, "bad-1", "/v1/possession", &bad).await.assert_error(422, 3101);
+    post_with_key(&app, DEV_KEY, "bad-1", "/v1/possession", &bad).await.assert_error(422, 3101);
+    let long = "k".repeat(256);
+    post_with_key(&app, DEV_KEY, &long, "/v1/possession", &body).await.assert_error(422, 3906);
+}
+
+async fn same_key_other_request_is_refused(app: TestApp) {
+    let first = post_with_key(&app, DEV_KEY, "k-1", "/v1/possession", &json!({"phone": "4155550123"})).await;
+    assert_eq!(first.status, 201);
+    post_with_key(&app, DEV_KEY, "k-1", "/v1/possession", &json!({"phone": "4155550124"}))
+        .await
+        .assert_error(422, 3906);
+    let identity = json!({"phone": "4155550123", "birth_date": "1968-05-27"});
+    post_with_key(&app, DEV_KEY, "k-1", "/v1/identity", &identity).await.assert_error(422, 3906);
+    assert_eq!(app.count("transactions").await, 1);
+}
+
+async fn a_request_in_flight_is_409(app: TestApp) {
+    // Another replica is answering this key right now.
+    let body = json!({"phone": "4155550123"});
+    let bytes = serde_json::to_vec(&body).unwrap();
+    let hash = request_hash(&Method::POST, "/v1/possession", &bytes);
+    let scope = handset_core::secret::api_key_hash(DEV_KEY);
+    let now = chrono::Utc::now();
+    let claim = IdempotencyClaim {
+        scope: &scope,
+        key: "busy",
+        request_hash: &hash,
+        now,
+        expired_before: now - chrono::Duration::hours(24),
+        lock_until: now + chrono::Duration::minutes(2),
+    };
+    assert_eq!(app.store.begin_idempotent(claim).await.unwrap(), IdempotencyBegin::Proceed);
+    let busy = app
+        .send(
+            app.client
+                .post(app.url("/v1/possession"))
+                .bearer_auth(DEV_KEY)
+                .header("idempotency-key", "busy")
+                .body(bytes.clone())
+                .header("content-type", "application/json"),
+        )
+        .await;
+    busy.assert_error(409, 3907);
+    assert_eq!(app.count("transactions").await, 0);
+    // A holder that died: after its lock the key is taken over.
+    let later = now + chrono::Duration::minutes(3);
+    let takeover = IdempotencyClaim { now: later, lock_until: later + chrono::Duration::minutes(2), ..claim };
+    assert_eq!(app.store.begin_idempotent(takeover).await.unwrap(), IdempotencyBegin::Proceed);
+    // After 24 hours the key is free for any request.
+    let next_day = now + chrono::Duration::hours(25);
+    let other_hash = request_hash(&Method::POST, "/v1/identity", b"{}");
+    let reuse = IdempotencyClaim {
+        request_hash: &other_hash,
+        now: next_day,
+        expired_before: next_day - chrono::Duration::hours(24),
+        lock_until: next_day + chrono::Duration::minutes(2),
+        ..claim
+    };
+    assert_eq!(app.store.begin_idempotent(reuse).await.unwrap(), IdempotencyBegin::Proceed);
+}
+
+async fn keys_belong_to_their_api_key(app: TestApp) {
+    let (_, other) = app.partner(handset_core::Product::ALL).await;
+    let body = json!({"phone": "4155550123"});
+    let mine = post_with_key(&app, DEV_KEY, "shared", "/v1/possession", &body).await;
+    let theirs = post_with_key(&app, &other, "shared", "/v1/possession", &body).await;
+    assert_eq!(theirs.status, 201);
+    assert_ne!(mine.id(), theirs.id());
+    post_with_key(&app, "not-a-key", "shared", "/v1/possession", &body).await.assert_error(401, 1100);
+}
+
+async fn retried_confirms_count_once(app: TestApp) {
+    let id = app.start_sms("4155550123").await.id();
+    let path = format!("/v1/possession/{id}/confirm");
+    let wrong = json!({"code": "000000"});
+    for _ in 0..3 {
+        post_with_key(&app, DEV_KEY, "confirm-1", &path, &wrong).await.assert_error(422, 3102);
+    }
+    let row = app.store.transaction(id.parse().unwrap()).await.unwrap().unwrap();
+    assert_eq!(row.attempts_used, 1, "a retried request is not a new attempt");
+    let right = post_with_key(&app, DEV_KEY, "confirm-2", &path, &json!({"code": "123123"})).await;
+    assert_eq!(right.status, 200, "{}", right.text);
+}
