@@ -90,6 +90,9 @@ async fn through_handset(db: &TestDatabase, args: &Args) -> Run {
         ("HANDSET__DATABASE__URL".to_string(), db.url.clone()),
         ("HANDSET__DATABASE__MAX_CONNECTIONS".to_string(), args.concurrency.max(2).to_string()),
         ("HANDSET__WORKERS__ENABLED".to_string(), "false".to_string()),
+        // Measure the flow, not the limiter's refusals (its counting still runs).
+        ("HANDSET__RATE_LIMITS__PER_PARTNER_PER_MINUTE".to_string(), "100000000".to_string()),
+        ("HANDSET__RATE_LIMITS__PER_PRODUCT_PER_MINUTE".to_string(), "100000000".to_string()),
     ];
     let settings = Settings::load_with(None, Some(vars)).expect("settings");
     let app = Application::build(settings).await.expect("start handset");

@@ -10,6 +10,7 @@ pub mod error;
 pub mod model;
 pub mod phone;
 pub mod provider;
+pub mod rate_limit;
 pub mod routing;
 pub mod sandbox;
 pub mod secret;

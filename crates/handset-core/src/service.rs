@@ -18,6 +18,7 @@ use crate::model::{
 };
 use crate::phone::Phone;
 use crate::provider::{CodeCheck, Outcome, Provider, ProviderError, StartRequest, Started};
+use crate::rate_limit::{RateLimits, Scope};
 use crate::routing::Routing;
 use crate::secret::{api_key_hash, code_hash, constant_time_eq};
 use crate::store::{Finalization, Store};
@@ -37,6 +38,7 @@ pub struct GatewaySettings {
     pub poll_min: std::time::Duration,
     pub poll_max: std::time::Duration,
     pub breaker: BreakerSettings,
+    pub rate_limits: RateLimits,
 }
 
 /// A possession check to start, already parsed.
@@ -118,12 +120,17 @@ impl Gateway {
         if !partner.active {
             return Err(ApiError::new(ErrorCode::AccountInactive));
         }
+        self.limit(Scope::Partner(partner.id)).await?;
         Ok(partner)
     }
 
     pub async fn start_possession(&self, partner: &Partner, input: StartPossession) -> Result<Transaction, ApiError> {
         let product = input.channel;
         ensure_enabled(partner, product)?;
+        self.limit(Scope::Product(partner.id, product)).await?;
+        if product == Product::PossessionSms {
+            self.limit(Scope::Phone(&input.phone)).await?;
+        }
         let joined = self.verification_for(partner, input.verification_id).await?;
         let chain = self.chain(product, &input.phone, input.provider, input.name.is_some())?;
         let mut draft = self.draft(partner, product, joined.id, &input.phone);
@@ -138,6 +145,7 @@ impl Gateway {
     pub async fn start_identity(&self, partner: &Partner, input: StartIdentity) -> Result<Transaction, ApiError> {
         let product = Product::Identity;
         ensure_enabled(partner, product)?;
+        self.limit(Scope::Product(partner.id, product)).await?;
         let joined = self.verification_for(partner, input.verification_id).await?;
         let chain = self.chain(product, &input.phone, input.provider, false)?;
         let mut draft = self.draft(partner, product, joined.id, &input.phone);
@@ -159,6 +167,7 @@ impl Gateway {
         code: Option<&str>,
     ) -> Result<Transaction, ApiError> {
         let transaction_id = loaded.id;
+        self.limit(Scope::Product(partner.id, loaded.product)).await?;
         let mut fresh = Some(loaded);
         // A concurrent request can change the transaction between our read and
         // our conditional write; re-reading and deciding again settles it.
@@ -220,6 +229,10 @@ impl Gateway {
             }
         }
         Err(internal("confirm did not settle after 3 reads"))
+    }
+
+    async fn limit(&self, scope: Scope<'_>) -> Result<(), ApiError> {
+        self.settings.rate_limits.hit(self.store.as_ref(), scope, Utc::now()).await
     }
 
     /// A possession transaction of this partner: 404 4100, 403 3200, 422 3105 otherwise.

@@ -136,6 +136,13 @@ pub trait Store: Send + Sync {
     /// Deletes idempotency records created before `before`; returns how many.
     async fn purge_idempotency(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
 
+    /// Counts one hit of `scope` in the window starting at `window_start` and
+    /// returns the window's hits so far (atomic across replicas).
+    async fn hit_rate_counter(&self, scope: &str, window_start: DateTime<Utc>) -> Result<i64, StoreError>;
+
+    /// Deletes rate windows that started before `before`.
+    async fn purge_rate_counters(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
+
     /// Pending transactions whose deadline is at or before `now`.
     async fn expired_pending(&self, now: DateTime<Utc>, limit: i64) -> Result<Vec<Transaction>, StoreError>;
 

@@ -12,6 +12,7 @@ use axum::routing::{get, post};
 use handset_core::breaker::BreakerSettings;
 use handset_core::model::{Partner, Product};
 use handset_core::provider::Provider;
+use handset_core::rate_limit::RateLimits;
 use handset_core::routing::Routing;
 use handset_core::sandbox::Sandbox;
 use handset_core::secret::api_key_hash;
@@ -114,6 +115,11 @@ impl Application {
                 breaker: BreakerSettings {
                     failure_threshold: settings.circuit_breaker.failure_threshold,
                     open_for: settings.circuit_breaker.open_for,
+                },
+                rate_limits: RateLimits {
+                    per_product_per_minute: settings.rate_limits.per_product_per_minute,
+                    per_partner_per_minute: settings.rate_limits.per_partner_per_minute,
+                    per_phone_per_hour: settings.rate_limits.per_phone_per_hour,
                 },
             },
         );
@@ -232,6 +238,11 @@ fn providers(settings: &Settings, public_url: &str) -> Result<Vec<Arc<dyn Provid
         providers.push(idme);
     } else {
         tracing::info!(provider = "idme", "provider disabled: no credentials configured");
+    }
+    if settings.idme_enabled() && settings.rate_limits.per_phone_per_hour == 0 {
+        tracing::warn!(
+            "an SMS provider is enabled and rate_limits.per_phone_per_hour is 0: nothing limits SMS pumping"
+        );
     }
     let pending = [
         ("veratad", !p.veratad.user.is_empty() && p.veratad.pass.is_set()),

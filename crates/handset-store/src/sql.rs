@@ -537,6 +537,28 @@ macro_rules! portable_store {
                 Ok(done.rows_affected())
             }
 
+            async fn hit_rate_counter(&self, scope: &str, window_start: DateTime<Utc>) -> Result<i64, StoreError> {
+                let hits: i32 = sqlx::query_scalar(
+                    "INSERT INTO rate_counters (scope, window_start, hits) VALUES ($1, $2, 1) \
+                     ON CONFLICT (scope, window_start) DO UPDATE SET hits = rate_counters.hits + 1 RETURNING hits",
+                )
+                .bind(scope)
+                .bind(window_start)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(i64::from(hits))
+            }
+
+            async fn purge_rate_counters(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+                let done = sqlx::query("DELETE FROM rate_counters WHERE window_start < $1")
+                    .bind(before)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(done.rows_affected())
+            }
+
             async fn expired_pending(&self, now: DateTime<Utc>, limit: i64) -> Result<Vec<Transaction>, StoreError> {
                 let rows: Vec<TransactionRow> = sqlx::query_as(&format!(
                     "SELECT {TRANSACTION_COLUMNS} FROM transactions \

@@ -138,6 +138,8 @@ impl Runner {
                 let lifetime =
                     chrono::Duration::from_std(crate::idempotency::KEY_LIFETIME).unwrap_or(chrono::Duration::MAX);
                 self.store.purge_idempotency(now - lifetime).await?;
+                // Windows last an hour at most; keep one more for clock skew between replicas.
+                self.store.purge_rate_counters(now - chrono::Duration::hours(2)).await?;
                 let due = self.store.due_callbacks(now).await?;
                 metrics::gauge!("callback_queue_due").set(due as f64);
             }

@@ -11,5 +11,6 @@ mod idempotency;
 mod idme;
 mod operations;
 mod processes;
+mod rate_limits;
 mod rules;
 mod sandbox;

@@ -1,0 +1,70 @@
+//! Rate limits from config (DESIGN §3): per phone (5300), per product (5100),
+//! per partner (5200), each with `Retry-After`, recording nothing.
+
+use std::time::Duration;
+
+use handset_testkit::Kind;
+use serde_json::json;
+
+use crate::helpers::{Answer, TestApp};
+
+/// Windows are whole minutes: start well inside one so a test never straddles two.
+async fn fresh_minute() {
+    let into_minute = chrono::Utc::now().timestamp_millis() % 60_000;
+    if into_minute > 55_000 {
+        tokio::time::sleep(Duration::from_millis((60_000 - into_minute + 100) as u64)).await;
+    }
+}
+
+fn retry_after(answer: &Answer, at_most: u64) -> u64 {
+    let seconds: u64 = answer.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=at_most).contains(&seconds), "{seconds}");
+    seconds
+}
+
+async fn sends_per_phone(kind: Kind) {
+    fresh_minute().await; // hours end on a minute boundary too
+    let app = TestApp::spawn_with(kind, &[("HANDSET__RATE_LIMITS__PER_PHONE_PER_HOUR", "2")]).await;
+    for _ in 0..2 {
+        assert_eq!(app.start_sms("4155550123").await.status, 201);
+    }
+    let before = app.count("transactions").await;
+    let limited = app.start_sms("+1 415 555 0123").await;
+    limited.assert_error(429, 5300);
+    retry_after(&limited, 3600);
+    assert_eq!(app.count("transactions").await, before, "a limited send records nothing");
+    assert_eq!(app.start_sms("4155550124").await.status, 201, "other numbers are not limited");
+    let identity = app.post("/v1/identity", json!({"phone": "4155550123", "birth_date": "1968-05-27"})).await;
+    assert_eq!(identity.status, 201, "identity sends no SMS");
+}
+
+async fn per_product(kind: Kind) {
+    fresh_minute().await;
+    let app = TestApp::spawn_with(kind, &[("HANDSET__RATE_LIMITS__PER_PRODUCT_PER_MINUTE", "3")]).await;
+    let id = app.start_sms("4155550123").await.id();
+    app.confirm(&id, "000000").await.assert_error(422, 3102);
+    assert_eq!(app.start_sms("4155550124").await.status, 201);
+    let limited = app.start_sms("4155550125").await;
+    limited.assert_error(429, 5100);
+    retry_after(&limited, 60);
+    app.confirm(&id, "123123").await.assert_error(429, 5100);
+    let identity = app.post("/v1/identity", json!({"phone": "8885551234", "birth_date": "1968-05-27"})).await;
+    assert_eq!(identity.status, 201, "another product has its own count");
+}
+
+async fn per_partner(kind: Kind) {
+    fresh_minute().await;
+    let app = TestApp::spawn_with(kind, &[("HANDSET__RATE_LIMITS__PER_PARTNER_PER_MINUTE", "3")]).await;
+    let (_, other) = app.partner(handset_core::Product::ALL).await;
+    let id = app.start_sms("4155550123").await.id();
+    assert_eq!(app.transaction(&id).await.status, 200);
+    assert_eq!(app.get(&format!("/v1/transactions/{id}")).await.status, 200);
+    let limited = app.get(&format!("/v1/transactions/{id}")).await;
+    limited.assert_error(429, 5200);
+    retry_after(&limited, 60);
+    app.start_sms("4155550123").await.assert_error(429, 5200);
+    let theirs = app.post_as(&other, "/v1/possession", json!({"phone": "4155550123"})).await;
+    assert_eq!(theirs.status, 201, "each partner has its own count");
+}
+
+crate::on_both_kinds!(sends_per_phone, per_product, per_partner);
