@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DurationRound, Utc};
 use clap::Parser;
 use handset_core::model::{Product, ProviderName, Status, Transaction, TransactionResult, Verification};
 use handset_core::secret::{api_key_hash, code_hash};
@@ -127,7 +127,8 @@ async fn through_handset(db: &TestDatabase, args: &Args) -> Run {
 }
 
 /// The same SQL statements a flow makes, through the store with nothing in
-/// front: two key lookups, the insert, one read, the attempt and the final write.
+/// front: two key lookups with their partner and product rate counters, the
+/// insert, one read, the attempt and the final write.
 async fn bare_sql(db: &TestDatabase, args: &Args) -> Run {
     let pool = handset_store::PoolSettings { max_connections: args.concurrency.max(2) as u32, ..Default::default() };
     let store: Arc<dyn Store> = handset_store::connect(&db.url, &pool).expect("store");
@@ -135,13 +136,20 @@ async fn bare_sql(db: &TestDatabase, args: &Args) -> Run {
     measure(args.flows, args.concurrency, move || {
         let (store, key_hash) = (store.clone(), key_hash.clone());
         async move {
-            store.partner_by_key_hash(&key_hash).await.expect("partner").expect("the dev partner");
             let now = Utc::now();
+            let minute = now.duration_trunc(chrono::Duration::minutes(1)).expect("a minute");
+            let partner_scope = format!("partner:{DEV_PARTNER_ID}");
+            let product_scope = format!("product:{DEV_PARTNER_ID}:possession.sms");
+            store.partner_by_key_hash(&key_hash).await.expect("partner").expect("the dev partner");
+            store.hit_rate_counter(&partner_scope, minute).await.expect("counter");
+            store.hit_rate_counter(&product_scope, minute).await.expect("counter");
             let verification = Verification { id: uuid::Uuid::new_v4(), partner_id: DEV_PARTNER_ID, created_at: now };
             let tx = pending(&verification);
             store.insert_transaction(&tx, Some(&verification), None).await.expect("insert");
             store.partner_by_key_hash(&key_hash).await.expect("partner");
+            store.hit_rate_counter(&partner_scope, minute).await.expect("counter");
             let read = store.transaction(tx.id).await.expect("read").expect("the transaction");
+            store.hit_rate_counter(&product_scope, minute).await.expect("counter");
             store.use_attempt(read.id, Utc::now()).await.expect("attempt");
             let done = Transaction {
                 status: Status::Succeeded,
