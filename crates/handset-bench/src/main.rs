@@ -165,32 +165,19 @@ async fn bare_sql(db: &TestDatabase, args: &Args) -> Run {
 
 fn pending(verification: &Verification) -> Transaction {
     let now = Utc::now();
-    let id = uuid::Uuid::new_v4();
+    let tx = Transaction::pending(
+        verification.partner_id,
+        verification.id,
+        Product::PossessionSms,
+        ProviderName::Sandbox,
+        "+14155550123",
+        now,
+    );
     Transaction {
-        id,
-        verification_id: verification.id,
-        partner_id: verification.partner_id,
-        product: Product::PossessionSms,
-        provider: ProviderName::Sandbox,
-        phone: Some("+14155550123".into()),
-        birth_date: None,
-        status: Status::Pending,
-        created_at: now,
-        updated_at: now,
         expires_at: Some(now + chrono::Duration::minutes(10)),
-        attempts_used: 0,
         max_attempts: 5,
-        code_hash: Some(code_hash(id, "123123")),
-        provider_ref: None,
-        provider_verification: None,
-        next_poll_at: None,
-        poll_attempts: 0,
-        redirect_url: None,
-        redirect_uri: None,
-        callback_url: None,
-        name: None,
-        metadata: json!({}),
-        result: None,
+        code_hash: Some(code_hash(tx.id, "123123")),
+        ..tx
     }
 }
 

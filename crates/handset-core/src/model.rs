@@ -427,6 +427,44 @@ pub struct TransactionOut {
 }
 
 impl Transaction {
+    /// A new pending transaction, with no deadline, attempts or provider
+    /// state yet (callers set what their product needs).
+    pub fn pending(
+        partner_id: Uuid,
+        verification_id: Uuid,
+        product: Product,
+        provider: ProviderName,
+        phone: &str,
+        now: DateTime<Utc>,
+    ) -> Transaction {
+        Transaction {
+            id: Uuid::new_v4(),
+            verification_id,
+            partner_id,
+            product,
+            provider,
+            phone: Some(phone.to_owned()),
+            birth_date: None,
+            status: Status::Pending,
+            created_at: now,
+            updated_at: now,
+            expires_at: None,
+            attempts_used: 0,
+            max_attempts: 0,
+            code_hash: None,
+            provider_ref: None,
+            provider_verification: None,
+            next_poll_at: None,
+            poll_attempts: 0,
+            redirect_url: None,
+            redirect_uri: None,
+            callback_url: None,
+            name: None,
+            metadata: Value::Object(Default::default()),
+            result: None,
+        }
+    }
+
     pub fn is_final(&self) -> bool {
         self.status.is_final()
     }

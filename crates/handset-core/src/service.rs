@@ -482,30 +482,9 @@ impl Gateway {
     fn draft(&self, partner: &Partner, product: Product, verification_id: Uuid, phone: &Phone) -> Transaction {
         let now = Utc::now();
         Transaction {
-            id: Uuid::new_v4(),
-            verification_id,
-            partner_id: partner.id,
-            product,
-            provider: ProviderName::Sandbox,
-            phone: Some(phone.e164().to_owned()),
-            birth_date: None,
-            status: Status::Pending,
-            created_at: now,
-            updated_at: now,
             expires_at: product.is_possession().then(|| now + self.settings.code_ttl),
-            attempts_used: 0,
             max_attempts: if product == Product::PossessionSms { self.settings.max_attempts } else { 0 },
-            code_hash: None,
-            provider_ref: None,
-            provider_verification: None,
-            next_poll_at: None,
-            poll_attempts: 0,
-            redirect_url: None,
-            redirect_uri: None,
-            callback_url: None,
-            name: None,
-            metadata: Value::Object(Default::default()),
-            result: None,
+            ..Transaction::pending(partner.id, verification_id, product, ProviderName::Sandbox, phone.e164(), now)
         }
     }
 

@@ -46,31 +46,24 @@ fn partner(name: &str) -> Partner {
 
 fn pending(partner: &Partner, verification: &Verification) -> Transaction {
     let now = Utc::now();
+    let tx = Transaction::pending(
+        partner.id,
+        verification.id,
+        Product::PossessionSms,
+        ProviderName::Sandbox,
+        "+18885551234",
+        now,
+    );
     Transaction {
-        id: Uuid::new_v4(),
-        verification_id: verification.id,
-        partner_id: partner.id,
-        product: Product::PossessionSms,
-        provider: ProviderName::Sandbox,
-        phone: Some("+18885551234".into()),
-        birth_date: None,
-        status: Status::Pending,
-        created_at: now,
-        updated_at: now,
         expires_at: Some(now + Duration::minutes(10)),
-        attempts_used: 0,
         max_attempts: 5,
         code_hash: Some(secret::code_hash(Uuid::nil(), "123123")),
         provider_ref: Some(format!("ref-{}", Uuid::new_v4())),
         provider_verification: Some("idme-verification".into()),
-        next_poll_at: None,
-        poll_attempts: 0,
-        redirect_url: None,
         redirect_uri: Some("https://partner.example/done".into()),
         callback_url: Some("https://partner.example/hook".into()),
-        name: None,
         metadata: json!({"order": 42, "tags": ["a", "b"]}),
-        result: None,
+        ..tx
     }
 }
 
