@@ -260,20 +260,15 @@ impl Gateway {
     /// The sandbox operator page: completes a pending sandbox network check.
     /// Anything else is 404, so the page cannot touch real providers' checks.
     pub async fn complete_sandbox_operator(&self, id: Uuid) -> Result<Transaction, ApiError> {
-        let mut tx = self.store.transaction(id).await.map_err(internal)?.ok_or_else(not_found)?;
+        let tx = self.store.transaction(id).await.map_err(internal)?.ok_or_else(not_found)?;
         if tx.provider != ProviderName::Sandbox || tx.product != Product::PossessionNetwork {
             return Err(not_found());
         }
-        if tx.status == Status::Pending {
-            if tx.expires_at.is_some_and(|at| at <= Utc::now()) {
-                return self.expire(tx).await;
-            }
-            let result = TransactionResult::Phone { phone: tx.phone.clone().unwrap_or_default() };
-            if !self.finish(&mut tx, Status::Succeeded, result).await? {
-                return self.store.transaction(id).await.map_err(internal)?.ok_or_else(not_found);
-            }
+        if tx.status == Status::Pending && tx.expires_at.is_some_and(|at| at <= Utc::now()) {
+            return self.expire(tx).await;
         }
-        Ok(tx)
+        let proven = Outcome::Succeeded(TransactionResult::Phone { phone: String::new() });
+        self.apply_outcome(tx, proven).await?.ok_or_else(not_found)
     }
 
     /// The callbacks of a transaction with their delivery attempts.
@@ -306,7 +301,7 @@ impl Gateway {
         let due = self.store.expired_pending(now, limit).await.map_err(internal)?;
         let mut expired = 0;
         for mut tx in due {
-            let result = deadline_result(&tx);
+            let result = TransactionResult::failure(deadline_error(&tx));
             if self.finish(&mut tx, Status::Failed, result).await? {
                 expired += 1;
             }
@@ -395,10 +390,9 @@ impl Gateway {
     }
 
     /// Ends a pending transaction past its deadline: final 300 with 3103.
-    async fn expire(&self, mut tx: Transaction) -> Result<Transaction, ApiError> {
-        let result = TransactionResult::failure(ResultError::new(ErrorCode::CodeExpired));
-        self.finish(&mut tx, Status::Failed, result).await?;
-        Ok(tx)
+    async fn expire(&self, tx: Transaction) -> Result<Transaction, ApiError> {
+        let error = deadline_error(&tx);
+        self.apply_outcome(tx, Outcome::Failed(error)).await?.ok_or_else(not_found)
     }
 
     /// Moves `tx` to a final state with its callback; false when another
@@ -565,7 +559,7 @@ impl Gateway {
         new_verification: Option<Verification>,
         started: Result<Started, ProviderError>,
     ) -> Result<Transaction, ApiError> {
-        let unavailable = match started {
+        let refusal = match started {
             Ok(started) => {
                 tx.provider_ref = started.provider_ref;
                 tx.provider_verification = started.provider_verification;
@@ -583,31 +577,36 @@ impl Gateway {
                     Outcome::Succeeded(result) => settle(&mut tx, Status::Succeeded, result),
                     Outcome::Failed(error) => settle(&mut tx, Status::Failed, TransactionResult::failure(error)),
                 }
-                false
+                None
             }
             Err(ProviderError::Unavailable(_)) => {
                 let error = ResultError::new(ErrorCode::ProvidersUnavailable);
                 settle(&mut tx, Status::Failed, TransactionResult::failure(error));
-                true
+                Some(ApiError::new(ErrorCode::ProvidersUnavailable))
             }
             // No answer after the request left: it may have reached the user, so
             // no other provider is tried; the transaction ends here.
             Err(ProviderError::Failed(why)) => {
                 tracing::warn!(provider = %tx.provider, transaction_id = %tx.id, %why, "provider call failed after sending");
-                let error = ResultError::new(ErrorCode::ProvidersUnavailable).provider_code(why);
+                let error =
+                    ResultError { message: AMBIGUOUS_SEND.into(), ..ResultError::new(ErrorCode::ProvidersUnavailable) };
                 settle(&mut tx, Status::Failed, TransactionResult::failure(error));
-                true
+                Some(ApiError::with_message(ErrorCode::ProvidersUnavailable, AMBIGUOUS_SEND))
             }
             Err(other) => return Err(provider_failure(other)),
         };
         let outbox = outbox_for(&tx);
         self.store.insert_transaction(&tx, new_verification.as_ref(), outbox.as_ref()).await.map_err(internal)?;
-        if unavailable {
-            return Err(ApiError::new(ErrorCode::ProvidersUnavailable));
+        match refusal {
+            Some(error) => Err(error),
+            None => Ok(tx),
         }
-        Ok(tx)
     }
 }
+
+/// Why a start that may have reached the user was not tried elsewhere.
+const AMBIGUOUS_SEND: &str =
+    "The provider did not confirm the send; the code may have been sent, so no other provider was tried";
 
 fn settle(tx: &mut Transaction, status: Status, result: TransactionResult) {
     tx.status = status;
@@ -634,16 +633,15 @@ fn possession_result(tx: &Transaction, result: TransactionResult) -> Transaction
     }
 }
 
-/// The result of a pending transaction that reached its deadline.
-fn deadline_result(tx: &Transaction) -> TransactionResult {
-    let error = match tx.product {
+/// Why a pending transaction that reached its deadline failed.
+fn deadline_error(tx: &Transaction) -> ResultError {
+    match tx.product {
         Product::Identity => ResultError {
             message: "No result from the provider before the deadline".into(),
             ..ResultError::new(ErrorCode::ProvidersUnavailable)
         },
         _ => ResultError::new(ErrorCode::CodeExpired),
-    };
-    TransactionResult::failure(error)
+    }
 }
 
 /// `min * 2^attempts`, at most `max`.

@@ -61,7 +61,7 @@ pub struct JsonObject(pub Fields);
 impl<S: Send + Sync> FromRequest<S> for JsonObject {
     type Rejection = Failure;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, Failure> {
+    async fn from_request(request: Request, _state: &S) -> Result<Self, Failure> {
         let declared_len =
             request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         if declared_len.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
@@ -76,7 +76,6 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
         let body = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
             .await
             .map_err(|_| Failure::from(ErrorCode::BodyTooLarge))?;
-        let _ = state;
         parse_object(&body, is_json).map(|map| JsonObject(Fields(map))).map_err(Failure)
     }
 }

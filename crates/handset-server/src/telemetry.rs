@@ -49,7 +49,7 @@ pub fn metrics_handle() -> PrometheusHandle {
 }
 
 /// Middleware: request id, the request log line, and HTTP metrics.
-pub async fn observe(mut request: Request, next: Next) -> Response {
+pub async fn observe(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let request_id = request
         .headers()
@@ -66,9 +66,6 @@ pub async fn observe(mut request: Request, next: Next) -> Response {
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = request.method().as_str().to_owned();
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        request.headers_mut().insert(REQUEST_ID_HEADER, value);
-    }
 
     let mut response = next.run(request).await;
 

@@ -222,6 +222,8 @@ async fn idme_down_or_hanging(kind: Kind) {
     sim.set_faults(Faults { hang: true, ..Faults::default() });
     let hung = app.post("/v1/possession", json!({"phone": "4155550124", "provider": "idme"})).await;
     hung.assert_error(503, 5001);
+    let message = hung.body["errors"][0]["message"].as_str().unwrap();
+    assert!(message.contains("may have been sent"), "a partner learns why no other provider was tried: {message}");
     app.post("/v1/identity", json!({"phone": "8885551234", "birth_date": "1968-05-27", "provider": "idme"}))
         .await
         .assert_error(503, 5001);
