@@ -105,7 +105,7 @@ pub fn phone(fields: &Fields, region: Region) -> Result<Phone, ApiError> {
 }
 
 /// A forced provider; one handset does not know cannot serve anything (3908).
-pub fn provider(fields: &Fields) -> Result<Option<ProviderName>, ApiError> {
+fn provider(fields: &Fields) -> Result<Option<ProviderName>, ApiError> {
     let Some(name) = fields.string("provider", ErrorCode::NoProvider)? else {
         return Ok(None);
     };
@@ -115,14 +115,14 @@ pub fn provider(fields: &Fields) -> Result<Option<ProviderName>, ApiError> {
 }
 
 /// An id that is not a UUID names no verification: 404 4100.
-pub fn verification_id(fields: &Fields) -> Result<Option<Uuid>, ApiError> {
+fn verification_id(fields: &Fields) -> Result<Option<Uuid>, ApiError> {
     match fields.string("verification_id", ErrorCode::NotFound)? {
         None => Ok(None),
         Some(raw) => Uuid::parse_str(raw).map(Some).map_err(|_| ApiError::new(ErrorCode::NotFound)),
     }
 }
 
-pub fn metadata(fields: &Fields) -> Result<Value, ApiError> {
+fn metadata(fields: &Fields) -> Result<Value, ApiError> {
     let Some(value) = fields.get("metadata") else {
         return Ok(Value::Object(Default::default()));
     };
@@ -162,7 +162,7 @@ pub fn redirect_uri(fields: &Fields) -> Result<Option<String>, ApiError> {
 /// A callback URL, refused (3100) when it is not http(s) or, unless private
 /// networks are allowed, when its host is or resolves to an internal address.
 /// A name that does not resolve now is accepted: the delivery checks again.
-pub async fn callback_url(fields: &Fields, allow_private_networks: bool) -> Result<Option<String>, ApiError> {
+async fn callback_url(fields: &Fields, allow_private_networks: bool) -> Result<Option<String>, ApiError> {
     let Some(raw) = fields.string("callback_url", ErrorCode::InvalidCallbackUrl)? else {
         return Ok(None);
     };

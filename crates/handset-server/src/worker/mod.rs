@@ -2,8 +2,8 @@
 //! transactions past their deadline, and purges personal data past the
 //! retention period. Work is claimed from the database with leases, so any
 //! number of `handset serve` processes on one database share it and each
-//! delivery attempt is made by one of them. `tick` does one round and says
-//! what it did, so tests can drive it step by step.
+//! delivery attempt is made by one of them. Each round reports what it did
+//! (`Tick`) in the debug log.
 
 pub mod delivery;
 
@@ -103,15 +103,6 @@ impl Runner {
                 _ = shutdown.changed() => {}
             }
         }
-    }
-
-    /// One round of every job, in order (tests drive the runner with it).
-    pub async fn tick(&self) -> Result<Tick, handset_core::store::StoreError> {
-        let mut tick = Tick::default();
-        for job in [Job::Upkeep, Job::Poll, Job::Deliver] {
-            self.run_job(job, &mut tick).await?;
-        }
-        Ok(tick)
     }
 
     async fn run_job(&self, job: Job, tick: &mut Tick) -> Result<(), handset_core::store::StoreError> {
