@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use chrono::{DurationRound, Utc};
 use clap::Parser;
 use handset_core::model::{Product, ProviderName, Status, Transaction, TransactionResult, Verification};
-use handset_core::secret::{api_key_hash, code_hash};
+use handset_core::secret::{DEVELOPMENT_CODE_PEPPER, api_key_hash, code_hash};
 use handset_core::store::{Finalization, Store};
 use handset_server::app::DEV_PARTNER_ID;
 use handset_server::{Application, Settings};
@@ -176,7 +176,7 @@ fn pending(verification: &Verification) -> Transaction {
     Transaction {
         expires_at: Some(now + chrono::Duration::minutes(10)),
         max_attempts: 5,
-        code_hash: Some(code_hash(tx.id, "123123")),
+        code_hash: Some(code_hash(DEVELOPMENT_CODE_PEPPER.as_bytes(), tx.id, "123123")),
         ..tx
     }
 }

@@ -7,8 +7,15 @@ use crate::error::{ApiError, ErrorCode};
 /// Partners must be adults to be matched against carrier records.
 pub const MINIMUM_AGE: u32 = 18;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct BirthDate(NaiveDate);
+
+/// Personal data: never printed by `{:?}`.
+impl std::fmt::Debug for BirthDate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BirthDate(***)")
+    }
+}
 
 impl BirthDate {
     /// Parses `YYYY-MM-DD` exactly (no time, no single-digit months) and checks

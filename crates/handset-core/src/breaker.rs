@@ -1,6 +1,13 @@
-//! A per-provider circuit breaker: after `failure_threshold` consecutive
-//! unavailable answers, the provider is skipped for `open_for`; then one call
-//! is let through, and its answer closes the breaker or opens it again.
+//! A per-provider circuit breaker.
+//!
+//! Closed: calls go through; `failure_threshold` consecutive unavailable
+//! answers open it. Open: calls are refused until `open_for` has passed.
+//! Half-open: exactly one call (the probe) goes through while the others are
+//! still refused; the probe's failure opens the breaker again at once, its
+//! success closes it. A probe that never reports (its caller was cancelled)
+//! is given up after another `open_for`, and a new probe is let through.
+//!
+//! Time is passed in (`now`), so tests drive the breaker with their own clock.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -17,10 +24,18 @@ impl Default for BreakerSettings {
     }
 }
 
-#[derive(Debug, Default)]
-struct State {
-    consecutive_failures: u32,
-    open_until: Option<Instant>,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Closed {
+        consecutive_failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
+    /// One probe is out since `since`.
+    HalfOpen {
+        since: Instant,
+    },
 }
 
 #[derive(Debug)]
@@ -31,30 +46,59 @@ pub struct CircuitBreaker {
 
 impl CircuitBreaker {
     pub fn new(settings: BreakerSettings) -> Self {
-        CircuitBreaker { settings, state: Mutex::new(State::default()) }
+        CircuitBreaker { settings, state: Mutex::new(State::Closed { consecutive_failures: 0 }) }
     }
 
-    /// Whether a call may go to the provider now.
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a call may go to the provider now. When the breaker has been
+    /// open for `open_for`, the first caller gets `true` and is the probe.
     pub fn allows(&self, now: Instant) -> bool {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.open_until.is_none_or(|until| now >= until)
-    }
-
-    pub fn record_success(&self) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        *state = State::default();
-    }
-
-    /// Counts an unavailable answer; returns true when this one opened the breaker.
-    pub fn record_failure(&self, now: Instant) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.consecutive_failures += 1;
-        if state.consecutive_failures >= self.settings.failure_threshold.max(1) {
-            state.consecutive_failures = 0;
-            state.open_until = Some(now + self.settings.open_for);
-            return true;
+        let mut state = self.state();
+        match *state {
+            State::Closed { .. } => true,
+            State::Open { until } if now >= until => {
+                *state = State::HalfOpen { since: now };
+                true
+            }
+            State::Open { .. } => false,
+            State::HalfOpen { since } if now >= since + self.settings.open_for => {
+                *state = State::HalfOpen { since: now };
+                true
+            }
+            State::HalfOpen { .. } => false,
         }
-        false
+    }
+
+    /// The provider answered: the breaker closes (a probe's success included).
+    pub fn record_success(&self) {
+        *self.state() = State::Closed { consecutive_failures: 0 };
+    }
+
+    /// Counts an unavailable answer; returns true when this one opened the
+    /// breaker (the threshold was reached, or the half-open probe failed).
+    pub fn record_failure(&self, now: Instant) -> bool {
+        let mut state = self.state();
+        let open = State::Open { until: now + self.settings.open_for };
+        match *state {
+            State::Closed { consecutive_failures } => {
+                let failures = consecutive_failures + 1;
+                if failures >= self.settings.failure_threshold.max(1) {
+                    *state = open;
+                    return true;
+                }
+                *state = State::Closed { consecutive_failures: failures };
+                false
+            }
+            State::HalfOpen { .. } => {
+                *state = open;
+                true
+            }
+            // A call that started before the breaker opened: already open.
+            State::Open { .. } => false,
+        }
     }
 }
 
@@ -62,9 +106,22 @@ impl CircuitBreaker {
 mod tests {
     use super::*;
 
+    const OPEN_FOR: Duration = Duration::from_secs(10);
+
+    fn breaker() -> CircuitBreaker {
+        CircuitBreaker::new(BreakerSettings { failure_threshold: 3, open_for: OPEN_FOR })
+    }
+
+    /// Opens `breaker` at `t0` by three failures.
+    fn open(breaker: &CircuitBreaker, t0: Instant) {
+        assert!(!breaker.record_failure(t0));
+        assert!(!breaker.record_failure(t0));
+        assert!(breaker.record_failure(t0), "the third failure opens it");
+    }
+
     #[test]
-    fn opens_after_consecutive_failures_and_closes_after_cooldown() {
-        let breaker = CircuitBreaker::new(BreakerSettings { failure_threshold: 3, open_for: Duration::from_secs(10) });
+    fn opens_after_consecutive_failures_only() {
+        let breaker = breaker();
         let t0 = Instant::now();
         assert!(!breaker.record_failure(t0));
         breaker.record_success();
@@ -72,7 +129,53 @@ mod tests {
         assert!(!breaker.record_failure(t0));
         assert!(breaker.allows(t0), "success reset the count");
         assert!(breaker.record_failure(t0));
-        assert!(!breaker.allows(t0 + Duration::from_secs(9)));
-        assert!(breaker.allows(t0 + Duration::from_secs(10)), "one call goes through after the cooldown");
+        assert!(!breaker.allows(t0 + OPEN_FOR - Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn half_open_lets_exactly_one_probe_through() {
+        let breaker = breaker();
+        let t0 = Instant::now();
+        open(&breaker, t0);
+        let t1 = t0 + OPEN_FOR;
+        assert!(breaker.allows(t1), "the probe");
+        assert!(!breaker.allows(t1), "others wait for the probe");
+        assert!(!breaker.allows(t1 + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_failed_probe_reopens_at_once() {
+        let breaker = breaker();
+        let t0 = Instant::now();
+        open(&breaker, t0);
+        let t1 = t0 + OPEN_FOR;
+        assert!(breaker.allows(t1));
+        assert!(breaker.record_failure(t1), "one failure of the probe reopens, not three");
+        assert!(!breaker.allows(t1));
+        assert!(!breaker.allows(t1 + OPEN_FOR - Duration::from_millis(1)));
+        assert!(breaker.allows(t1 + OPEN_FOR), "the next probe after another open_for");
+    }
+
+    #[test]
+    fn a_successful_probe_closes() {
+        let breaker = breaker();
+        let t0 = Instant::now();
+        open(&breaker, t0);
+        let t1 = t0 + OPEN_FOR;
+        assert!(breaker.allows(t1));
+        breaker.record_success();
+        assert!(breaker.allows(t1) && breaker.allows(t1), "closed: every call goes through");
+        assert!(!breaker.record_failure(t1), "closed with a fresh count");
+    }
+
+    #[test]
+    fn a_probe_that_never_reports_is_replaced() {
+        let breaker = breaker();
+        let t0 = Instant::now();
+        open(&breaker, t0);
+        let t1 = t0 + OPEN_FOR;
+        assert!(breaker.allows(t1));
+        assert!(!breaker.allows(t1 + OPEN_FOR - Duration::from_millis(1)));
+        assert!(breaker.allows(t1 + OPEN_FOR), "a lost probe does not close the provider forever");
     }
 }

@@ -24,6 +24,13 @@ impl CallbackUrl {
         if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
             return Err(invalid());
         }
+        // Credentials in a URL end up in logs and in the callback list.
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(ApiError::with_message(
+                ErrorCode::InvalidCallbackUrl,
+                "Transaction parameter callback_url is invalid: it must not carry credentials (user:pass@)",
+            ));
+        }
         Ok(CallbackUrl(url))
     }
 

@@ -79,6 +79,7 @@ catalogue! {
     IdempotencyKeyReused = 3906, Some(422), "Idempotency-Key was already used with a different request";
     IdempotencyKeyInFlight = 3907, Some(409), "A request with this Idempotency-Key is still in flight";
     NoProvider = 3908, Some(422), "No configured provider serves this product for this phone number";
+    BodyTimeout = 3909, Some(408), "Request body was not received in time";
     PhoneRateLimited = 5300, Some(429), "Send limit reached for this phone number";
     ProvidersUnavailable = 5001, Some(503), "Every eligible provider is unavailable";
     // Transaction result errors (telecom)
@@ -119,20 +120,30 @@ pub struct ApiError {
     pub code: ErrorCode,
     pub message: Cow<'static, str>,
     pub retry_after: Option<Duration>,
+    /// The request changed something before it was refused (a wrong code
+    /// used an attempt, a deadline ended the transaction): its answer is
+    /// kept for `Idempotency-Key` replay like a success.
+    pub recorded: bool,
 }
 
 impl ApiError {
     pub fn new(code: ErrorCode) -> Self {
         debug_assert!(code.http_status().is_some(), "{code:?} is a result error");
-        ApiError { code, message: Cow::Borrowed(code.message()), retry_after: None }
+        ApiError { code, message: Cow::Borrowed(code.message()), retry_after: None, recorded: false }
     }
 
     pub fn with_message(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
-        ApiError { code, message: message.into(), retry_after: None }
+        ApiError { code, message: message.into(), retry_after: None, recorded: false }
     }
 
     pub fn retry_after(mut self, after: Duration) -> Self {
         self.retry_after = Some(after);
+        self
+    }
+
+    /// Marks an answer given after the request changed stored state.
+    pub fn recorded(mut self) -> Self {
+        self.recorded = true;
         self
     }
 

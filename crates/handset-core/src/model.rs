@@ -8,6 +8,21 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::error::ErrorCode;
+use crate::secret::Secret;
+
+/// `Debug` that prints only the listed fields: the others hold personal data
+/// (phone, birth date, name, address, metadata), codes or secrets, which must
+/// not reach a log line through `{:?}`.
+#[macro_export]
+macro_rules! debug_only {
+    ($ty:ident { $($field:ident),* $(,)? }) => {
+        impl ::std::fmt::Debug for $ty {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.debug_struct(stringify!($ty))$(.field(stringify!($field), &self.$field))*.finish_non_exhaustive()
+            }
+        }
+    };
+}
 
 macro_rules! string_enum {
     ($(#[$meta:meta])* $name:ident { $( $variant:ident = $text:literal ),* $(,)? }) => {
@@ -107,7 +122,7 @@ pub struct Partner {
     pub products: Vec<Product>,
     pub active: bool,
     /// `whsec_...`: needed in clear to sign callbacks.
-    pub webhook_secret: String,
+    pub webhook_secret: Secret,
     pub created_at: DateTime<Utc>,
 }
 
@@ -126,15 +141,22 @@ pub struct Verification {
 }
 
 /// The user's name, which some providers need (Veratad).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PersonName {
     pub first: String,
     pub last: String,
 }
 
+impl PersonName {
+    /// The fields a request's `name` object may have.
+    pub const FIELDS: &[&str] = &["first", "last"];
+}
+
+debug_only!(PersonName {});
+
 /// A postal address returned by an identity match.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Address {
     pub line1: String,
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -144,6 +166,8 @@ pub struct Address {
     pub postal_code: String,
     pub country: String,
 }
+
+debug_only!(Address { country });
 
 /// One error in a final transaction's `result.errors`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -179,7 +203,7 @@ impl ResultError {
 }
 
 /// A final transaction's outcome.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum TransactionResult {
     /// Possession proven for this number.
@@ -199,6 +223,17 @@ pub enum TransactionResult {
     },
 }
 
+impl std::fmt::Debug for TransactionResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TransactionResult::Phone { .. } => f.write_str("Phone { .. }"),
+            TransactionResult::Address { address } => f.debug_struct("Address").field("address", address).finish(),
+            TransactionResult::Errors { errors } => f.debug_struct("Errors").field("errors", errors).finish(),
+            TransactionResult::Purged { purged } => f.debug_struct("Purged").field("purged", purged).finish(),
+        }
+    }
+}
+
 impl TransactionResult {
     pub fn failure(error: ResultError) -> Self {
         TransactionResult::Errors { errors: vec![error] }
@@ -214,7 +249,7 @@ impl TransactionResult {
 }
 
 /// One check of one phone number, as stored.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Transaction {
     pub id: Uuid,
     pub verification_id: Uuid,
@@ -250,9 +285,26 @@ pub struct Transaction {
     pub result: Option<TransactionResult>,
 }
 
+debug_only!(Transaction {
+    id,
+    verification_id,
+    partner_id,
+    product,
+    provider,
+    status,
+    created_at,
+    updated_at,
+    expires_at,
+    attempts_used,
+    max_attempts,
+    next_poll_at,
+    poll_attempts,
+    result,
+});
+
 /// A callback to deliver, written in the same database transaction as the
 /// state change that caused it (transactional outbox).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct OutboxMessage {
     /// Doubles as the Standard Webhooks `webhook-id`.
     pub id: Uuid,
@@ -265,6 +317,8 @@ pub struct OutboxMessage {
     pub payload: String,
     pub created_at: DateTime<Utc>,
 }
+
+debug_only!(OutboxMessage { id, transaction_id, partner_id, created_at });
 
 impl OutboxMessage {
     /// A callback of `transaction` as it is now, to `callback_url`.
@@ -339,7 +393,7 @@ pub struct ClaimedCallback {
     /// Attempts made before this one.
     pub attempts_before: i32,
     /// The partner's `whsec_...` signing secret.
-    pub webhook_secret: String,
+    pub webhook_secret: Secret,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -408,7 +462,7 @@ pub enum NextAction {
 }
 
 /// The transaction resource: every endpoint's answer and every callback's body.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 pub struct TransactionOut {
     pub transaction_id: Uuid,
     pub verification_id: Uuid,
@@ -425,6 +479,8 @@ pub struct TransactionOut {
     pub metadata: Value,
     pub callback_url: Option<String>,
 }
+
+debug_only!(TransactionOut { transaction_id, verification_id, product, provider, result });
 
 impl Transaction {
     /// A new pending transaction, with no deadline, attempts or provider
@@ -532,5 +588,55 @@ impl VerificationOut {
             identity_verified: succeeded(false),
             transactions: transactions.iter().map(Transaction::to_resource).collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_holds_no_personal_data_or_secret() {
+        let now = Utc::now();
+        let mut tx =
+            Transaction::pending(Uuid::nil(), Uuid::nil(), Product::Identity, ProviderName::Idme, "+14155550123", now);
+        tx.birth_date = Some("1968-05-27".into());
+        tx.name = Some(PersonName { first: "Ada".into(), last: "Lovelace".into() });
+        tx.metadata = serde_json::json!({"email": "ada@example.org"});
+        tx.code_hash = Some("c0dehash".into());
+        tx.provider_ref = Some("session-token".into());
+        tx.result = Some(TransactionResult::Address {
+            address: Address {
+                line1: "12 Analytical Row".into(),
+                line2: None,
+                city: "London".into(),
+                region: "LDN".into(),
+                postal_code: "N1".into(),
+                country: "GB".into(),
+            },
+        });
+        let partner = Partner {
+            id: Uuid::nil(),
+            name: "acme".into(),
+            products: Product::ALL.to_vec(),
+            active: true,
+            webhook_secret: Secret::from("whsec_c2VjcmV0"),
+            created_at: now,
+        };
+        let outbox = OutboxMessage::of(&tx, "https://partner.example/hook".into(), now);
+        let printed = format!("{tx:?} {partner:?} {outbox:?} {:?}", tx.to_resource());
+        for private in [
+            "4155550123",
+            "1968-05-27",
+            "Lovelace",
+            "ada@example.org",
+            "c0dehash",
+            "session-token",
+            "Analytical",
+            "whsec_",
+        ] {
+            assert!(!printed.contains(private), "{private} printed: {printed}");
+        }
+        assert!(printed.contains("Identity") && printed.contains("acme"), "what helps debugging stays: {printed}");
     }
 }

@@ -17,7 +17,7 @@ use crate::model::{PersonName, Product, ProviderName, ResultError, Transaction, 
 use crate::phone::Phone;
 
 /// What handset tells a provider when it starts a check.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct StartRequest<'a> {
     /// handset's id; providers that echo a reference get this one.
     pub transaction_id: Uuid,
@@ -27,6 +27,16 @@ pub struct StartRequest<'a> {
     /// The provider's own id for this verification, when an earlier
     /// transaction of the same verification went to the same provider.
     pub provider_verification: Option<&'a str>,
+}
+
+impl std::fmt::Debug for StartRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The name and birth date are personal data; `Phone` masks itself.
+        f.debug_struct("StartRequest")
+            .field("transaction_id", &self.transaction_id)
+            .field("phone", &self.phone)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where a check stands after a provider answered.
@@ -39,7 +49,7 @@ pub enum Outcome {
 }
 
 /// A provider's answer to a start.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Started {
     /// The provider's own transaction id or session token, kept server-side.
     pub provider_ref: Option<String>,
@@ -51,6 +61,9 @@ pub struct Started {
     pub provider_verification: Option<String>,
     pub outcome: Outcome,
 }
+
+// The code and the provider's session token stay out of logs.
+crate::debug_only!(Started { redirect_url, outcome });
 
 impl Started {
     pub fn outcome(outcome: Outcome) -> Self {

@@ -20,7 +20,7 @@ use crate::phone::Phone;
 use crate::provider::{CodeCheck, Outcome, Provider, ProviderError, StartRequest, Started};
 use crate::rate_limit::{RateLimits, Scope};
 use crate::routing::Routing;
-use crate::secret::{api_key_hash, code_hash, constant_time_eq};
+use crate::secret::{Secret, api_key_hash, code_hash, constant_time_eq};
 use crate::store::{Finalization, Store};
 
 /// Service settings taken from config.
@@ -30,8 +30,14 @@ pub struct GatewaySettings {
     pub max_attempts: i32,
     /// handset's absolute base URL, for links it hands out.
     pub public_url: String,
-    /// A key that must never authenticate (the development key in production).
-    pub refused_api_key: Option<String>,
+    /// A partner that must never authenticate, whatever key it holds (the
+    /// development partner in production).
+    pub refused_partner: Option<Uuid>,
+    /// Keys the hashes of codes handset checks itself (`security.code_pepper`).
+    pub code_pepper: Secret,
+    /// Callback deliveries a transaction may have pending before a partner's
+    /// retry request is refused (429).
+    pub max_pending_callbacks: i64,
     /// How long an identity match may wait for an asynchronous result.
     pub identity_ttl: Duration,
     /// Polling a provider for a pending result: first delay, doubled up to the max.
@@ -42,7 +48,7 @@ pub struct GatewaySettings {
 }
 
 /// A possession check to start, already parsed.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StartPossession {
     pub phone: Phone,
     pub channel: Product,
@@ -54,8 +60,10 @@ pub struct StartPossession {
     pub metadata: Value,
 }
 
+crate::debug_only!(StartPossession { phone, channel, provider, verification_id });
+
 /// An identity match to start, already parsed.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StartIdentity {
     pub phone: Phone,
     pub birth_date: BirthDate,
@@ -64,6 +72,8 @@ pub struct StartIdentity {
     pub callback_url: Option<String>,
     pub metadata: Value,
 }
+
+crate::debug_only!(StartIdentity { phone, provider, verification_id });
 
 /// Shape of a one-time code handset accepts before counting an attempt.
 fn code_is_well_formed(code: &str) -> bool {
@@ -76,7 +86,6 @@ pub struct Gateway {
     breakers: HashMap<ProviderName, CircuitBreaker>,
     routing: Routing,
     settings: GatewaySettings,
-    refused_key_hash: Option<String>,
 }
 
 impl Gateway {
@@ -86,14 +95,12 @@ impl Gateway {
         routing: Routing,
         settings: GatewaySettings,
     ) -> Self {
-        let refused_key_hash = settings.refused_api_key.as_deref().map(api_key_hash);
         Gateway {
             store,
             breakers: providers.iter().map(|p| (p.name(), CircuitBreaker::new(settings.breaker))).collect(),
             providers: providers.into_iter().map(|p| (p.name(), p)).collect(),
             routing,
             settings,
-            refused_key_hash,
         }
     }
 
@@ -105,17 +112,15 @@ impl Gateway {
         &self.settings
     }
 
-    /// The partner behind a bearer key: unknown -> 401 1100, inactive -> 401 1200.
+    /// The partner behind a bearer key: unknown (or refused) -> 401 1100,
+    /// inactive -> 401 1200.
     pub async fn authenticate(&self, api_key: &str) -> Result<Partner, ApiError> {
-        let hash = api_key_hash(api_key);
-        if self.refused_key_hash.as_deref().is_some_and(|refused| constant_time_eq(refused, &hash)) {
-            return Err(ApiError::new(ErrorCode::CredentialsUnknown));
-        }
         let partner = self
             .store
-            .partner_by_key_hash(&hash)
+            .partner_by_key_hash(&api_key_hash(api_key))
             .await
             .map_err(internal)?
+            .filter(|partner| Some(partner.id) != self.settings.refused_partner)
             .ok_or_else(|| ApiError::new(ErrorCode::CredentialsUnknown))?;
         if !partner.active {
             return Err(ApiError::new(ErrorCode::AccountInactive));
@@ -128,11 +133,13 @@ impl Gateway {
         let product = input.channel;
         ensure_enabled(partner, product)?;
         self.limit(Scope::Product(partner.id, product)).await?;
+        let joined = self.verification_for(partner, input.verification_id).await?;
+        let chain = self.chain(product, &input.phone, input.provider, input.name.is_some())?;
+        // Only a send that is about to be attempted counts against the
+        // number: requests refused above cost the phone nothing.
         if product == Product::PossessionSms {
             self.limit(Scope::Phone(&input.phone)).await?;
         }
-        let joined = self.verification_for(partner, input.verification_id).await?;
-        let chain = self.chain(product, &input.phone, input.provider, input.name.is_some())?;
         let mut draft = self.draft(partner, product, joined.id, &input.phone);
         draft.callback_url = input.callback_url;
         draft.redirect_uri = input.redirect_uri;
@@ -184,7 +191,7 @@ impl Gateway {
             }
             if tx.expires_at.is_some_and(|at| at <= now) {
                 self.expire(tx).await?;
-                return Err(ApiError::new(ErrorCode::CodeExpired));
+                return Err(ApiError::new(ErrorCode::CodeExpired).recorded());
             }
             if tx.product == Product::PossessionNetwork {
                 return self.refresh_network(tx, None).await;
@@ -198,7 +205,7 @@ impl Gateway {
             };
             let check = match &tx.code_hash {
                 Some(hash) => {
-                    if constant_time_eq(hash, &code_hash(tx.id, code)) {
+                    if constant_time_eq(hash, &self.code_hash(tx.id, code)) {
                         CodeCheck::Matched(TransactionResult::Phone { phone: tx.phone.clone().unwrap_or_default() })
                     } else {
                         CodeCheck::Mismatched
@@ -215,20 +222,24 @@ impl Gateway {
                     }
                 }
                 CodeCheck::Mismatched if used < tx.max_attempts => {
-                    return Err(ApiError::new(ErrorCode::InvalidCode));
+                    return Err(ApiError::new(ErrorCode::InvalidCode).recorded());
                 }
                 CodeCheck::Mismatched => {
                     let error = ResultError::new(ErrorCode::RetryLimitExceeded);
                     self.finish(&mut tx, Status::Failed, TransactionResult::failure(error)).await?;
-                    return Err(ApiError::new(ErrorCode::RetryLimitExceeded));
+                    return Err(ApiError::new(ErrorCode::RetryLimitExceeded).recorded());
                 }
                 CodeCheck::Failed(error) => {
                     self.finish(&mut tx, Status::Failed, TransactionResult::failure(error)).await?;
-                    return Err(failure_error(&tx));
+                    return Err(failure_error(&tx).recorded());
                 }
             }
         }
         Err(internal("confirm did not settle after 3 reads"))
+    }
+
+    fn code_hash(&self, transaction_id: Uuid, code: &str) -> String {
+        code_hash(self.settings.code_pepper.expose().as_bytes(), transaction_id, code)
     }
 
     async fn limit(&self, scope: Scope<'_>) -> Result<(), ApiError> {
@@ -284,8 +295,17 @@ impl Gateway {
         let callback_url = tx.callback_url.clone().ok_or_else(|| {
             ApiError::with_message(ErrorCode::InvalidCallbackUrl, "Transaction has no callback_url to deliver to")
         })?;
-        let message = OutboxMessage::of(&tx, callback_url, Utc::now());
-        self.store.insert_outbox(&message).await.map_err(internal)?;
+        let now = Utc::now();
+        let message = OutboxMessage::of(&tx, callback_url, now);
+        let max_pending = self.settings.max_pending_callbacks;
+        if !self.store.insert_outbox_capped(&message, max_pending).await.map_err(internal)? {
+            // A slot frees when the soonest pending delivery is tried again.
+            let records = self.store.callbacks_of_transaction(tx.id).await.map_err(internal)?;
+            let soonest = records.iter().filter(|r| r.state == CallbackState::Pending).map(|r| r.next_attempt_at).min();
+            let wait = soonest.and_then(|at| (at - now).to_std().ok()).unwrap_or(std::time::Duration::from_secs(1));
+            let message = format!("This transaction already has {max_pending} callback deliveries pending");
+            return Err(ApiError::with_message(ErrorCode::AccountRateLimited, message).retry_after(wait));
+        }
         let record = CallbackRecord {
             next_attempt_at: message.created_at,
             message,
@@ -368,7 +388,17 @@ impl Gateway {
         }
     }
 
+    /// Ends a pending transaction with a provider's final answer (once). An
+    /// answer that arrives after the transaction's deadline cannot succeed
+    /// it: the transaction ends as expired instead.
     async fn apply_outcome(&self, mut tx: Transaction, outcome: Outcome) -> Result<Option<Transaction>, ApiError> {
+        let outcome = match checked(&tx, outcome) {
+            Outcome::Succeeded(_) if tx.expires_at.is_some_and(|at| at <= Utc::now()) => {
+                tracing::info!(transaction_id = %tx.id, "a success arrived after the deadline; the transaction expires");
+                Outcome::Failed(deadline_error(&tx))
+            }
+            outcome => outcome,
+        };
         let (status, result) = match outcome {
             Outcome::Pending => return Ok(Some(tx)),
             Outcome::Succeeded(result) => (Status::Succeeded, possession_result(&tx, result)),
@@ -564,8 +594,8 @@ impl Gateway {
                 tx.provider_ref = started.provider_ref;
                 tx.provider_verification = started.provider_verification;
                 tx.redirect_url = started.redirect_url;
-                tx.code_hash = started.local_code.map(|code| code_hash(tx.id, &code));
-                match started.outcome {
+                tx.code_hash = started.local_code.map(|code| self.code_hash(tx.id, &code));
+                match checked(&tx, started.outcome) {
                     Outcome::Pending => {
                         if tx.product == Product::Identity {
                             tx.expires_at = Some(tx.created_at + self.settings.identity_ttl);
@@ -601,6 +631,27 @@ impl Gateway {
             Some(error) => Err(error),
             None => Ok(tx),
         }
+    }
+}
+
+/// A provider's success that does not carry what the product promises (an
+/// identity match without an address) is not passed on as a success: it is
+/// a 5000 result, logged loudly for the operator.
+fn checked(tx: &Transaction, outcome: Outcome) -> Outcome {
+    match outcome {
+        Outcome::Succeeded(ref result)
+            if tx.product == Product::Identity && !matches!(result, TransactionResult::Address { .. }) =>
+        {
+            tracing::error!(
+                provider = %tx.provider, transaction_id = %tx.id,
+                "the provider reported an identity match without an address; recorded as failed (5000)"
+            );
+            Outcome::Failed(ResultError {
+                message: "The provider reported a match without an address".into(),
+                ..ResultError::new(ErrorCode::Internal)
+            })
+        }
+        outcome => outcome,
     }
 }
 

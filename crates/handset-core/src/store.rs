@@ -81,8 +81,11 @@ pub trait Store: Send + Sync {
     /// writes nothing) when the transaction was no longer pending.
     async fn finalize(&self, finalization: Finalization<'_>) -> Result<bool, StoreError>;
 
-    /// Queues a callback outside a state change (a partner's retry request).
-    async fn insert_outbox(&self, message: &OutboxMessage) -> Result<(), StoreError>;
+    /// Queues a callback outside a state change (a partner's retry request),
+    /// unless its transaction already has `max_pending` callbacks pending:
+    /// then writes nothing and returns false. Concurrent calls for one
+    /// transaction are serialised, so the cap holds on any number of replicas.
+    async fn insert_outbox_capped(&self, message: &OutboxMessage, max_pending: i64) -> Result<bool, StoreError>;
 
     /// A transaction's callbacks with their attempts, oldest first.
     async fn callbacks_of_transaction(&self, transaction_id: Uuid) -> Result<Vec<CallbackRecord>, StoreError>;

@@ -11,9 +11,6 @@ use serde_json::Value;
 
 use crate::wire::{Envelope, ErrorBody, TelecomResponse};
 
-/// ID.me's product name for identity transactions.
-const IDENTITY_PRODUCT: &str = "telecom.identity";
-
 /// `Retry-After` assumed when ID.me rate-limits without saying for how long.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
 
@@ -123,24 +120,13 @@ pub fn outcome_of(answer: &TelecomResponse) -> Result<Outcome, ProviderError> {
     match answer.status.as_ref().map(|s| s.code) {
         Some(200) => {
             let address = answer.result.as_ref().and_then(|r| r.address.as_ref()).and_then(address_of);
-            match (address, answer.product.as_deref()) {
-                (Some(address), _) => Ok(Outcome::Succeeded(TransactionResult::Address { address })),
-                // An identity match must carry the address; say which fields came, never their values.
-                (None, Some(IDENTITY_PRODUCT)) => {
-                    let fields = answer
-                        .result
-                        .as_ref()
-                        .and_then(|r| r.address.as_ref())
-                        .and_then(Value::as_object)
-                        .map(|o| o.keys().cloned().collect::<Vec<_>>().join(","))
-                        .unwrap_or_default();
-                    Err(ProviderError::Failed(format!(
-                        "ID.me identity success without a readable address (fields: {fields})"
-                    )))
-                }
-                // Possession: the number is the one handset checked (filled in by the gateway).
-                (None, _) => Ok(Outcome::Succeeded(TransactionResult::Phone { phone: String::new() })),
-            }
+            Ok(Outcome::Succeeded(match address {
+                Some(address) => TransactionResult::Address { address },
+                // Possession: the number is the one handset checked (filled in
+                // by the gateway). An identity match without a readable address
+                // is refused there (5000), whatever `product` ID.me names.
+                None => TransactionResult::Phone { phone: String::new() },
+            }))
         }
         Some(210) => Ok(Outcome::Pending),
         Some(300) => Ok(Outcome::Failed(ResultError {

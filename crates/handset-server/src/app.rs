@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use crate::error::{Failure, error_response};
 use crate::routes::{callbacks, docs, health, identity, possession, providers, sandbox, transactions};
+use crate::serve::{ConnectionLimits, serve};
 use crate::settings::Settings;
 use crate::telemetry;
 use crate::worker::delivery::Delivery;
@@ -33,6 +34,13 @@ use crate::worker::{Runner, RunnerSettings};
 
 /// The development partner's fixed id, so its row is found again across restarts.
 pub const DEV_PARTNER_ID: Uuid = Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_d001);
+
+/// The development partner's callback signing secret (published in the README).
+const DEV_WEBHOOK_SECRET: &str = "whsec_ZGV2ZWxvcG1lbnQtb25seS13ZWJob29rLXNlY3JldA==";
+
+/// Callback deliveries a transaction may have pending before
+/// `POST .../callbacks/retry` answers 429.
+pub const MAX_PENDING_CALLBACKS: i64 = 10;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -42,6 +50,10 @@ pub struct AppState {
     /// Set when ID.me's result webhook is enabled.
     pub idme_webhook_secret: Option<String>,
     pub metrics: PrometheusHandle,
+    /// The sandbox provider and its `/sandbox/*` pages exist (development only).
+    pub sandbox: bool,
+    pub body_read_timeout: Duration,
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +64,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("production configuration is incomplete:\n  - {}", .0.join("\n  - "))]
+    Production(Vec<String>),
     #[error("database: {0}")]
     Store(#[from] StoreError),
     #[error("server: {0}")]
@@ -63,15 +77,21 @@ pub struct Application {
     router: Router,
     addr: SocketAddr,
     runner: Option<Runner>,
+    limits: ConnectionLimits,
     /// How long shutdown waits for in-flight background work.
     shutdown_grace: Duration,
 }
 
 impl Application {
-    /// Binds `server.bind` (port 0 picks a free port), opens the store,
-    /// migrates when configured, and seeds the development partner.
+    /// Checks what production requires, binds `server.bind` (port 0 picks a
+    /// free port), opens the store, migrates when configured, and seeds (in
+    /// development) or deactivates (in production) the development partner.
     pub async fn build(settings: Settings) -> Result<Application, StartError> {
         crate::install_crypto_provider();
+        let problems = settings.production_problems();
+        if !problems.is_empty() {
+            return Err(StartError::Production(problems));
+        }
         let listener = TcpListener::bind(&settings.server.bind)
             .await
             .map_err(|source| StartError::Bind { addr: settings.server.bind.clone(), source })?;
@@ -85,7 +105,9 @@ impl Application {
         } else {
             settings.server.public_url.trim_end_matches('/').to_owned()
         };
-        if let Err(error) = seed_dev_partner(&settings, store.as_ref()).await {
+        if settings.is_production() {
+            retire_dev_partner(store.as_ref()).await;
+        } else if let Err(error) = seed_dev_partner(&settings, store.as_ref()).await {
             // The database may come up later (`/ready` says 503 meanwhile); keep trying.
             tracing::warn!(%error, "could not register the development partner yet; retrying in the background");
             let (settings, store) = (settings.clone(), store.clone());
@@ -108,7 +130,9 @@ impl Application {
                 code_ttl: chrono::Duration::from_std(settings.possession.code_ttl).unwrap_or(chrono::Duration::MAX),
                 max_attempts: settings.possession.max_attempts as i32,
                 public_url,
-                refused_api_key: settings.is_production().then(|| settings.dev.api_key.expose().to_owned()),
+                refused_partner: settings.is_production().then_some(DEV_PARTNER_ID),
+                code_pepper: settings.code_pepper(),
+                max_pending_callbacks: MAX_PENDING_CALLBACKS,
                 identity_ttl: chrono::Duration::from_std(settings.identity.result_ttl).unwrap_or(chrono::Duration::MAX),
                 poll_min: settings.workers.provider_poll_min,
                 poll_max: settings.workers.provider_poll_max,
@@ -138,13 +162,22 @@ impl Application {
             idme_webhook_secret: (settings.idme_enabled() && settings.providers.idme.webhook_secret.is_set())
                 .then(|| settings.providers.idme.webhook_secret.expose().to_owned()),
             metrics: telemetry::metrics_handle(),
+            sandbox: !settings.is_production(),
+            body_read_timeout: settings.server.body_read_timeout,
+            request_timeout: settings.server.request_timeout,
+        };
+        let limits = ConnectionLimits {
+            header_read_timeout: settings.server.header_read_timeout,
+            max_connections: settings.server.max_connections as usize,
+            shutdown_timeout: settings.server.shutdown_timeout,
         };
         Ok(Application {
             listener,
             router: router(state),
             addr,
             runner,
-            shutdown_grace: settings.callbacks.timeout + Duration::from_secs(5),
+            limits,
+            shutdown_grace: (settings.callbacks.timeout + Duration::from_secs(5)).min(settings.server.shutdown_timeout),
         })
     }
 
@@ -158,8 +191,8 @@ impl Application {
 
     /// Serves (and runs background jobs) until `shutdown` resolves; then
     /// stops taking requests and claiming jobs, and lets in-flight requests
-    /// and deliveries finish, waiting at most `callbacks.timeout` + 5 s for
-    /// the deliveries.
+    /// and deliveries finish: requests for at most `server.shutdown_timeout`,
+    /// deliveries for at most `callbacks.timeout` + 5 s (within it).
     pub async fn run_until(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -171,7 +204,7 @@ impl Application {
             shutdown.await;
             let _ = stop.send(true);
         };
-        let served = axum::serve(self.listener, self.router).with_graceful_shutdown(signal).await;
+        serve(self.listener, self.router, self.limits, signal).await;
         if let Some(runner) = runner
             && tokio::time::timeout(self.shutdown_grace, runner).await.is_err()
         {
@@ -179,7 +212,7 @@ impl Application {
                 "background work did not finish in time; unfinished callbacks are retried after their lease"
             );
         }
-        served
+        Ok(())
     }
 }
 
@@ -204,10 +237,15 @@ pub fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StoreError> {
     handset_store::connect(settings.database.url.expose(), &pool)
 }
 
-/// The providers handset can call: the sandbox always, ID.me when it has a
-/// secret. The others say at start why they are off.
+/// The providers handset can call: the sandbox outside production, ID.me
+/// when it has a secret. The others say at start why they are off.
 fn providers(settings: &Settings, public_url: &str) -> Result<Vec<Arc<dyn Provider>>, StartError> {
-    let mut providers: Vec<Arc<dyn Provider>> = vec![Arc::new(Sandbox::new(public_url))];
+    let mut providers: Vec<Arc<dyn Provider>> = Vec::new();
+    if settings.is_production() {
+        tracing::info!(provider = "sandbox", "production: the sandbox provider and /sandbox routes are off");
+    } else {
+        providers.push(Arc::new(Sandbox::new(public_url)));
+    }
     let p = &settings.providers;
     if settings.idme_enabled() {
         let webhook_url = p.idme.webhook_secret.is_set().then(|| {
@@ -239,7 +277,7 @@ fn providers(settings: &Settings, public_url: &str) -> Result<Vec<Arc<dyn Provid
     } else {
         tracing::info!(provider = "idme", "provider disabled: no credentials configured");
     }
-    if settings.idme_enabled() && settings.rate_limits.per_phone_per_hour == 0 {
+    if settings.idme_enabled() && settings.rate_limits.per_phone_per_hour == 0 && !settings.is_production() {
         tracing::warn!(
             "an SMS provider is enabled and rate_limits.per_phone_per_hour is 0: nothing limits SMS pumping"
         );
@@ -265,11 +303,23 @@ fn providers(settings: &Settings, public_url: &str) -> Result<Vec<Arc<dyn Provid
     Ok(providers)
 }
 
-/// In development, the configured key authenticates a partner with every
-/// product. In production the key is refused (see `GatewaySettings::refused_api_key`).
+/// In production the development partner is refused by id whatever key it
+/// holds (`GatewaySettings::refused_partner`); its row, left by an earlier
+/// development run on this database, is also deactivated, and the log says so.
+async fn retire_dev_partner(store: &dyn Store) {
+    match store.set_partner_active(DEV_PARTNER_ID, false).await {
+        Ok(true) => tracing::warn!(partner_id = %DEV_PARTNER_ID, "production: the development partner is deactivated"),
+        Ok(false) => {}
+        Err(error) => {
+            tracing::warn!(%error, "could not deactivate the development partner now; it is refused all the same")
+        }
+    }
+}
+
+/// In development, the configured key authenticates a partner with every product.
 async fn seed_dev_partner(settings: &Settings, store: &dyn Store) -> Result<(), StoreError> {
     let key = settings.dev.api_key.expose();
-    if settings.is_production() || key.is_empty() {
+    if key.is_empty() {
         return Ok(());
     }
     let partner = Partner {
@@ -277,7 +327,7 @@ async fn seed_dev_partner(settings: &Settings, store: &dyn Store) -> Result<(), 
         name: "development".into(),
         products: Product::ALL.to_vec(),
         active: true,
-        webhook_secret: "whsec_ZGV2ZWxvcG1lbnQtb25seS13ZWJob29rLXNlY3JldA==".into(),
+        webhook_secret: DEV_WEBHOOK_SECRET.into(),
         created_at: chrono::Utc::now(),
     };
     store.upsert_partner(&NewPartner { partner, api_key_hash: api_key_hash(key) }).await
@@ -296,14 +346,16 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/transactions/{transaction_id}", get(transactions::get_transaction))
         .route("/v1/transactions/{transaction_id}/callbacks", get(callbacks::list))
         .route("/v1/verifications/{verification_id}", get(transactions::get_verification))
-        .route("/sandbox/operator/{transaction_id}", get(sandbox::operator))
         .route("/providers/idme/webhook", post(providers::idme_webhook))
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(docs::openapi));
+    // Production has no sandbox: its page is an unknown route there (404).
+    let api = if state.sandbox { api.route("/sandbox/operator/{transaction_id}", get(sandbox::operator)) } else { api };
     api.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::deadline::detach))
         .with_state(state)
         .layer(axum::middleware::from_fn(telemetry::observe))
         .layer(CatchPanicLayer::custom(panic_response))

@@ -111,7 +111,7 @@ async fn partner(settings: Settings, command: PartnerCommand) -> CliResult {
                 name,
                 products,
                 active: true,
-                webhook_secret: webhook_secret.clone(),
+                webhook_secret: webhook_secret.clone().into(),
                 created_at: chrono::Utc::now(),
             };
             let id = partner.id;

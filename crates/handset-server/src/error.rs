@@ -20,6 +20,11 @@ pub struct ErrorOut {
     pub message: String,
 }
 
+/// Marks a refusal given after the request changed stored state, so the
+/// idempotency guard keeps it for replay (see `ApiError::recorded`).
+#[derive(Debug, Clone, Copy)]
+pub struct Recorded;
+
 /// `ApiError` as an HTTP answer (a local type, so axum's trait can be implemented).
 #[derive(Debug)]
 pub struct Failure(pub ApiError);
@@ -46,6 +51,9 @@ pub fn error_response(error: &ApiError) -> Response {
     let status = StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = ErrorsOut { errors: vec![ErrorOut { code: error.code.code(), message: error.message.to_string() }] };
     let mut response = (status, Json(body)).into_response();
+    if error.recorded {
+        response.extensions_mut().insert(Recorded);
+    }
     if let Some(after) = error.retry_after {
         // Whole seconds, rounded up so a client never retries early.
         let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);

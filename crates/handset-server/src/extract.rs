@@ -1,7 +1,9 @@
 //! Extractors: the authenticated partner, and a JSON object body read with
 //! handset's own limits and error codes (never axum's plain-text rejections).
 
-use axum::body::Bytes;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::request::Parts;
@@ -16,6 +18,9 @@ use crate::error::Failure;
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// The partner whose `Authorization: Bearer <api_key>` this request carries.
+/// Authenticated once per request: the first extraction (the idempotency
+/// guard's, or the handler's) keeps the partner in the request's extensions.
+#[derive(Clone)]
 pub struct AuthPartner(pub Partner);
 
 /// Keys are 256-bit tokens; anything much longer is not one of ours.
@@ -25,6 +30,9 @@ impl FromRequestParts<AppState> for AuthPartner {
     type Rejection = Failure;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Failure> {
+        if let Some(known) = parts.extensions.get::<AuthPartner>() {
+            return Ok(known.clone());
+        }
         let key = parts
             .headers
             .get(AUTHORIZATION)
@@ -33,7 +41,9 @@ impl FromRequestParts<AppState> for AuthPartner {
             .map(str::trim)
             .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN)
             .ok_or(ErrorCode::CredentialsUnknown)?;
-        Ok(AuthPartner(state.gateway.authenticate(key).await?))
+        let partner = AuthPartner(state.gateway.authenticate(key).await?);
+        parts.extensions.insert(partner.clone());
+        Ok(partner)
     }
 }
 
@@ -58,10 +68,10 @@ fn not_found() -> Failure {
 /// non-empty one must be `application/json`, at most 64 KiB, and an object.
 pub struct JsonObject(pub Fields);
 
-impl<S: Send + Sync> FromRequest<S> for JsonObject {
+impl FromRequest<AppState> for JsonObject {
     type Rejection = Failure;
 
-    async fn from_request(request: Request, _state: &S) -> Result<Self, Failure> {
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Failure> {
         let declared_len =
             request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         if declared_len.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
@@ -73,10 +83,18 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split(';').next())
             .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
-        let body = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
-            .await
-            .map_err(|_| Failure::from(ErrorCode::BodyTooLarge))?;
+        let body = read_body(request.into_body(), state.body_read_timeout).await?;
         parse_object(&body, is_json).map(|map| JsonObject(Fields(map))).map_err(Failure)
+    }
+}
+
+/// Reads a request body of at most 64 KiB (413 3902) within `deadline`
+/// (408 3909), so a client sending slowly cannot hold the request open.
+pub async fn read_body(body: Body, deadline: Duration) -> Result<Bytes, Failure> {
+    match tokio::time::timeout(deadline, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(ErrorCode::BodyTooLarge.into()),
+        Err(_) => Err(ErrorCode::BodyTimeout.into()),
     }
 }
 
@@ -103,10 +121,7 @@ impl Fields {
     pub fn only(&self, allowed: &[&str]) -> Result<(), ApiError> {
         match self.0.keys().find(|k| !allowed.contains(&k.as_str())) {
             None => Ok(()),
-            Some(unknown) => Err(ApiError::with_message(
-                ErrorCode::UnknownField,
-                format!("Unknown request field `{}`", truncate(unknown, 64)),
-            )),
+            Some(unknown) => Err(unknown_field(unknown)),
         }
     }
 
@@ -126,6 +141,11 @@ impl Fields {
     pub fn required_string(&self, key: &str, code: ErrorCode) -> Result<&str, ApiError> {
         self.string(key, code)?.ok_or_else(|| ApiError::new(code))
     }
+}
+
+/// 422 3903 naming the field (`name.middle` for a nested one).
+pub fn unknown_field(path: &str) -> ApiError {
+    ApiError::with_message(ErrorCode::UnknownField, format!("Unknown request field `{}`", truncate(path, 64)))
 }
 
 fn truncate(text: &str, max: usize) -> &str {

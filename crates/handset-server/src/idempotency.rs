@@ -1,26 +1,32 @@
 //! `Idempotency-Key` on POST routes (DESIGN §3): the same key with the same
 //! request within 24 hours answers the first response again; with a
 //! different request 422 3906; while the first is still being answered 409
-//! 3907. Keys belong to the API key that sent them. Responses of 500 and up
-//! (and 401) are not kept, so a retry with the same key runs again.
+//! 3907.
+//!
+//! The guard runs after authentication: keys belong to the partner (by id),
+//! so an unknown or revoked key, or a deactivated partner, gets its 401 and
+//! never a replay. Only answers that recorded something are kept: every 2xx,
+//! and refusals after a change (a wrong code that used an attempt). A 429, a
+//! validation error or a 5xx records nothing, so a retry with the same key
+//! runs again.
 
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
+use axum::extract::FromRequestParts;
 use axum::extract::{Request, State};
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
-use handset_core::secret::api_key_hash;
 use handset_core::store::{IdempotencyBegin, IdempotencyClaim};
 use handset_core::{ApiError, ErrorCode};
 use sha2::{Digest, Sha256};
 
 use crate::app::AppState;
-use crate::error::Failure;
-use crate::extract::MAX_BODY_BYTES;
+use crate::error::{Failure, Recorded};
+use crate::extract::{AuthPartner, read_body};
 
 pub const HEADER: &str = "idempotency-key";
 /// Set on a response that was answered again from a stored first response.
@@ -41,27 +47,32 @@ pub fn request_hash(method: &Method, path: &str, body: &[u8]) -> String {
     hex::encode(hasher.finalize())
 }
 
+/// Whose keys these are: a partner's, whichever of its API keys sent them.
+pub fn scope(partner_id: uuid::Uuid) -> String {
+    format!("partner:{partner_id}")
+}
+
 fn refuse(code: ErrorCode, message: &'static str) -> Response {
     Failure(ApiError::with_message(code, message)).into_response()
 }
 
 pub async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let Some(key) = request.headers().get(HEADER) else {
+    if !request.headers().contains_key(HEADER) {
         return next.run(request).await;
+    }
+    let (mut parts, body) = request.into_parts();
+    let partner = match AuthPartner::from_request_parts(&mut parts, &state).await {
+        Ok(AuthPartner(partner)) => partner,
+        Err(refused) => return refused.into_response(),
     };
-    let key = match key.to_str() {
-        Ok(key) if !key.trim().is_empty() && key.len() <= MAX_KEY_LEN => key.to_owned(),
+    let key = match parts.headers.get(HEADER).map(HeaderValue::to_str) {
+        Some(Ok(key)) if !key.trim().is_empty() && key.len() <= MAX_KEY_LEN => key.to_owned(),
         _ => return refuse(ErrorCode::IdempotencyKeyReused, "Idempotency-Key must be 1 to 255 visible characters"),
     };
-    let bearer =
-        request.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    let Some(scope) = bearer.map(|k| api_key_hash(k.trim())) else {
-        // No key, no partner: authentication answers 401 as usual.
-        return next.run(request).await;
-    };
-    let (parts, body) = request.into_parts();
-    let Ok(body) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
-        return Failure::from(ErrorCode::BodyTooLarge).into_response();
+    let scope = scope(partner.id);
+    let body = match read_body(body, state.body_read_timeout).await {
+        Ok(body) => body,
+        Err(refused) => return refused.into_response(),
     };
     let hash = request_hash(&parts.method, parts.uri.path(), &body);
     let store = state.gateway.store().clone();
@@ -90,12 +101,13 @@ pub async fn guard(State(state): State<AppState>, request: Request, next: Next) 
         Ok(IdempotencyBegin::Proceed) => {
             let response = next.run(Request::from_parts(parts, Body::from(body))).await;
             let status = response.status();
+            let keep = status.is_success() || response.extensions().get::<Recorded>().is_some();
             let (response_parts, response_body) = response.into_parts();
             let bytes = axum::body::to_bytes(response_body, usize::MAX).await.unwrap_or_else(|_| Bytes::new());
-            let kept = if status.is_server_error() || status == StatusCode::UNAUTHORIZED {
-                store.release_idempotent(&scope, &key).await
-            } else {
+            let kept = if keep {
                 store.finish_idempotent(&scope, &key, status.as_u16(), &String::from_utf8_lossy(&bytes)).await
+            } else {
+                store.release_idempotent(&scope, &key).await
             };
             if let Err(error) = kept {
                 tracing::error!(%error, "idempotency record could not be written");

@@ -12,7 +12,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::extract::Fields;
+use crate::extract::{Fields, unknown_field};
 
 /// `metadata` may be any JSON up to this many characters, serialised compactly.
 pub const MAX_METADATA_CHARS: usize = 500;
@@ -137,6 +137,11 @@ pub fn name(fields: &Fields) -> Result<Option<PersonName>, ApiError> {
     let Some(value) = fields.get("name") else {
         return Ok(None);
     };
+    // Unknown fields inside `name` are unknown fields like top-level ones.
+    if let Some(unknown) = value.as_object().and_then(|o| o.keys().find(|k| !PersonName::FIELDS.contains(&k.as_str())))
+    {
+        return Err(unknown_field(&format!("name.{unknown}")));
+    }
     let name: PersonName = serde_json::from_value(value.clone()).map_err(|_| ApiError::new(ErrorCode::InvalidName))?;
     let valid = |s: &str| !s.trim().is_empty() && s.chars().count() <= 100 && !s.chars().any(char::is_control);
     if !valid(&name.first) || !valid(&name.last) {

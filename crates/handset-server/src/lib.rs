@@ -4,11 +4,13 @@
 
 pub mod app;
 pub mod cli;
+pub mod deadline;
 pub mod error;
 pub mod extract;
 pub mod idempotency;
 pub mod input;
 pub mod routes;
+pub mod serve;
 pub mod settings;
 pub mod telemetry;
 pub mod worker;

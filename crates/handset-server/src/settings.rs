@@ -1,37 +1,19 @@
 //! Configuration: `config/default.toml` (compiled in), then `--config FILE`,
 //! then `HANDSET__SECTION__KEY` environment variables; validated as a whole.
 
-use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
 use config::{Config, Environment as EnvSource, File, FileFormat};
 use handset_core::Region;
+use handset_core::model::{Product, ProviderName};
 use handset_core::routing::RoutingRule;
+use handset_core::secret::DEVELOPMENT_CODE_PEPPER;
 use serde::Deserialize;
 
 pub const DEFAULT_CONFIG: &str = include_str!("../../../config/default.toml");
 
-/// A value that must never be printed: `Debug` shows only whether it is set.
-#[derive(Clone, Default, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    pub fn is_set(&self) -> bool {
-        !self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.is_set() { "Secret(***)" } else { "Secret(unset)" })
-    }
-}
+pub use handset_core::secret::Secret;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -63,6 +45,7 @@ pub struct Settings {
     pub circuit_breaker: CircuitBreakerSettings,
     pub rate_limits: RateLimitSettings,
     pub routing: RoutingSettings,
+    pub security: SecuritySettings,
     pub dev: DevSettings,
     pub log: LogSettings,
 }
@@ -72,6 +55,22 @@ pub struct Settings {
 pub struct ServerSettings {
     pub bind: String,
     pub public_url: String,
+    /// A client must send a request's whole header within this time (also
+    /// how long an idle keep-alive connection stays open).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A request body must arrive whole within this time (408 3909).
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// The longest a request is answered in (500 5000 after it; a change
+    /// already under way still completes and is recorded).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: u32,
+    /// After SIGTERM, how long open requests and background work may take.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -203,6 +202,14 @@ pub struct RoutingSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct SecuritySettings {
+    /// Keys the hashes of one-time codes handset checks itself. Required in
+    /// production; development uses `DEVELOPMENT_CODE_PEPPER`.
+    pub code_pepper: Secret,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DevSettings {
     pub api_key: Secret,
 }
@@ -299,14 +306,20 @@ impl Settings {
         if self.workers.provider_poll_min.is_zero() || self.workers.provider_poll_max < self.workers.provider_poll_min {
             return invalid("workers.provider_poll_min must be more than zero and at most provider_poll_max".into());
         }
-        if self.identity.result_ttl.is_zero() {
-            return invalid("identity.result_ttl must be more than zero".into());
+        if self.server.max_connections == 0 {
+            return invalid("server.max_connections must be at least 1".into());
         }
-        if self.callbacks.timeout.is_zero() {
-            return invalid("callbacks.timeout must be more than zero".into());
-        }
-        if self.possession.code_ttl.is_zero() {
-            return invalid("possession.code_ttl must be more than zero".into());
+        for (key, value, max) in self.bounded_durations() {
+            if value.is_zero() && key != "retention.personal_data" {
+                return invalid(format!("{key} must be more than zero"));
+            }
+            if value > max {
+                return invalid(format!(
+                    "{key} must be at most {}, got {}",
+                    humantime::format_duration(max),
+                    humantime::format_duration(value)
+                ));
+            }
         }
         for rule in &self.routing.rules {
             if rule.providers.is_empty() {
@@ -319,6 +332,85 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// Every duration with its upper bound: a deadline is `now + duration`,
+    /// which must stay far from the calendar's end.
+    fn bounded_durations(&self) -> Vec<(String, Duration, Duration)> {
+        const MINUTE: u64 = 60;
+        const HOUR: u64 = 60 * MINUTE;
+        const DAY: u64 = 24 * HOUR;
+        let max = |secs: u64| Duration::from_secs(secs);
+        let mut bounded = vec![
+            ("server.header_read_timeout".to_owned(), self.server.header_read_timeout, max(5 * MINUTE)),
+            ("server.body_read_timeout".to_owned(), self.server.body_read_timeout, max(5 * MINUTE)),
+            ("server.request_timeout".to_owned(), self.server.request_timeout, max(10 * MINUTE)),
+            ("server.shutdown_timeout".to_owned(), self.server.shutdown_timeout, max(HOUR)),
+            ("database.acquire_timeout".to_owned(), self.database.acquire_timeout, max(5 * MINUTE)),
+            ("possession.code_ttl".to_owned(), self.possession.code_ttl, max(DAY)),
+            ("identity.result_ttl".to_owned(), self.identity.result_ttl, max(7 * DAY)),
+            ("callbacks.timeout".to_owned(), self.callbacks.timeout, max(5 * MINUTE)),
+            ("workers.poll_interval".to_owned(), self.workers.poll_interval, max(HOUR)),
+            ("workers.provider_poll_min".to_owned(), self.workers.provider_poll_min, max(DAY)),
+            ("workers.provider_poll_max".to_owned(), self.workers.provider_poll_max, max(DAY)),
+            ("retention.personal_data".to_owned(), self.retention.personal_data, max(100 * 365 * DAY)),
+            ("circuit_breaker.open_for".to_owned(), self.circuit_breaker.open_for, max(DAY)),
+            ("providers.idme.timeout".to_owned(), self.providers.idme.timeout, max(5 * MINUTE)),
+            ("providers.veratad.timeout".to_owned(), self.providers.veratad.timeout, max(5 * MINUTE)),
+            ("providers.dqe.timeout".to_owned(), self.providers.dqe.timeout, max(5 * MINUTE)),
+        ];
+        for (i, delay) in self.callbacks.retry_schedule.iter().enumerate() {
+            bounded.push((format!("callbacks.retry_schedule[{i}]"), *delay, max(7 * DAY)));
+        }
+        bounded
+    }
+
+    /// What production (`environment = "production"`) requires and this
+    /// configuration lacks, each naming its key; empty when `serve` may start.
+    /// Development needs none of it.
+    pub fn production_problems(&self) -> Vec<String> {
+        if !self.is_production() {
+            return Vec::new();
+        }
+        let mut problems = Vec::new();
+        for rule in &self.routing.rules {
+            if rule.providers.contains(&ProviderName::Sandbox) {
+                problems.push(format!(
+                    "routing.rules: the rule for {} names \"sandbox\", which verifies any number without checking it; \
+                     production must route every product to real providers in its own [[routing.rules]]",
+                    rule.product
+                ));
+            }
+        }
+        if self.server.public_url.is_empty() {
+            problems.push(
+                "server.public_url is required: the absolute https URL providers and users reach handset at".into(),
+            );
+        }
+        let pepper = self.security.code_pepper.expose();
+        if pepper.is_empty() || pepper == DEVELOPMENT_CODE_PEPPER {
+            problems.push("security.code_pepper is required: a random secret of at least 32 characters".into());
+        }
+        let sms_routed = self.idme_enabled()
+            || self.routing.rules.iter().any(|r| r.product == Product::PossessionSms && !r.providers.is_empty());
+        if sms_routed && self.rate_limits.per_phone_per_hour == 0 {
+            problems.push(
+                "rate_limits.per_phone_per_hour is 0 while an SMS provider is routed: set a limit (e.g. 5) \
+                 against SMS pumping"
+                    .into(),
+            );
+        }
+        problems
+    }
+
+    /// The pepper codes are hashed with: the configured one, or the
+    /// published development pepper outside production.
+    pub fn code_pepper(&self) -> Secret {
+        if self.security.code_pepper.is_set() {
+            self.security.code_pepper.clone()
+        } else {
+            Secret::from(DEVELOPMENT_CODE_PEPPER)
+        }
     }
 
     pub fn default_region(&self) -> Region {
@@ -390,6 +482,34 @@ mod tests {
         let open_in_production =
             env(&[("HANDSET__ENVIRONMENT", "production"), ("HANDSET__CALLBACKS__ALLOW_PRIVATE_NETWORKS", "true")]);
         assert!(Settings::load_with(None, open_in_production).is_err());
+    }
+
+    #[test]
+    fn durations_have_upper_bounds() {
+        // `now + ttl` would panic far past the calendar's end; such values never load.
+        for (key, value) in [
+            ("HANDSET__POSSESSION__CODE_TTL", "100000000years"),
+            ("HANDSET__CALLBACKS__RETRY_SCHEDULE", "5s,300000years"),
+            ("HANDSET__RETENTION__PERSONAL_DATA", "500years"),
+            ("HANDSET__SERVER__REQUEST_TIMEOUT", "1day"),
+            ("HANDSET__IDENTITY__RESULT_TTL", "0s"),
+        ] {
+            let refused = Settings::load_with(None, env(&[(key, value)])).unwrap_err().to_string();
+            let named = key.trim_start_matches("HANDSET__").to_ascii_lowercase().replacen("__", ".", 1);
+            assert!(refused.contains(&named), "{key}={value}: {refused}");
+        }
+        assert!(Settings::load_with(None, env(&[("HANDSET__POSSESSION__CODE_TTL", "1day")])).is_ok());
+    }
+
+    #[test]
+    fn production_names_what_it_lacks() {
+        let development = Settings::load_with(None, env(&[])).unwrap();
+        assert!(development.production_problems().is_empty());
+        let production = Settings::load_with(None, env(&[("HANDSET__ENVIRONMENT", "production")])).unwrap();
+        let problems = production.production_problems().join("\n");
+        for key in ["routing.rules", "server.public_url", "security.code_pepper", "rate_limits.per_phone_per_hour"] {
+            assert!(problems.contains(key), "{key}: {problems}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::HeaderValue;
+use axum::http::{HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::Response;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -48,6 +48,22 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// The method as a metrics label: one of a fixed set, or `other`, so made-up
+/// methods cannot grow `/metrics` without bound (unknown paths are likewise
+/// one `unmatched` route).
+fn method_label(method: &Method) -> &'static str {
+    let known = [
+        (Method::GET, "GET"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::DELETE, "DELETE"),
+        (Method::PATCH, "PATCH"),
+        (Method::HEAD, "HEAD"),
+        (Method::OPTIONS, "OPTIONS"),
+    ];
+    known.into_iter().find(|(known, _)| known == method).map_or("other", |(_, label)| label)
+}
+
 /// Middleware: request id, the request log line, and HTTP metrics.
 pub async fn observe(request: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -65,13 +81,13 @@ pub async fn observe(request: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
-    let method = request.method().as_str().to_owned();
+    let method = method_label(request.method());
 
     let mut response = next.run(request).await;
 
     let latency = started.elapsed();
     let status = response.status().as_u16();
-    let labels = [("method", method.clone()), ("route", route.clone()), ("status", status.to_string())];
+    let labels = [("method", method.to_owned()), ("route", route.clone()), ("status", status.to_string())];
     metrics::counter!("http_requests_total", &labels).increment(1);
     metrics::histogram!("http_request_duration_seconds", &labels).record(latency.as_secs_f64());
     tracing::info!(

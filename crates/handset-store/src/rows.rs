@@ -35,7 +35,7 @@ impl TryFrom<PartnerRow> for Partner {
             name: row.name,
             products,
             active: row.active,
-            webhook_secret: row.webhook_secret,
+            webhook_secret: row.webhook_secret.into(),
             created_at: row.created_at,
         })
     }

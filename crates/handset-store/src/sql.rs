@@ -80,7 +80,7 @@ macro_rules! portable_store {
                 .bind(&p.name)
                 .bind(product_names(p))
                 .bind(p.active)
-                .bind(&p.webhook_secret)
+                .bind(p.webhook_secret.expose())
                 .bind(p.created_at)
                 .bind(&new.api_key_hash)
                 .execute(&self.pool)
@@ -281,8 +281,26 @@ macro_rules! portable_store {
                 Ok(true)
             }
 
-            async fn insert_outbox(&self, message: &OutboxMessage) -> Result<(), StoreError> {
-                Self::insert_outbox(&self.pool, message).await
+            async fn insert_outbox_capped(&self, message: &OutboxMessage, max_pending: i64) -> Result<bool, StoreError> {
+                let mut db_tx = self.pool.begin().await.map_err(db)?;
+                // Locks the transaction's row so concurrent retries count one after another.
+                sqlx::query("UPDATE transactions SET updated_at = updated_at WHERE id = $1")
+                    .bind(message.transaction_id)
+                    .execute(&mut *db_tx)
+                    .await
+                    .map_err(db)?;
+                let pending: i64 =
+                    sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE transaction_id = $1 AND state = 'pending'")
+                        .bind(message.transaction_id)
+                        .fetch_one(&mut *db_tx)
+                        .await
+                        .map_err(db)?;
+                if pending >= max_pending {
+                    return Ok(false);
+                }
+                Self::insert_outbox(&mut *db_tx, message).await?;
+                db_tx.commit().await.map_err(db)?;
+                Ok(true)
             }
 
             async fn callbacks_of_transaction(&self, transaction_id: Uuid) -> Result<Vec<CallbackRecord>, StoreError> {
@@ -343,7 +361,7 @@ macro_rules! portable_store {
                         }
                     };
                     // Attempts are counted when recorded, so a claim lost to a crash costs no retry.
-                    claimed.push(ClaimedCallback { message: row.message(), attempts_before: row.attempts, webhook_secret: secret });
+                    claimed.push(ClaimedCallback { message: row.message(), attempts_before: row.attempts, webhook_secret: secret.into() });
                 }
                 Ok(claimed)
             }

@@ -57,7 +57,7 @@ fn pending(partner: &Partner, verification: &Verification) -> Transaction {
     Transaction {
         expires_at: Some(now + Duration::minutes(10)),
         max_attempts: 5,
-        code_hash: Some(secret::code_hash(Uuid::nil(), "123123")),
+        code_hash: Some(secret::code_hash(b"test-pepper", Uuid::nil(), "123123")),
         provider_ref: Some(format!("ref-{}", Uuid::new_v4())),
         provider_verification: Some("idme-verification".into()),
         redirect_uri: Some("https://partner.example/done".into()),

@@ -85,8 +85,9 @@ impl Delivery {
         }
         let webhook_id = message.webhook_id();
         let timestamp = now.timestamp();
-        let signature = webhook::sign(&callback.webhook_secret, &webhook_id, timestamp, message.payload.as_bytes())
-            .map_err(|e| e.to_string())?;
+        let signature =
+            webhook::sign(callback.webhook_secret.expose(), &webhook_id, timestamp, message.payload.as_bytes())
+                .map_err(|e| e.to_string())?;
         let response = self
             .client
             .post(url.as_str())

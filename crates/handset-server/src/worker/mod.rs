@@ -63,6 +63,45 @@ enum Job {
     Upkeep,
 }
 
+impl Job {
+    fn name(self) -> &'static str {
+        match self {
+            Job::Deliver => "deliver",
+            Job::Poll => "poll",
+            Job::Upkeep => "upkeep",
+        }
+    }
+}
+
+/// Runs the loop `start` makes until it returns; a loop that panics is
+/// logged, counted (`job_runner_restarts_total`) and started again after
+/// `pause`, so a bug in one round cannot silently end callback delivery.
+/// Returns the number of restarts.
+pub(crate) async fn keep_running<F, Fut>(
+    name: &'static str,
+    pause: Duration,
+    shutdown: watch::Receiver<bool>,
+    start: F,
+) -> usize
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut restarts = 0;
+    loop {
+        match tokio::spawn(start()).await {
+            Ok(()) => return restarts,
+            Err(error) if error.is_panic() && !*shutdown.borrow() => {
+                tracing::error!(job = name, "a background loop panicked; starting it again");
+                metrics::counter!("job_runner_restarts_total", "job" => name).increment(1);
+                restarts += 1;
+                tokio::time::sleep(pause).await;
+            }
+            Err(_) => return restarts,
+        }
+    }
+}
+
 /// Pending transactions expired per round.
 const EXPIRY_BATCH: i64 = 100;
 
@@ -82,7 +121,11 @@ impl Runner {
         let runner = Arc::new(self);
         let loops = [Job::Deliver, Job::Poll, Job::Upkeep].map(|job| {
             let (runner, shutdown) = (runner.clone(), shutdown.clone());
-            tokio::spawn(async move { runner.repeat(job, shutdown).await })
+            let pause = runner.settings.poll_interval;
+            tokio::spawn(keep_running(job.name(), pause, shutdown.clone(), move || {
+                let (runner, shutdown) = (runner.clone(), shutdown.clone());
+                async move { runner.repeat(job, shutdown).await }
+            }))
         });
         for task in loops {
             let _ = task.await;
@@ -222,6 +265,24 @@ mod tests {
 
     fn attempt(status: Option<i32>) -> CallbackAttempt {
         CallbackAttempt { attempted_at: Utc::now(), status_code: status, error: None, latency_ms: 1 }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_loop_is_started_again() {
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (_stop, shutdown) = watch::channel(false);
+        let counted = runs.clone();
+        let restarts = keep_running("test", Duration::from_millis(1), shutdown, move || {
+            let runs = counted.clone();
+            async move {
+                if runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+                    panic!("a bug in a round");
+                }
+            }
+        })
+        .await;
+        assert_eq!(restarts, 2);
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 3, "it ran again after each panic");
     }
 
     #[test]

@@ -154,6 +154,23 @@ async fn retry_endpoint_queues_the_current_state(kind: Kind) {
     app.get("/v1/transactions/00000000-0000-0000-0000-000000000000/callbacks").await.assert_error(404, 4100);
 }
 
+/// At most 10 deliveries of one transaction wait at a time; the 11th retry
+/// request is 429 with `Retry-After` and queues nothing.
+async fn retries_are_capped_per_transaction(kind: Kind) {
+    // No job runner: queued deliveries stay pending.
+    let app = app(kind, &[("HANDSET__WORKERS__ENABLED", "false")]).await;
+    let id = identity_with_callback(&app, "8885551234", "http://127.0.0.1:9/hook").await;
+    let retry = format!("/v1/transactions/{id}/callbacks/retry");
+    for _ in 1..10 {
+        assert_eq!(app.post(&retry, json!({})).await.status, 202);
+    }
+    let refused = app.post(&retry, json!({})).await;
+    refused.assert_error(429, 5200);
+    assert!(refused.headers.contains_key("retry-after"), "{:?}", refused.headers);
+    assert_eq!(callbacks_of(&app, &id).await.len(), 10);
+    assert_eq!(app.count("outbox").await, 10);
+}
+
 /// A URL that passed the check when the request came (e.g. a name that has
 /// since been re-pointed) is checked again when the callback is sent.
 async fn internal_addresses_are_refused_at_delivery(kind: Kind) {
@@ -164,7 +181,7 @@ async fn internal_addresses_are_refused_at_delivery(kind: Kind) {
     let port = receiver.base.rsplit(':').next().unwrap().to_owned();
     for url in [format!("http://127.0.0.1:{port}/hook"), format!("http://localhost:{port}/hook")] {
         let message = handset_core::model::OutboxMessage::of(&tx, url, chrono::Utc::now());
-        app.store.insert_outbox(&message).await.unwrap();
+        assert!(app.store.insert_outbox_capped(&message, 10).await.unwrap());
     }
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -239,6 +256,7 @@ crate::on_both_kinds!(
     failures_are_retried_then_given_up,
     redirects_and_slow_answers_are_failures,
     retry_endpoint_queues_the_current_state,
+    retries_are_capped_per_transaction,
     internal_addresses_are_refused_at_delivery,
     expired_checks_fire_their_callback,
     retention_purges_personal_data,

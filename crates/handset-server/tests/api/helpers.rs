@@ -97,7 +97,11 @@ impl TestApp {
 
     /// Starts the app with a configuration file (TOML text) layered under `env`.
     pub async fn spawn_with_config(kind: Kind, toml: &str, env: &[(&str, &str)]) -> TestApp {
-        let db = TestDatabase::new(kind).await;
+        Self::spawn_on_config(TestDatabase::new(kind).await, toml, env).await
+    }
+
+    /// As `spawn_with_config`, on a given database.
+    pub async fn spawn_on_config(db: TestDatabase, toml: &str, env: &[(&str, &str)]) -> TestApp {
         let file = std::env::temp_dir().join(format!("handset-test-{}.toml", Uuid::new_v4().simple()));
         std::fs::write(&file, toml).unwrap();
         let app = Self::spawn_configured(db, Some(&file), env, true).await;

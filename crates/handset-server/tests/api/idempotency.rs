@@ -1,5 +1,6 @@
 //! `Idempotency-Key` (DESIGN §3): replays, mismatches, requests in flight,
-//! per-key scope, and no double effect of a retried confirm.
+//! per-partner scope after authentication, no double effect of a retried
+//! confirm, and no replay of answers that recorded nothing.
 
 use handset_core::store::{IdempotencyBegin, IdempotencyClaim};
 use handset_server::idempotency::{REPLAYED_HEADER, request_hash};
@@ -13,8 +14,10 @@ on_both_stores!(
     same_key_same_request_answers_the_first_response,
     same_key_other_request_is_refused,
     a_request_in_flight_is_409,
-    keys_belong_to_their_api_key,
+    keys_belong_to_their_partner,
     retried_confirms_count_once,
+    no_replay_after_the_partner_is_deactivated,
+    answers_that_record_nothing_are_not_kept,
 );
 
 async fn post_with_key(app: &TestApp, api_key: &str, idem: &str, path: &str, body: &Value) -> Answer {
@@ -58,7 +61,7 @@ async fn a_request_in_flight_is_409(app: TestApp) {
     let body = json!({"phone": "4155550123"});
     let bytes = serde_json::to_vec(&body).unwrap();
     let hash = request_hash(&Method::POST, "/v1/possession", &bytes);
-    let scope = handset_core::secret::api_key_hash(DEV_KEY);
+    let scope = handset_server::idempotency::scope(handset_server::app::DEV_PARTNER_ID);
     let now = chrono::Utc::now();
     let claim = IdempotencyClaim {
         scope: &scope,
@@ -98,7 +101,7 @@ async fn a_request_in_flight_is_409(app: TestApp) {
     assert_eq!(app.store.begin_idempotent(reuse).await.unwrap(), IdempotencyBegin::Proceed);
 }
 
-async fn keys_belong_to_their_api_key(app: TestApp) {
+async fn keys_belong_to_their_partner(app: TestApp) {
     let (_, other) = app.partner(handset_core::Product::ALL).await;
     let body = json!({"phone": "4155550123"});
     let mine = post_with_key(&app, DEV_KEY, "shared", "/v1/possession", &body).await;
@@ -119,4 +122,43 @@ async fn retried_confirms_count_once(app: TestApp) {
     assert_eq!(row.attempts_used, 1, "a retried request is not a new attempt");
     let right = post_with_key(&app, DEV_KEY, "confirm-2", &path, &json!({"code": "123123"})).await;
     assert_eq!(right.status, 200, "{}", right.text);
+}
+
+/// Authentication comes first: a partner deactivated since the first answer
+/// (or a key that no longer exists) gets its 401, never the stored answer.
+async fn no_replay_after_the_partner_is_deactivated(app: TestApp) {
+    let (partner, key) = app.partner(handset_core::Product::ALL).await;
+    let body = json!({"phone": "4155550123"});
+    let first = post_with_key(&app, &key, "once", "/v1/possession", &body).await;
+    assert_eq!(first.status, 201, "{}", first.text);
+    assert!(app.store.set_partner_active(partner, false).await.unwrap());
+    let refused = post_with_key(&app, &key, "once", "/v1/possession", &body).await;
+    refused.assert_error(401, 1200);
+    assert!(!refused.headers.contains_key(REPLAYED_HEADER));
+    post_with_key(&app, "hs_revoked_key", "once", "/v1/possession", &body).await.assert_error(401, 1100);
+    // A malformed key is judged after authentication too.
+    post_with_key(&app, "hs_revoked_key", " ", "/v1/possession", &body).await.assert_error(401, 1100);
+}
+
+/// A 429 or a validation error records nothing, so it is not kept: the
+/// same key runs again (and may carry a corrected request).
+async fn answers_that_record_nothing_are_not_kept(app: TestApp) {
+    // The sandbox's 5100 mock number answers 429 with Retry-After.
+    let limited = json!({"phone": "9995555100"});
+    let first = post_with_key(&app, DEV_KEY, "after-429", "/v1/possession", &limited).await;
+    first.assert_error(429, 5100);
+    assert!(first.headers.contains_key("retry-after"));
+    let again = post_with_key(&app, DEV_KEY, "after-429", "/v1/possession", &limited).await;
+    again.assert_error(429, 5100);
+    assert!(!again.headers.contains_key(REPLAYED_HEADER), "a 429 is never replayed");
+    let corrected = post_with_key(&app, DEV_KEY, "after-429", "/v1/possession", &json!({"phone": "4155550123"})).await;
+    assert_eq!(corrected.status, 201, "{}", corrected.text);
+
+    let invalid = post_with_key(&app, DEV_KEY, "after-422", "/v1/possession", &json!({"phone": "12"})).await;
+    invalid.assert_error(422, 3101);
+    let fixed = post_with_key(&app, DEV_KEY, "after-422", "/v1/possession", &json!({"phone": "4155550124"})).await;
+    assert_eq!(fixed.status, 201, "{}", fixed.text);
+    let replayed = post_with_key(&app, DEV_KEY, "after-422", "/v1/possession", &json!({"phone": "4155550124"})).await;
+    assert_eq!(replayed.headers.get(REPLAYED_HEADER).map(|v| v.to_str().unwrap()), Some("true"));
+    assert_eq!(replayed.id(), fixed.id());
 }

@@ -283,4 +283,96 @@ crate::on_both_kinds!(
     rejected_credentials_are_our_error,
     idme_down_or_hanging,
     routing_falls_back_when_idme_is_down,
+    the_breaker_lets_one_probe_through_after_open_for,
+    late_or_incomplete_results_do_not_succeed,
+    the_webhook_reads_no_more_than_64_kib,
 );
+
+/// After `open_for` exactly one call probes ID.me: its failure reopens the
+/// breaker at once, and once ID.me is back a probe's success closes it.
+async fn the_breaker_lets_one_probe_through_after_open_for(kind: Kind) {
+    let sim = sim(false).await;
+    let rules = r#"
+[[routing.rules]]
+product = "possession.sms"
+providers = ["idme", "sandbox"]
+"#;
+    let base = sim.base_url();
+    let env = [
+        ("HANDSET__PROVIDERS__IDME__BASE_URL", base.as_str()),
+        ("HANDSET__PROVIDERS__IDME__SECRET", "sim-secret"),
+        ("HANDSET__CIRCUIT_BREAKER__FAILURE_THRESHOLD", "2"),
+        ("HANDSET__CIRCUIT_BREAKER__OPEN_FOR", "1s"),
+    ];
+    let app = TestApp::spawn_with_config(kind, rules, &env).await;
+    let provider_of = |answer: crate::helpers::Answer| {
+        assert_eq!(answer.status, 201, "{}", answer.text);
+        answer.body["provider"].as_str().unwrap().to_owned()
+    };
+    sim.set_faults(Faults { error_rate: 1.0, ..Faults::default() });
+    let calls = sim.requests();
+    for phone in ["4155550101", "4155550102", "4155550103"] {
+        assert_eq!(provider_of(app.start_sms(phone).await), "sandbox");
+    }
+    assert_eq!(sim.requests() - calls, 2, "open after two failures");
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let calls = sim.requests();
+    assert_eq!(provider_of(app.start_sms("4155550104").await), "sandbox", "the probe failed over");
+    assert_eq!(provider_of(app.start_sms("4155550105").await), "sandbox");
+    assert_eq!(sim.requests() - calls, 1, "one probe, and its failure reopened the breaker at once");
+
+    sim.set_faults(Faults::default());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let calls = sim.requests();
+    assert_eq!(provider_of(app.start_sms("4155550106").await), "idme", "the probe succeeded");
+    assert_eq!(provider_of(app.start_sms("4155550107").await), "idme", "closed again");
+    assert_eq!(sim.requests() - calls, 2);
+}
+
+/// A result that arrives after the transaction's deadline cannot succeed it,
+/// and an identity "success" without an address is a 5000, not a success.
+async fn late_or_incomplete_results_do_not_succeed(kind: Kind) {
+    let sim = sim(false).await;
+    // No job runner: nothing expires or polls the transactions behind the test's back.
+    let app =
+        app_for(kind, &sim, &[("HANDSET__IDENTITY__RESULT_TTL", "1s"), ("HANDSET__WORKERS__ENABLED", "false")]).await;
+    let identity = json!({"phone": "8885551234", "birth_date": "1968-05-27", "provider": "idme"});
+    let late = app.post("/v1/identity", identity.clone()).await;
+    assert_eq!(late.body["status"]["code"], 210, "{}", late.text);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let idme_id = app.store.transaction(late.id().parse().unwrap()).await.unwrap().unwrap().provider_ref.unwrap();
+    let hook = app.url(&format!("/providers/idme/webhook?token={WEBHOOK_SECRET}"));
+    let matched = json!({
+        "transaction_id": idme_id, "product": "telecom.identity", "status": {"code": 200},
+        "result": {"address": {"line1": "1 Simulated Way", "city": "Austin", "state": "TX", "zip": "78701"}}
+    });
+    assert_eq!(app.send(app.client.post(&hook).json(&matched)).await.status, 200);
+    let tx = app.transaction(&late.id()).await.body;
+    assert_eq!(tx["status"]["code"], 300, "a late success does not succeed it: {tx}");
+    assert_eq!(tx["result"]["errors"][0]["code"], 5001, "{tx}");
+
+    let incomplete = app.post("/v1/identity", identity).await;
+    let idme_id = app.store.transaction(incomplete.id().parse().unwrap()).await.unwrap().unwrap().provider_ref.unwrap();
+    let body = json!({"transaction_id": idme_id, "status": {"code": 200}, "result": {"verified": true}});
+    let answered = app.send(app.client.post(hook).json(&body)).await;
+    assert_eq!(answered.status, 200, "{}", answered.text);
+    let tx = app.transaction(&incomplete.id()).await.body;
+    assert_eq!(tx["status"]["code"], 300, "no success without an address: {tx}");
+    assert_eq!(tx["result"]["errors"][0]["code"], 5000, "{tx}");
+}
+
+/// The webhook checks its secret before reading the body, and reads 64 KiB at most.
+async fn the_webhook_reads_no_more_than_64_kib(kind: Kind) {
+    let sim = sim(false).await;
+    let app = app_for(kind, &sim, &[]).await;
+    let big = format!(r#"{{"transaction_id":"x","pad":"{}"}}"#, "a".repeat(70 * 1024));
+    let hook = app.url(&format!("/providers/idme/webhook?token={WEBHOOK_SECRET}"));
+    app.send(app.client.post(&hook).header("content-type", "application/json").body(big.clone()))
+        .await
+        .assert_error(413, 3902);
+    let stranger = app.url("/providers/idme/webhook?token=wrong");
+    app.send(app.client.post(stranger).header("content-type", "application/json").body(big))
+        .await
+        .assert_error(401, 1100);
+}

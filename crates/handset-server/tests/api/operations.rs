@@ -1,9 +1,8 @@
 //! What operators run and watch: health, readiness, metrics, the OpenAPI
-//! document, the CLI, configuration layers, logs, and the production key rule.
+//! document, the CLI, configuration layers and logs.
 
 use std::process::{Command, Stdio};
 
-use handset_core::Product;
 use handset_testkit::{Kind, TestDatabase};
 use serde_json::{Value, json};
 
@@ -12,7 +11,7 @@ use crate::on_both_stores;
 
 const HANDSET: &str = env!("CARGO_BIN_EXE_handset");
 
-on_both_stores!(health_ready_and_metrics, openapi_documents_every_route, production_refuses_the_development_key);
+on_both_stores!(health_ready_and_metrics, openapi_documents_every_route);
 
 async fn health_ready_and_metrics(app: TestApp) {
     let health = app.send(app.client.get(app.url("/health"))).await;
@@ -112,23 +111,6 @@ fn collect_refs(value: &Value, out: &mut Vec<String>) {
         Value::Array(items) => items.iter().for_each(|v| collect_refs(v, out)),
         _ => {}
     }
-}
-
-async fn production_refuses_the_development_key(app: TestApp) {
-    // `app` (development) has seeded the development partner in this database.
-    assert_eq!(app.start_sms("4155550123").await.status, 201);
-    let (_, key) = app.partner(Product::ALL).await;
-    let url = app.db.url.clone();
-    let production = TestApp::spawn_on(
-        TestDatabase::new(app.kind).await,
-        &[("HANDSET__ENVIRONMENT", "production"), ("HANDSET__DATABASE__URL", url.as_str())],
-        true,
-    )
-    .await;
-    production.start_sms("4155550123").await.assert_error(401, 1100);
-    production.get("/v1/transactions/00000000-0000-0000-0000-000000000000").await.assert_error(401, 1100);
-    let ok = production.post_as(&key, "/v1/possession", json!({ "phone": "4155550123" })).await;
-    assert_eq!(ok.status, 201, "{}", ok.text);
 }
 
 fn handset(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {

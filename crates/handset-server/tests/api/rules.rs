@@ -137,6 +137,8 @@ async fn callback_urls_never_point_inside(app: TestApp) {
         "http://[fd00:ec2::254]/",
         "http://[fe80::1]/",
         "http://2130706433/",
+        "https://user:pass@partner.example/hook",
+        "https://token@partner.example/hook",
     ] {
         app.post("/v1/possession", start(bad)).await.assert_error(422, 3100);
     }
@@ -186,14 +188,14 @@ async fn metadata_and_names(app: TestApp) {
     )
     .await
     .assert_error(422, 3904);
-    for bad_name in [
-        json!("John Smith"),
-        json!({"first": "John"}),
-        json!({"first": "", "last": "Smith"}),
-        json!({"first": "J", "last": "S", "middle": "X"}),
-    ] {
+    for bad_name in [json!("John Smith"), json!({"first": "John"}), json!({"first": "", "last": "Smith"})] {
         app.post("/v1/possession", json!({ "phone": "4155550123", "name": bad_name })).await.assert_error(422, 3905);
     }
+    // A field unknown inside `name` is an unknown field, named with its path.
+    let nested = json!({ "phone": "4155550123", "name": {"first": "J", "last": "S", "middle": "X"} });
+    let unknown = app.post("/v1/possession", nested).await;
+    unknown.assert_error(422, 3903);
+    assert!(unknown.text.contains("name.middle"), "{}", unknown.text);
     assert_eq!(app.count("transactions").await, before);
     let named =
         app.post("/v1/possession", json!({ "phone": "4155550123", "name": {"first": "John", "last": "Smith"} })).await;
