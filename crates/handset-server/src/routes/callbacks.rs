@@ -43,6 +43,7 @@ pub async fn list(
         (status = 202, description = "Queued", body = CallbackOut),
         (status = 401, body = ErrorsOut), (status = 403, body = ErrorsOut), (status = 404, body = ErrorsOut),
         (status = 422, description = "3100: the transaction has no callback_url", body = ErrorsOut),
+        (status = 429, description = "5200: 10 deliveries of this transaction are already pending (see Retry-After)", body = ErrorsOut),
     ),
     security(("bearer" = []))
 )]

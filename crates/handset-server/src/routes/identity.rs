@@ -18,6 +18,7 @@ use crate::input::{self, IdentityIn};
     responses(
         (status = 201, description = "Match started (or already final)", body = TransactionOut),
         (status = 401, body = ErrorsOut), (status = 403, body = ErrorsOut), (status = 404, body = ErrorsOut),
+        (status = 408, description = "3909: the body did not arrive within server.body_read_timeout", body = ErrorsOut),
         (status = 422, description = "3101 phone, 3107 minor, 3108 birth_date format, ...", body = ErrorsOut),
         (status = 429, body = ErrorsOut), (status = 503, body = ErrorsOut),
     ),

@@ -19,6 +19,7 @@ use crate::input::{self, ConfirmIn, PossessionIn};
     responses(
         (status = 201, description = "Check started (or already final)", body = TransactionOut),
         (status = 401, body = ErrorsOut), (status = 403, body = ErrorsOut), (status = 404, body = ErrorsOut),
+        (status = 408, description = "3909: the body did not arrive within server.body_read_timeout", body = ErrorsOut),
         (status = 422, body = ErrorsOut), (status = 429, body = ErrorsOut), (status = 503, body = ErrorsOut),
     ),
     security(("bearer" = []))
@@ -64,6 +65,7 @@ pub async fn start(
     responses(
         (status = 200, description = "The transaction after the check", body = TransactionOut),
         (status = 401, body = ErrorsOut), (status = 403, body = ErrorsOut), (status = 404, body = ErrorsOut),
+        (status = 408, description = "3909: the body did not arrive within server.body_read_timeout", body = ErrorsOut),
         (status = 422, description = "3102 wrong code, 3103 expired, 3104 attempts used up, 3105 not a possession check", body = ErrorsOut),
     ),
     security(("bearer" = []))

@@ -155,3 +155,55 @@ async fn made_up_methods_and_paths_do_not_grow_metrics() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// SIGTERM with a request stuck on a provider that never answers: the
+/// process stops taking work and exits once `server.shutdown_timeout` ends,
+/// not when the provider's own (much longer) timeout would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_bounded_by_its_timeout() {
+    let sim = Sim::start("127.0.0.1:0", SimConfig::default()).await.unwrap();
+    sim.set_faults(Faults { hang: true, ..Faults::default() });
+    let db = TestDatabase::sqlite();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_handset"))
+        .env("HANDSET__SERVER__BIND", format!("127.0.0.1:{port}"))
+        .env("HANDSET__DATABASE__URL", &db.url)
+        .env("HANDSET__PROVIDERS__IDME__BASE_URL", sim.base_url())
+        .env("HANDSET__PROVIDERS__IDME__SECRET", "sim-secret")
+        .env("HANDSET__PROVIDERS__IDME__TIMEOUT", "2m")
+        .env("HANDSET__SERVER__REQUEST_TIMEOUT", "5m")
+        .env("HANDSET__SERVER__SHUTDOWN_TIMEOUT", "1s")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    assert!(crate::helpers::wait_healthy(&base).await);
+    let stuck = tokio::spawn(async move {
+        http_client()
+            .post(format!("{base}/v1/possession"))
+            .bearer_auth(DEV_KEY)
+            .json(&json!({"phone": "4155550123", "provider": "idme"}))
+            .send()
+            .await
+    });
+    // ID.me's start-up health probe (hanging too) and the send.
+    while sim.requests() < 2 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let mut exited = None;
+    for _ in 0..300 {
+        exited = child.try_wait().unwrap();
+        if exited.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if exited.is_none() {
+        let _ = child.kill();
+        panic!("handset was still running 15 s after SIGTERM with shutdown_timeout = 1s");
+    }
+    assert!(stuck.await.unwrap().is_err(), "the stuck request's connection was closed");
+}
