@@ -275,9 +275,7 @@ impl Gateway {
         if tx.provider != ProviderName::Sandbox || tx.product != Product::PossessionNetwork {
             return Err(not_found());
         }
-        if tx.status == Status::Pending && tx.expires_at.is_some_and(|at| at <= Utc::now()) {
-            return self.expire(tx).await;
-        }
+        // Past its deadline, `apply_outcome` expires it instead.
         let proven = Outcome::Succeeded(TransactionResult::Phone { phone: String::new() });
         self.apply_outcome(tx, proven).await?.ok_or_else(not_found)
     }

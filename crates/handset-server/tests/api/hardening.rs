@@ -3,7 +3,6 @@
 //! request past `server.request_timeout` is answered yet still recorded,
 //! and made-up methods and paths cannot grow `/metrics`.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use handset_sim::faults::Faults;
@@ -14,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::helpers::{DEV_KEY, TestApp, http_client};
+use crate::processes::Server;
 
 fn host_port(app: &TestApp) -> String {
     app.address.trim_start_matches("http://").to_owned()
@@ -122,17 +122,8 @@ async fn a_request_past_its_deadline_is_answered_and_still_recorded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn made_up_methods_and_paths_do_not_grow_metrics() {
     let db = TestDatabase::sqlite();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_handset"))
-        .env("HANDSET__SERVER__BIND", format!("127.0.0.1:{port}"))
-        .env("HANDSET__DATABASE__URL", &db.url)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    assert!(crate::helpers::wait_healthy(&base).await);
+    let server = Server::start(&db, &[]).await;
+    let base = server.base.clone();
     let client = http_client();
     let series = |text: &str| text.lines().filter(|l| l.starts_with("http_request")).count();
     // Every label set the loop below can produce exists once before counting.
@@ -152,8 +143,6 @@ async fn made_up_methods_and_paths_do_not_grow_metrics() {
     assert!(after <= before + 5, "{before} -> {after} series:\n{text}");
     assert!(text.contains(r#"method="other""#) && text.contains(r#"route="unmatched""#), "{text}");
     assert!(!text.contains("M999X") && !text.contains("made-up"), "{text}");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// SIGTERM with a request stuck on a provider that never answers: the
@@ -164,22 +153,19 @@ async fn shutdown_is_bounded_by_its_timeout() {
     let sim = Sim::start("127.0.0.1:0", SimConfig::default()).await.unwrap();
     sim.set_faults(Faults { hang: true, ..Faults::default() });
     let db = TestDatabase::sqlite();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_handset"))
-        .env("HANDSET__SERVER__BIND", format!("127.0.0.1:{port}"))
-        .env("HANDSET__DATABASE__URL", &db.url)
-        .env("HANDSET__PROVIDERS__IDME__BASE_URL", sim.base_url())
-        .env("HANDSET__PROVIDERS__IDME__SECRET", "sim-secret")
-        .env("HANDSET__PROVIDERS__IDME__TIMEOUT", "2m")
-        .env("HANDSET__SERVER__REQUEST_TIMEOUT", "5m")
-        .env("HANDSET__SERVER__SHUTDOWN_TIMEOUT", "1s")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    assert!(crate::helpers::wait_healthy(&base).await);
+    let sim_url = sim.base_url();
+    let mut server = Server::start(
+        &db,
+        &[
+            ("HANDSET__PROVIDERS__IDME__BASE_URL", sim_url.as_str()),
+            ("HANDSET__PROVIDERS__IDME__SECRET", "sim-secret"),
+            ("HANDSET__PROVIDERS__IDME__TIMEOUT", "2m"),
+            ("HANDSET__SERVER__REQUEST_TIMEOUT", "5m"),
+            ("HANDSET__SERVER__SHUTDOWN_TIMEOUT", "1s"),
+        ],
+    )
+    .await;
+    let base = server.base.clone();
     let stuck = tokio::spawn(async move {
         http_client()
             .post(format!("{base}/v1/possession"))
@@ -192,17 +178,16 @@ async fn shutdown_is_bounded_by_its_timeout() {
     while sim.requests() < 2 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    server.signal("-TERM");
     let mut exited = None;
     for _ in 0..300 {
-        exited = child.try_wait().unwrap();
+        exited = server.child.try_wait().unwrap();
         if exited.is_some() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     if exited.is_none() {
-        let _ = child.kill();
         panic!("handset was still running 15 s after SIGTERM with shutdown_timeout = 1s");
     }
     assert!(stuck.await.unwrap().is_err(), "the stuck request's connection was closed");

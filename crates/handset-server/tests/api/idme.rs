@@ -37,6 +37,19 @@ async fn app_for(kind: Kind, sim: &Sim, extra: &[(&str, &str)]) -> TestApp {
     TestApp::spawn_with(kind, &env).await
 }
 
+/// An app routed by `rules` (TOML), with ID.me on the sim and a breaker that
+/// opens after two failures for `open_for`.
+async fn routed_app(kind: Kind, sim: &Sim, rules: &str, open_for: &str) -> TestApp {
+    let base = sim.base_url();
+    let env = [
+        ("HANDSET__PROVIDERS__IDME__BASE_URL", base.as_str()),
+        ("HANDSET__PROVIDERS__IDME__SECRET", "sim-secret"),
+        ("HANDSET__CIRCUIT_BREAKER__FAILURE_THRESHOLD", "2"),
+        ("HANDSET__CIRCUIT_BREAKER__OPEN_FOR", open_for),
+    ];
+    TestApp::spawn_with_config(kind, rules, &env).await
+}
+
 async fn wait_final(app: &TestApp, id: &str) -> Value {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -249,14 +262,7 @@ providers = ["idme"]
 product = "possession.network"
 providers = ["sandbox"]
 "#;
-    let base = sim.base_url();
-    let env = [
-        ("HANDSET__PROVIDERS__IDME__BASE_URL", base.as_str()),
-        ("HANDSET__PROVIDERS__IDME__SECRET", "sim-secret"),
-        ("HANDSET__CIRCUIT_BREAKER__FAILURE_THRESHOLD", "2"),
-        ("HANDSET__CIRCUIT_BREAKER__OPEN_FOR", "1h"),
-    ];
-    let app = TestApp::spawn_with_config(kind, rules, &env).await;
+    let app = routed_app(kind, &sim, rules, "1h").await;
     let routed = app.start_sms("4155550123").await;
     assert_eq!(routed.body["provider"], "idme", "{}", routed.text);
     let identity = app.post("/v1/identity", json!({"phone": "8885551234", "birth_date": "1968-05-27"})).await;
@@ -297,14 +303,7 @@ async fn the_breaker_lets_one_probe_through_after_open_for(kind: Kind) {
 product = "possession.sms"
 providers = ["idme", "sandbox"]
 "#;
-    let base = sim.base_url();
-    let env = [
-        ("HANDSET__PROVIDERS__IDME__BASE_URL", base.as_str()),
-        ("HANDSET__PROVIDERS__IDME__SECRET", "sim-secret"),
-        ("HANDSET__CIRCUIT_BREAKER__FAILURE_THRESHOLD", "2"),
-        ("HANDSET__CIRCUIT_BREAKER__OPEN_FOR", "1s"),
-    ];
-    let app = TestApp::spawn_with_config(kind, rules, &env).await;
+    let app = routed_app(kind, &sim, rules, "1s").await;
     let provider_of = |answer: crate::helpers::Answer| {
         assert_eq!(answer.status, 201, "{}", answer.text);
         answer.body["provider"].as_str().unwrap().to_owned()

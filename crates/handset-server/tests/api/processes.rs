@@ -11,14 +11,15 @@ use serde_json::{Value, json};
 use crate::helpers::DEV_KEY;
 use crate::receiver::{Receiver, Reply};
 
-struct Server {
-    child: Child,
-    base: String,
+/// `handset serve` as a process of its own, on `db`, logging to a file.
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) base: String,
     log: std::path::PathBuf,
 }
 
 impl Server {
-    async fn start(db: &TestDatabase, extra: &[(&str, &str)]) -> Server {
+    pub(crate) async fn start(db: &TestDatabase, extra: &[(&str, &str)]) -> Server {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let log = std::env::temp_dir().join(format!("handset-proc-{}.log", uuid::Uuid::new_v4().simple()));
         let mut command = Command::new(env!("CARGO_BIN_EXE_handset"));
@@ -42,7 +43,7 @@ impl Server {
         panic!("handset did not start: {}", std::fs::read_to_string(&server.log).unwrap_or_default());
     }
 
-    fn signal(&self, signal: &str) {
+    pub(crate) fn signal(&self, signal: &str) {
         assert!(Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap().success());
     }
 
