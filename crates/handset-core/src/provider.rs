@@ -62,8 +62,9 @@ pub struct Started {
     pub outcome: Outcome,
 }
 
-// The code and the provider's session token stay out of logs.
-crate::debug_only!(Started { redirect_url, outcome });
+// The code, the provider's session token and the operator link (which
+// completes a check, like a password) stay out of logs.
+crate::debug_only!(Started { outcome });
 
 impl Started {
     pub fn outcome(outcome: Outcome) -> Self {

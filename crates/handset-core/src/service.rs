@@ -297,11 +297,15 @@ impl Gateway {
         let message = OutboxMessage::of(&tx, callback_url, now);
         let max_pending = self.settings.max_pending_callbacks;
         if !self.store.insert_outbox_capped(&message, max_pending).await.map_err(internal)? {
-            // A slot frees when the soonest pending delivery is tried again.
+            // A slot frees when a pending delivery is delivered or given up;
+            // the soonest next attempt is the earliest that can happen.
             let records = self.store.callbacks_of_transaction(tx.id).await.map_err(internal)?;
             let soonest = records.iter().filter(|r| r.state == CallbackState::Pending).map(|r| r.next_attempt_at).min();
             let wait = soonest.and_then(|at| (at - now).to_std().ok()).unwrap_or(std::time::Duration::from_secs(1));
-            let message = format!("This transaction already has {max_pending} callback deliveries pending");
+            let message = format!(
+                "This transaction already has {max_pending} callback deliveries pending; \
+                 retry once one of them is delivered or given up (see GET .../callbacks)"
+            );
             return Err(ApiError::with_message(ErrorCode::AccountRateLimited, message).retry_after(wait));
         }
         let record = CallbackRecord {
@@ -390,6 +394,10 @@ impl Gateway {
     /// answer that arrives after the transaction's deadline cannot succeed
     /// it: the transaction ends as expired instead.
     async fn apply_outcome(&self, mut tx: Transaction, outcome: Outcome) -> Result<Option<Transaction>, ApiError> {
+        // Repeats and late arrivals for a final transaction change (and log) nothing.
+        if tx.is_final() {
+            return Ok(Some(tx));
+        }
         let outcome = match checked(&tx, outcome) {
             Outcome::Succeeded(_) if tx.expires_at.is_some_and(|at| at <= Utc::now()) => {
                 tracing::info!(transaction_id = %tx.id, "a success arrived after the deadline; the transaction expires");
@@ -402,9 +410,6 @@ impl Gateway {
             Outcome::Succeeded(result) => (Status::Succeeded, possession_result(&tx, result)),
             Outcome::Failed(error) => (Status::Failed, TransactionResult::failure(error)),
         };
-        if tx.is_final() {
-            return Ok(Some(tx));
-        }
         if self.finish(&mut tx, status, result).await? {
             Ok(Some(tx))
         } else {
@@ -619,7 +624,8 @@ impl Gateway {
                 let error =
                     ResultError { message: AMBIGUOUS_SEND.into(), ..ResultError::new(ErrorCode::ProvidersUnavailable) };
                 settle(&mut tx, Status::Failed, TransactionResult::failure(error));
-                Some(ApiError::with_message(ErrorCode::ProvidersUnavailable, AMBIGUOUS_SEND))
+                // Kept for Idempotency-Key replay: a retry must not send a second code.
+                Some(ApiError::with_message(ErrorCode::ProvidersUnavailable, AMBIGUOUS_SEND).recorded())
             }
             Err(other) => return Err(provider_failure(other)),
         };

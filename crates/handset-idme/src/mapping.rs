@@ -175,7 +175,7 @@ fn address_of(value: &Value) -> Option<Address> {
 /// Reads ID.me's result webhook (the body of `GET /api/v2/telecom/:id`):
 /// ID.me's transaction id and where it stands.
 pub fn webhook_result(body: &[u8]) -> Result<(String, Outcome), String> {
-    let answer: TelecomResponse = serde_json::from_slice(body).map_err(|e| format!("not an ID.me transaction: {e}"))?;
+    let answer: TelecomResponse = serde_json::from_slice(body).map_err(|e| format!("{e}"))?;
     let reference = answer.transaction_id.clone().ok_or("no transaction_id")?;
     let outcome = outcome_of(&answer).map_err(|e| e.to_string())?;
     Ok((reference, outcome))

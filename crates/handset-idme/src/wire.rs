@@ -24,7 +24,7 @@ pub struct StatusBody {
     pub message: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 pub struct ResultBody {
     #[serde(default)]
     pub phone: Option<String>,
@@ -35,6 +35,9 @@ pub struct ResultBody {
     #[serde(default)]
     pub errors: Vec<ErrorBody>,
 }
+
+// The number and the address are personal data: never printed.
+handset_core::debug_only!(ResultBody { verified, errors });
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ErrorBody {

@@ -21,6 +21,7 @@ use handset_core::{ApiError, ErrorCode, Gateway, GatewaySettings, Region};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 use tower_http::catch_panic::CatchPanicLayer;
 use uuid::Uuid;
 
@@ -54,6 +55,10 @@ pub struct AppState {
     pub sandbox: bool,
     pub body_read_timeout: Duration,
     pub request_timeout: Duration,
+    /// How long a request holds its `Idempotency-Key` before a retry may take it over.
+    pub idempotency_lock: Duration,
+    /// Every request's work, so shutdown can wait for it.
+    pub in_flight: TaskTracker,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,8 +83,8 @@ pub struct Application {
     addr: SocketAddr,
     runner: Option<Runner>,
     limits: ConnectionLimits,
-    /// How long shutdown waits for in-flight background work.
-    shutdown_grace: Duration,
+    /// Requests' work, which outlives its connection (see `deadline`).
+    in_flight: TaskTracker,
 }
 
 impl Application {
@@ -106,6 +111,9 @@ impl Application {
             settings.server.public_url.trim_end_matches('/').to_owned()
         };
         if settings.is_production() {
+            if settings.security.code_pepper.expose().chars().count() < 32 {
+                tracing::warn!("security.code_pepper is shorter than 32 characters: use a longer random secret");
+            }
             retire_dev_partner(store.as_ref()).await;
         } else if let Err(error) = seed_dev_partner(&settings, store.as_ref()).await {
             // The database may come up later (`/ready` says 503 meanwhile); keep trying.
@@ -155,6 +163,7 @@ impl Application {
         } else {
             None
         };
+        let in_flight = TaskTracker::new();
         let state = AppState {
             gateway,
             default_region: settings.default_region(),
@@ -165,20 +174,15 @@ impl Application {
             sandbox: !settings.is_production(),
             body_read_timeout: settings.server.body_read_timeout,
             request_timeout: settings.server.request_timeout,
+            idempotency_lock: settings.idempotency_lock(),
+            in_flight: in_flight.clone(),
         };
         let limits = ConnectionLimits {
             header_read_timeout: settings.server.header_read_timeout,
             max_connections: settings.server.max_connections as usize,
             shutdown_timeout: settings.server.shutdown_timeout,
         };
-        Ok(Application {
-            listener,
-            router: router(state),
-            addr,
-            runner,
-            limits,
-            shutdown_grace: (settings.callbacks.timeout + Duration::from_secs(5)).min(settings.server.shutdown_timeout),
-        })
+        Ok(Application { listener, router: router(state), addr, runner, limits, in_flight })
     }
 
     pub fn port(&self) -> u16 {
@@ -191,8 +195,8 @@ impl Application {
 
     /// Serves (and runs background jobs) until `shutdown` resolves; then
     /// stops taking requests and claiming jobs, and lets in-flight requests
-    /// and deliveries finish: requests for at most `server.shutdown_timeout`,
-    /// deliveries for at most `callbacks.timeout` + 5 s (within it).
+    /// (their work included) and deliveries finish, all within one deadline:
+    /// `server.shutdown_timeout` after the signal.
     pub async fn run_until(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -204,9 +208,13 @@ impl Application {
             shutdown.await;
             let _ = stop.send(true);
         };
-        serve(self.listener, self.router, self.limits, signal).await;
+        let deadline = serve(self.listener, self.router, self.limits, signal).await;
+        self.in_flight.close();
+        if tokio::time::timeout_at(deadline, self.in_flight.wait()).await.is_err() {
+            tracing::warn!("requests' work did not finish within server.shutdown_timeout; it is cut short");
+        }
         if let Some(runner) = runner
-            && tokio::time::timeout(self.shutdown_grace, runner).await.is_err()
+            && tokio::time::timeout_at(deadline, runner).await.is_err()
         {
             tracing::warn!(
                 "background work did not finish in time; unfinished callbacks are retried after their lease"

@@ -16,7 +16,7 @@ const TOO_SLOW: &str = "The request took longer than the server allows; a change
     Retry with the same Idempotency-Key to get its answer";
 
 pub async fn detach(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let work = tokio::spawn(next.run(request));
+    let work = state.in_flight.spawn(next.run(request));
     match tokio::time::timeout(state.request_timeout, work).await {
         Ok(Ok(response)) => response,
         Ok(Err(error)) => {

@@ -93,9 +93,21 @@ impl FromRequest<AppState> for JsonObject {
 pub async fn read_body(body: Body, deadline: Duration) -> Result<Bytes, Failure> {
     match tokio::time::timeout(deadline, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
         Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(_)) => Err(ErrorCode::BodyTooLarge.into()),
+        Ok(Err(error)) if is_length_limit(&error) => Err(ErrorCode::BodyTooLarge.into()),
+        Ok(Err(_)) => Err(ApiError::with_message(ErrorCode::MalformedJson, "Request body could not be read").into()),
         Err(_) => Err(ErrorCode::BodyTimeout.into()),
     }
+}
+
+fn is_length_limit(error: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = cause {
+        if current.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
 }
 
 fn parse_object(body: &Bytes, is_json: bool) -> Result<Map<String, Value>, ApiError> {

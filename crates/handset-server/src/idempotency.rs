@@ -34,9 +34,6 @@ pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 const MAX_KEY_LEN: usize = 255;
 /// How long a key remembers its first response.
 pub const KEY_LIFETIME: Duration = Duration::from_secs(24 * 3600);
-/// How long a request holds its key before a retry may take it over (its
-/// process may have died); longer than any request takes.
-const LOCK: Duration = Duration::from_secs(120);
 
 /// The hash that tells "the same request": method, path and body.
 pub fn request_hash(method: &Method, path: &str, body: &[u8]) -> String {
@@ -83,7 +80,7 @@ pub async fn guard(State(state): State<AppState>, request: Request, next: Next) 
         request_hash: &hash,
         now,
         expired_before: now - chrono::Duration::from_std(KEY_LIFETIME).unwrap_or(chrono::Duration::MAX),
-        lock_until: now + chrono::Duration::from_std(LOCK).unwrap_or(chrono::Duration::MAX),
+        lock_until: now + chrono::Duration::from_std(state.idempotency_lock).unwrap_or(chrono::Duration::MAX),
     };
     match store.begin_idempotent(claim).await {
         Err(error) => {

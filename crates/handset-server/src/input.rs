@@ -133,15 +133,21 @@ fn metadata(fields: &Fields) -> Result<Value, ApiError> {
     Ok(value.clone())
 }
 
+/// 422 3903 for the first field `PossessionIn` does not have, at the top
+/// level or inside `name` (named `name.middle`): checked before any other rule.
+pub fn known_possession_fields(fields: &Fields) -> Result<(), ApiError> {
+    fields.only(PossessionIn::FIELDS)?;
+    let name = fields.get("name").and_then(Value::as_object);
+    match name.and_then(|o| o.keys().find(|k| !PersonName::FIELDS.contains(&k.as_str()))) {
+        Some(unknown) => Err(unknown_field(&format!("name.{unknown}"))),
+        None => Ok(()),
+    }
+}
+
 pub fn name(fields: &Fields) -> Result<Option<PersonName>, ApiError> {
     let Some(value) = fields.get("name") else {
         return Ok(None);
     };
-    // Unknown fields inside `name` are unknown fields like top-level ones.
-    if let Some(unknown) = value.as_object().and_then(|o| o.keys().find(|k| !PersonName::FIELDS.contains(&k.as_str())))
-    {
-        return Err(unknown_field(&format!("name.{unknown}")));
-    }
     let name: PersonName = serde_json::from_value(value.clone()).map_err(|_| ApiError::new(ErrorCode::InvalidName))?;
     let valid = |s: &str| !s.trim().is_empty() && s.chars().count() <= 100 && !s.chars().any(char::is_control);
     if !valid(&name.first) || !valid(&name.last) {

@@ -15,6 +15,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
@@ -24,13 +25,14 @@ pub struct ConnectionLimits {
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then stops
-/// accepting and waits (at most `shutdown_timeout`) for open requests.
+/// accepting and waits for open requests until the deadline it returns
+/// (`shutdown_timeout` after the signal), which bounds the rest of shutdown too.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()> + Send,
-) {
+) -> Instant {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -64,8 +66,10 @@ pub async fn serve(
             drop(permit);
         });
     }
+    let deadline = Instant::now() + limits.shutdown_timeout;
     drop(listener);
-    if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout_at(deadline, graceful.shutdown()).await.is_err() {
         tracing::warn!("open requests did not finish within server.shutdown_timeout; closing them");
     }
+    deadline
 }

@@ -389,7 +389,10 @@ impl Settings {
         }
         let pepper = self.security.code_pepper.expose();
         if pepper.is_empty() || pepper == DEVELOPMENT_CODE_PEPPER {
-            problems.push("security.code_pepper is required: a random secret of at least 32 characters".into());
+            problems.push(
+                "security.code_pepper is required: a random secret (32 or more characters, e.g. openssl rand -hex 32)"
+                    .into(),
+            );
         }
         let sms_routed = self.idme_enabled()
             || self.routing.rules.iter().any(|r| r.product == Product::PossessionSms && !r.providers.is_empty());
@@ -401,6 +404,16 @@ impl Settings {
             );
         }
         problems
+    }
+
+    /// How long a request holds its `Idempotency-Key` before a retry may take
+    /// it over (its process may have died): longer than any request's work,
+    /// which may outlast `server.request_timeout` while a provider chain
+    /// answers, and at least 2 minutes.
+    pub fn idempotency_lock(&self) -> Duration {
+        let p = &self.providers;
+        let chain = p.idme.timeout + p.veratad.timeout + p.dqe.timeout;
+        (self.server.request_timeout + chain + Duration::from_secs(60)).max(Duration::from_secs(120))
     }
 
     /// The pepper codes are hashed with: the configured one, or the

@@ -29,7 +29,7 @@ pub async fn start(
     AuthPartner(partner): AuthPartner,
     JsonObject(fields): JsonObject,
 ) -> Result<(StatusCode, Json<TransactionOut>), Failure> {
-    fields.only(PossessionIn::FIELDS)?;
+    input::known_possession_fields(&fields)?;
     let phone = input::phone(&fields, state.default_region)?;
     let channel = match fields.string("channel", ErrorCode::NotPossessionCheck)? {
         None | Some("sms") => Product::PossessionSms,

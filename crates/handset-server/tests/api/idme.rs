@@ -292,6 +292,7 @@ crate::on_both_kinds!(
     the_breaker_lets_one_probe_through_after_open_for,
     late_or_incomplete_results_do_not_succeed,
     the_webhook_reads_no_more_than_64_kib,
+    an_ambiguous_send_is_replayed_not_sent_again,
 );
 
 /// After `open_for` exactly one call probes ID.me: its failure reopens the
@@ -374,4 +375,27 @@ async fn the_webhook_reads_no_more_than_64_kib(kind: Kind) {
     app.send(app.client.post(stranger).header("content-type", "application/json").body(big))
         .await
         .assert_error(401, 1100);
+}
+
+/// A send that may have reached the user is answered 503 5001 and kept for
+/// its `Idempotency-Key`: the retry replays it instead of sending again.
+async fn an_ambiguous_send_is_replayed_not_sent_again(kind: Kind) {
+    let sim = sim(false).await;
+    let app = app_for(kind, &sim, &[("HANDSET__PROVIDERS__IDME__TIMEOUT", "300ms")]).await;
+    sim.set_faults(Faults { hang: true, ..Faults::default() });
+    let send = || {
+        app.client
+            .post(app.url("/v1/possession"))
+            .bearer_auth(crate::helpers::DEV_KEY)
+            .header("idempotency-key", "hung-send")
+            .json(&json!({"phone": "4155550123", "provider": "idme"}))
+    };
+    let first = app.send(send()).await;
+    first.assert_error(503, 5001);
+    let calls = sim.requests();
+    let retried = app.send(send()).await;
+    retried.assert_error(503, 5001);
+    assert_eq!(retried.headers.get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(sim.requests(), calls, "no second send");
+    assert_eq!(app.count("transactions").await, 1);
 }

@@ -192,7 +192,8 @@ async fn metadata_and_names(app: TestApp) {
         app.post("/v1/possession", json!({ "phone": "4155550123", "name": bad_name })).await.assert_error(422, 3905);
     }
     // A field unknown inside `name` is an unknown field, named with its path.
-    let nested = json!({ "phone": "4155550123", "name": {"first": "J", "last": "S", "middle": "X"} });
+    // Checked first, before the (invalid) phone.
+    let nested = json!({ "phone": "12", "name": {"first": "J", "last": "S", "middle": "X"} });
     let unknown = app.post("/v1/possession", nested).await;
     unknown.assert_error(422, 3903);
     assert!(unknown.text.contains("name.middle"), "{}", unknown.text);
