@@ -1,0 +1,101 @@
+//! Confirming a possession check: the precedence of DESIGN §9, attempts
+//! counted by the database, codes checked locally or by the provider.
+
+use super::*;
+
+/// Shape of a one-time code handset accepts before counting an attempt.
+pub(super) fn code_is_well_formed(code: &str) -> bool {
+    (4..=10).contains(&code.len()) && code.bytes().all(|b| b.is_ascii_digit())
+}
+
+impl Gateway {
+    /// Checks a code (sms) or refreshes the operator result (network), with
+    /// the precedence of DESIGN §9.
+    ///
+    /// `loaded` is the transaction as `possession_transaction` just read it.
+    pub async fn confirm_possession(
+        &self,
+        partner: &Partner,
+        loaded: Transaction,
+        code: Option<&str>,
+    ) -> Result<Transaction, ApiError> {
+        let transaction_id = loaded.id;
+        self.limit(Scope::Product(partner.id, loaded.product)).await?;
+        let mut fresh = Some(loaded);
+        // A concurrent request can change the transaction between our read and
+        // our conditional write; re-reading and deciding again settles it.
+        for _ in 0..3 {
+            let tx = match fresh.take() {
+                Some(tx) => tx,
+                None => self.possession_transaction(partner, transaction_id).await?,
+            };
+            let now = self.now();
+            match tx.status {
+                Status::Succeeded => return Ok(tx),
+                Status::Failed => return Err(failure_error(&tx)),
+                Status::Pending => {}
+            }
+            if tx.expires_at.is_some_and(|at| at <= now) {
+                self.expire(tx).await?;
+                return Err(ApiError::new(ErrorCode::CodeExpired).recorded());
+            }
+            if tx.product == Product::PossessionNetwork {
+                return self.refresh_network(tx, None).await;
+            }
+            if tx.attempts_used >= tx.max_attempts {
+                return Err(ApiError::new(ErrorCode::RetryLimitExceeded));
+            }
+            let code = code.filter(|c| code_is_well_formed(c)).ok_or_else(|| ApiError::new(ErrorCode::InvalidCode))?;
+            let Some(used) = self.store.use_attempt(tx.id, now).await.map_err(internal)? else {
+                continue;
+            };
+            let check = match &tx.code_hash {
+                Some(hash) => {
+                    if constant_time_eq(hash, &self.code_hash(tx.id, code)) {
+                        CodeCheck::Matched(TransactionResult::Phone { phone: tx.phone.clone().unwrap_or_default() })
+                    } else {
+                        CodeCheck::Mismatched
+                    }
+                }
+                None => self.provider(tx.provider)?.check_code(&tx, code).await.map_err(provider_failure)?,
+            };
+            let mut tx = Transaction { attempts_used: used, ..tx };
+            match check {
+                CodeCheck::Matched(result) => {
+                    let result = possession_result(&tx, result);
+                    if self.finish(&mut tx, Status::Succeeded, result).await? {
+                        return Ok(tx);
+                    }
+                }
+                CodeCheck::Mismatched if used < tx.max_attempts => {
+                    return Err(ApiError::new(ErrorCode::InvalidCode).recorded());
+                }
+                CodeCheck::Mismatched => {
+                    let error = ResultError::new(ErrorCode::RetryLimitExceeded);
+                    self.finish(&mut tx, Status::Failed, TransactionResult::failure(error)).await?;
+                    return Err(ApiError::new(ErrorCode::RetryLimitExceeded).recorded());
+                }
+                CodeCheck::Failed(error) => {
+                    self.finish(&mut tx, Status::Failed, TransactionResult::failure(error)).await?;
+                    return Err(failure_error(&tx).recorded());
+                }
+            }
+        }
+        Err(internal("confirm did not settle after 3 reads"))
+    }
+
+    pub(super) async fn refresh_network(&self, tx: Transaction, token: Option<&str>) -> Result<Transaction, ApiError> {
+        let outcome = self.provider(tx.provider)?.fetch_result(&tx, token).await.map_err(provider_failure)?;
+        self.apply_outcome(tx, outcome).await?.ok_or_else(not_found)
+    }
+}
+
+/// The answer to a confirm on a transaction that already failed: 3104 after
+/// the attempts ran out, 3103 after its deadline, else 3105.
+pub(super) fn failure_error(tx: &Transaction) -> ApiError {
+    let code = tx.result.as_ref().and_then(TransactionResult::error_code);
+    match code.and_then(ErrorCode::from_code) {
+        Some(code @ (ErrorCode::RetryLimitExceeded | ErrorCode::CodeExpired)) => ApiError::new(code),
+        _ => ApiError::new(ErrorCode::NotPossessionCheck),
+    }
+}

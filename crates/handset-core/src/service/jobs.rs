@@ -1,0 +1,69 @@
+//! Background steps the job runner calls: expiring pending checks past their
+//! deadline and polling providers for pending results.
+
+use super::*;
+
+impl Gateway {
+    /// Ends up to `limit` pending transactions past their deadline (final 300,
+    /// 3103, with their callbacks). Returns how many this call ended.
+    pub async fn expire_due(&self, now: DateTime<Utc>, limit: i64) -> Result<usize, ApiError> {
+        let due = self.store.expired_pending(now, limit).await.map_err(internal)?;
+        let mut expired = 0;
+        for mut tx in due {
+            let result = TransactionResult::failure(deadline_error(&tx));
+            if self.finish(&mut tx, Status::Failed, result).await? {
+                expired += 1;
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Asks providers for up to `limit` pending results that are due, all at
+    /// once, with backoff between polls of one transaction. Returns how many
+    /// became final.
+    pub async fn poll_due(self: &Arc<Self>, now: DateTime<Utc>, limit: i64) -> Result<usize, ApiError> {
+        let lease_until = now + chrono_delay(self.settings.poll_max);
+        let due = self.store.claim_due_polls(now, lease_until, limit).await.map_err(internal)?;
+        let mut polls = tokio::task::JoinSet::new();
+        for tx in due {
+            let gateway = self.clone();
+            polls.spawn(async move { gateway.poll_one(tx).await });
+        }
+        let mut settled = 0;
+        while let Some(joined) = polls.join_next().await {
+            match joined {
+                Ok(Ok(true)) => settled += 1,
+                Ok(Ok(false)) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "recording a polled result failed"),
+                Err(error) => tracing::error!(%error, "a provider poll task failed"),
+            }
+        }
+        Ok(settled)
+    }
+
+    /// Polls one claimed transaction; true when it became final.
+    pub(super) async fn poll_one(&self, tx: Transaction) -> Result<bool, ApiError> {
+        let Some(provider) = self.providers.get(&tx.provider) else { return Ok(false) };
+        match provider.fetch_result(&tx, None).await {
+            Ok(Outcome::Pending) => {}
+            Ok(outcome) => {
+                if self.apply_outcome(tx.clone(), outcome).await?.is_some_and(|t| t.is_final()) {
+                    return Ok(true);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(provider = %tx.provider, transaction_id = %tx.id, %error, "polling a provider failed")
+            }
+        }
+        // The claim counted this poll already: the first wait after it is `poll_min`.
+        let delay = backoff(self.settings.poll_min, self.settings.poll_max, tx.poll_attempts - 1);
+        self.store.schedule_poll(tx.id, self.now() + chrono_delay(delay)).await.map_err(internal)?;
+        Ok(false)
+    }
+}
+
+/// `min * 2^attempts`, at most `max`.
+pub(super) fn backoff(min: std::time::Duration, max: std::time::Duration, attempts: i32) -> std::time::Duration {
+    let factor = 2u32.saturating_pow(attempts.clamp(0, 20) as u32);
+    min.saturating_mul(factor).min(max)
+}
