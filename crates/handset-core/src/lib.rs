@@ -22,4 +22,4 @@ pub use birth_date::BirthDate;
 pub use error::{ApiError, ErrorCode};
 pub use model::{Partner, Product, ProviderName, Status, Transaction, TransactionOut, VerificationOut};
 pub use phone::{Phone, Region};
-pub use service::{Gateway, GatewaySettings, StartIdentity, StartPossession};
+pub use service::{Gateway, GatewayError, GatewaySettings, StartIdentity, StartPossession};

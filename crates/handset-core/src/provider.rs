@@ -1,12 +1,16 @@
 //! The provider port: what handset asks of an upstream (ID.me, Veratad, DQE,
-//! the sandbox), shaped for the three kinds of upstream the providers' documents
-//! describe:
-//! - an SMS code the provider sends and checks (ID.me, Veratad): `send_code` + `check_code`;
-//! - an operator redirect whose result is fetched later (DQE): `start_network` + `fetch_result`;
-//! - results that arrive asynchronously (ID.me identity answers 210, then a
-//!   webhook or polling): `start_identity` answering `Outcome::Pending`, then `fetch_result`.
+//! the sandbox). A provider offers any of three capabilities, one per product,
+//! shaped after the providers' documents:
+//! - `SmsCheck` (possession.sms): a code the provider (or handset) sends, then
+//!   checks (ID.me, Veratad);
+//! - `OperatorCheck` (possession.network): an operator redirect whose result is
+//!   fetched later (DQE);
+//! - `IdentityMatch` (identity): phone and birth date against carrier records,
+//!   possibly answered later (ID.me answers 210, then a webhook or a poll).
 //!
-//! Adapters know nothing of HTTP handlers or the database.
+//! Routing only considers providers with the product's capability. An answer
+//! may renew the provider's reference (`Renewed`), which the gateway stores
+//! with the state change. Adapters know nothing of HTTP handlers or the database.
 
 use async_trait::async_trait;
 use uuid::Uuid;
@@ -23,7 +27,6 @@ pub struct StartRequest<'a> {
     pub transaction_id: Uuid,
     pub phone: &'a Phone,
     pub name: Option<&'a PersonName>,
-    pub birth_date: Option<&'a BirthDate>,
     /// The provider's own id for this verification, when an earlier
     /// transaction of the same verification went to the same provider.
     pub provider_verification: Option<&'a str>,
@@ -82,60 +85,194 @@ pub enum CodeCheck {
     Failed(ResultError),
 }
 
-/// Why a provider call did not produce an answer.
-#[derive(Debug, Clone, thiserror::Error)]
+/// An answer about a pending check, with the reference to use from now on
+/// when the provider renewed it (Veratad's continuation token may change on
+/// every call; DQE's session token arrives with the user's return).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Renewed<T> {
+    pub answer: T,
+    pub provider_ref: Option<String>,
+}
+
+impl<T> Renewed<T> {
+    /// An answer that keeps the reference the transaction has.
+    pub fn same_ref(answer: T) -> Self {
+        Renewed { answer, provider_ref: None }
+    }
+}
+
+/// The cause of a provider error, kept for the operator's log.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a provider call did not produce a decision (DESIGN §9, "four kinds").
+#[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
     /// The provider refused the input (e.g. 422 3101); the partner gets that error.
     #[error("rejected by the provider: {0}")]
     Rejected(ApiError),
-    /// Timeout, 5xx or unreachable *before* anything reached the user: safe to
-    /// try the next provider.
-    #[error("provider unavailable: {0}")]
-    Unavailable(String),
+    /// This provider cannot serve this number (operator or country it does not
+    /// take): the next provider is tried, and the breaker is not told.
+    #[error("the provider cannot serve this number: {reason}")]
+    Ineligible { reason: String, provider_code: Option<String> },
+    /// Nothing reached the user (refused connection, 502, 503, breaker open):
+    /// the next provider is tried, and the breaker counts it.
+    #[error("provider unavailable: {reason}")]
+    Unavailable {
+        reason: String,
+        #[source]
+        cause: Option<Cause>,
+    },
     /// The provider refused handset's own credentials or configuration: an
     /// operator problem, never the partner's.
-    #[error("provider refused handset's credentials or configuration: {0}")]
-    Misconfigured(String),
-    /// Anything else that went wrong after the request may have reached the
-    /// user (e.g. a timeout after a send): never retried elsewhere.
-    #[error("provider call failed: {0}")]
-    Failed(String),
+    #[error("provider refused handset's credentials or configuration: {reason}")]
+    Misconfigured {
+        reason: String,
+        #[source]
+        cause: Option<Cause>,
+    },
+    /// No usable answer after the request may have reached the user (a
+    /// timeout after a send, an unreadable answer): never tried elsewhere.
+    #[error("provider call failed: {reason}")]
+    Failed {
+        reason: String,
+        #[source]
+        cause: Option<Cause>,
+    },
 }
 
-#[async_trait]
+impl ProviderError {
+    pub fn ineligible(reason: impl Into<String>) -> Self {
+        ProviderError::Ineligible { reason: reason.into(), provider_code: None }
+    }
+
+    pub fn unavailable(reason: impl Into<String>) -> Self {
+        ProviderError::Unavailable { reason: reason.into(), cause: None }
+    }
+
+    pub fn misconfigured(reason: impl Into<String>) -> Self {
+        ProviderError::Misconfigured { reason: reason.into(), cause: None }
+    }
+
+    pub fn failed(reason: impl Into<String>) -> Self {
+        ProviderError::Failed { reason: reason.into(), cause: None }
+    }
+
+    /// The same error, keeping `source` as its cause.
+    pub fn because(mut self, source: impl Into<Cause>) -> Self {
+        if let ProviderError::Unavailable { cause, .. }
+        | ProviderError::Misconfigured { cause, .. }
+        | ProviderError::Failed { cause, .. } = &mut self
+        {
+            *cause = Some(source.into());
+        }
+        self
+    }
+}
+
+/// A provider: its name and the capabilities it offers.
 pub trait Provider: Send + Sync {
     fn name(&self) -> ProviderName;
 
-    /// Whether this provider can take `product` for `phone` at all (ID.me only
-    /// takes NANP numbers); an ineligible provider is skipped by routing.
-    fn accepts(&self, product: Product, phone: &Phone) -> bool;
+    fn sms(&self) -> Option<&dyn SmsCheck> {
+        None
+    }
 
-    /// Whether the provider needs the user's name for `product` (Veratad).
-    fn needs_name(&self, _product: Product) -> bool {
+    fn operator(&self) -> Option<&dyn OperatorCheck> {
+        None
+    }
+
+    fn identity(&self) -> Option<&dyn IdentityMatch> {
+        None
+    }
+}
+
+impl dyn Provider {
+    /// Whether this provider offers `product` and can take `phone` for it.
+    pub fn serves(&self, product: Product, phone: &Phone) -> bool {
+        match product {
+            Product::PossessionSms => self.sms().is_some_and(|c| c.accepts(phone)),
+            Product::PossessionNetwork => self.operator().is_some_and(|c| c.accepts(phone)),
+            Product::Identity => self.identity().is_some_and(|c| c.accepts(phone)),
+        }
+    }
+
+    /// Whether a pending `product` check gets its result by polling.
+    pub fn polls(&self, product: Product) -> bool {
+        match product {
+            Product::PossessionSms => false,
+            Product::PossessionNetwork => self.operator().is_some_and(OperatorCheck::polls),
+            Product::Identity => self.identity().is_some_and(IdentityMatch::polls),
+        }
+    }
+
+    /// Fetches a pending check's current result: the operator's (with the
+    /// session `token` the user brought back, if any) or the identity match's.
+    pub async fn fetch_result(
+        &self,
+        transaction: &Transaction,
+        token: Option<&str>,
+    ) -> Result<Renewed<Outcome>, ProviderError> {
+        let unsupported = || ProviderError::misconfigured(format!("{} has no result to fetch", self.name()));
+        match transaction.product {
+            Product::PossessionNetwork => {
+                self.operator().ok_or_else(unsupported)?.fetch_result(transaction, token).await
+            }
+            Product::Identity => self.identity().ok_or_else(unsupported)?.fetch_result(transaction).await,
+            Product::PossessionSms => Err(unsupported()),
+        }
+    }
+}
+
+/// possession.sms: a code sent to the phone, then checked.
+#[async_trait]
+pub trait SmsCheck: Send + Sync {
+    /// Whether it can send to this number at all (skipped by routing otherwise).
+    fn accepts(&self, phone: &Phone) -> bool;
+
+    /// Whether it needs the user's name (Veratad).
+    fn needs_name(&self) -> bool {
         false
     }
 
-    /// Whether a pending `product` check gets its result by polling
-    /// `fetch_result` (asynchronous identity results, operator checks).
-    fn polls(&self, _product: Product) -> bool {
-        false
-    }
-
-    /// possession.sms: sends a code to the phone.
     async fn send_code(&self, request: StartRequest<'_>) -> Result<Started, ProviderError>;
 
-    /// possession.sms, for providers that check codes themselves (no `local_code`).
-    async fn check_code(&self, transaction: &Transaction, code: &str) -> Result<CodeCheck, ProviderError>;
+    /// Checks a code, for providers that check codes themselves (no `local_code`).
+    async fn check_code(&self, transaction: &Transaction, code: &str) -> Result<Renewed<CodeCheck>, ProviderError>;
+}
 
-    /// possession.network: starts a silent operator check; `return_url` is
-    /// where the operator sends the user back to handset.
-    async fn start_network(&self, request: StartRequest<'_>, return_url: &str) -> Result<Started, ProviderError>;
+/// possession.network: a silent operator check the user's browser goes through.
+#[async_trait]
+pub trait OperatorCheck: Send + Sync {
+    fn accepts(&self, phone: &Phone) -> bool;
 
-    /// identity: matches phone and birth date against carrier records.
-    async fn start_identity(&self, request: StartRequest<'_>) -> Result<Started, ProviderError>;
+    /// Whether a pending check is polled for its result.
+    fn polls(&self) -> bool {
+        false
+    }
 
-    /// Fetches the current result of a pending check (network result, or an
-    /// asynchronous identity result); `token` is a session token the operator
-    /// handed back, when there is one.
-    async fn fetch_result(&self, transaction: &Transaction, token: Option<&str>) -> Result<Outcome, ProviderError>;
+    /// Starts the check; `return_url` is where the operator sends the user back to handset.
+    async fn start(&self, request: StartRequest<'_>, return_url: &str) -> Result<Started, ProviderError>;
+
+    /// The current result; `token` is a session token the user brought back.
+    async fn fetch_result(
+        &self,
+        transaction: &Transaction,
+        token: Option<&str>,
+    ) -> Result<Renewed<Outcome>, ProviderError>;
+}
+
+/// identity: phone and birth date against carrier records.
+#[async_trait]
+pub trait IdentityMatch: Send + Sync {
+    fn accepts(&self, phone: &Phone) -> bool;
+
+    /// Whether a pending match is polled for its result.
+    fn polls(&self) -> bool {
+        false
+    }
+
+    async fn start_identity(&self, request: StartRequest<'_>, birth_date: &BirthDate)
+    -> Result<Started, ProviderError>;
+
+    async fn fetch_result(&self, transaction: &Transaction) -> Result<Renewed<Outcome>, ProviderError>;
 }

@@ -12,10 +12,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::birth_date::BirthDate;
 use crate::error::{ApiError, ErrorCode};
-use crate::model::{Address, Product, ProviderName, ResultError, Transaction, TransactionResult};
+use crate::model::{Address, ProviderName, ResultError, Transaction, TransactionResult};
 use crate::phone::Phone;
-use crate::provider::{CodeCheck, Outcome, Provider, ProviderError, StartRequest, Started};
+use crate::provider::{
+    CodeCheck, IdentityMatch, OperatorCheck, Outcome, Provider, ProviderError, Renewed, SmsCheck, StartRequest, Started,
+};
 
 /// The code the sandbox "sends".
 pub const SANDBOX_CODE: &str = "123123";
@@ -89,13 +92,27 @@ pub fn sample_address() -> Address {
     }
 }
 
-#[async_trait]
 impl Provider for Sandbox {
     fn name(&self) -> ProviderName {
         ProviderName::Sandbox
     }
 
-    fn accepts(&self, _product: Product, _phone: &Phone) -> bool {
+    fn sms(&self) -> Option<&dyn SmsCheck> {
+        Some(self)
+    }
+
+    fn operator(&self) -> Option<&dyn OperatorCheck> {
+        Some(self)
+    }
+
+    fn identity(&self) -> Option<&dyn IdentityMatch> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl SmsCheck for Sandbox {
+    fn accepts(&self, _phone: &Phone) -> bool {
         true
     }
 
@@ -105,21 +122,50 @@ impl Provider for Sandbox {
         Ok(Started { local_code, ..Started::outcome(outcome) })
     }
 
-    async fn check_code(&self, transaction: &Transaction, code: &str) -> Result<CodeCheck, ProviderError> {
-        Ok(if code == SANDBOX_CODE {
+    /// Never called: the sandbox's code is checked by handset (`local_code`).
+    async fn check_code(&self, transaction: &Transaction, code: &str) -> Result<Renewed<CodeCheck>, ProviderError> {
+        Ok(Renewed::same_ref(if code == SANDBOX_CODE {
             CodeCheck::Matched(TransactionResult::Phone { phone: transaction.phone.clone().unwrap_or_default() })
         } else {
             CodeCheck::Mismatched
-        })
+        }))
+    }
+}
+
+#[async_trait]
+impl OperatorCheck for Sandbox {
+    fn accepts(&self, _phone: &Phone) -> bool {
+        true
     }
 
-    async fn start_network(&self, request: StartRequest<'_>, _return_url: &str) -> Result<Started, ProviderError> {
+    async fn start(&self, request: StartRequest<'_>, _return_url: &str) -> Result<Started, ProviderError> {
         let outcome = possession_outcome(request.phone)?;
         let redirect_url = (outcome == Outcome::Pending).then(|| self.operator_url(request.transaction_id));
         Ok(Started { redirect_url, ..Started::outcome(outcome) })
     }
 
-    async fn start_identity(&self, request: StartRequest<'_>) -> Result<Started, ProviderError> {
+    /// The sandbox operator step is completed by handset's own operator page,
+    /// so a fetched result is always still pending.
+    async fn fetch_result(
+        &self,
+        _transaction: &Transaction,
+        _token: Option<&str>,
+    ) -> Result<Renewed<Outcome>, ProviderError> {
+        Ok(Renewed::same_ref(Outcome::Pending))
+    }
+}
+
+#[async_trait]
+impl IdentityMatch for Sandbox {
+    fn accepts(&self, _phone: &Phone) -> bool {
+        true
+    }
+
+    async fn start_identity(
+        &self,
+        request: StartRequest<'_>,
+        _birth_date: &BirthDate,
+    ) -> Result<Started, ProviderError> {
         let outcome = match mock(request.phone) {
             None => Outcome::Succeeded(TransactionResult::Address { address: sample_address() }),
             Some(Mock::Reject(error)) => return Err(ProviderError::Rejected(error)),
@@ -136,10 +182,9 @@ impl Provider for Sandbox {
         Ok(Started::outcome(outcome))
     }
 
-    /// The sandbox operator step is completed by handset's own operator page,
-    /// so a fetched result is always still pending.
-    async fn fetch_result(&self, _transaction: &Transaction, _token: Option<&str>) -> Result<Outcome, ProviderError> {
-        Ok(Outcome::Pending)
+    /// Sandbox matches are final at once.
+    async fn fetch_result(&self, _transaction: &Transaction) -> Result<Renewed<Outcome>, ProviderError> {
+        Ok(Renewed::same_ref(Outcome::Pending))
     }
 }
 
@@ -150,13 +195,11 @@ mod tests {
 
     fn start(phone: &str) -> StartRequest<'static> {
         let phone = Box::leak(Box::new(Phone::parse(phone, Region::default()).unwrap()));
-        StartRequest {
-            transaction_id: uuid::Uuid::nil(),
-            phone,
-            name: None,
-            birth_date: None,
-            provider_verification: None,
-        }
+        StartRequest { transaction_id: uuid::Uuid::nil(), phone, name: None, provider_verification: None }
+    }
+
+    fn born() -> BirthDate {
+        BirthDate::parse("1968-05-27", chrono::Utc::now().date_naive()).unwrap()
     }
 
     #[tokio::test]
@@ -183,10 +226,10 @@ mod tests {
     #[tokio::test]
     async fn identity_mocks() {
         let sandbox = Sandbox::new("http://localhost:8080");
-        let ok = sandbox.start_identity(start("8885551234")).await.unwrap();
+        let ok = sandbox.start_identity(start("8885551234"), &born()).await.unwrap();
         assert!(matches!(ok.outcome, Outcome::Succeeded(TransactionResult::Address { .. })));
         for phone in ["9995550042", "9995551014"] {
-            match sandbox.start_identity(start(phone)).await.unwrap().outcome {
+            match sandbox.start_identity(start(phone), &born()).await.unwrap().outcome {
                 Outcome::Failed(e) => {
                     assert_eq!(e.code, 1014);
                     assert_eq!(e.additional_info.as_deref(), Some(IDENTITY_FAILURE_INFO));
@@ -194,13 +237,13 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        assert!(matches!(sandbox.start_identity(start("9995553108")).await, Err(ProviderError::Rejected(_))));
+        assert!(matches!(sandbox.start_identity(start("9995553108"), &born()).await, Err(ProviderError::Rejected(_))));
     }
 
     #[tokio::test]
     async fn network_points_at_the_operator_page() {
         let sandbox = Sandbox::new("http://localhost:8080/");
-        let started = sandbox.start_network(start("4155550123"), "unused").await.unwrap();
+        let started = OperatorCheck::start(&sandbox, start("4155550123"), "unused").await.unwrap();
         assert_eq!(
             started.redirect_url.as_deref(),
             Some("http://localhost:8080/sandbox/operator/00000000-0000-0000-0000-000000000000")

@@ -76,10 +76,15 @@ pub trait Store: Send + Sync {
     /// database, not the caller, guarantees the limit under concurrency.
     async fn use_attempt(&self, id: Uuid, now: DateTime<Utc>) -> Result<Option<i32>, StoreError>;
 
-    /// Moves a *pending* transaction to its final status and result, and
-    /// writes its callback, in one database transaction. Returns false (and
-    /// writes nothing) when the transaction was no longer pending.
+    /// Moves a *pending* transaction to its final status and result (with its
+    /// `provider_ref`, which the provider may have renewed), and writes its
+    /// callback, in one database transaction. Returns false (and writes
+    /// nothing) when the transaction was no longer pending.
     async fn finalize(&self, finalization: Finalization<'_>) -> Result<bool, StoreError>;
+
+    /// Keeps the reference a provider renewed for a transaction that is still
+    /// pending; false (nothing written) when it is no longer pending.
+    async fn renew_provider_ref(&self, id: Uuid, provider_ref: &str) -> Result<bool, StoreError>;
 
     /// Queues a callback outside a state change (a partner's retry request),
     /// unless its transaction already has `max_pending` callbacks pending:

@@ -2,8 +2,9 @@
 //! (`shared/providers/idme-telecom.txt`, `idme-overview-errors.txt`):
 //! SMS possession (send, confirm), identity, transaction status, health.
 //!
-//! - Phones go out as ID.me's 10 NANP digits; other numbers make ID.me
-//!   ineligible (`accepts`), so routing never sends it garbage.
+//! - Offers `SmsCheck` and `IdentityMatch`. Phones go out as ID.me's 10 NANP
+//!   digits; other numbers make ID.me ineligible (`accepts`), so routing
+//!   never sends it garbage.
 //! - ID.me's own `transaction_id` / `verification_id` stay server-side as
 //!   provider references; partners only see handset's ids.
 //! - Every documented HTTP status, error code, transaction status and result
@@ -21,9 +22,11 @@ use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use handset_core::Phone;
-use handset_core::model::{Product, ProviderName, Transaction};
-use handset_core::provider::{CodeCheck, Outcome, Provider, ProviderError, StartRequest, Started};
+use handset_core::model::{ProviderName, Transaction};
+use handset_core::provider::{
+    CodeCheck, IdentityMatch, Outcome, Provider, ProviderError, Renewed, SmsCheck, StartRequest, Started,
+};
+use handset_core::{BirthDate, Phone};
 use serde::Serialize;
 
 pub use mapping::{outcome_of, webhook_result};
@@ -101,9 +104,9 @@ impl Idme {
 
     async fn get_status(&self, transaction_ref: &str) -> Result<TelecomResponse, ProviderError> {
         let mut url = reqwest::Url::parse(&format!("{}{STATUS_PATH}", self.base_url))
-            .map_err(|e| ProviderError::Misconfigured(format!("providers.idme.base_url: {e}")))?;
+            .map_err(|e| ProviderError::misconfigured(format!("providers.idme.base_url: {e}")))?;
         url.path_segments_mut()
-            .map_err(|_| ProviderError::Misconfigured("providers.idme.base_url cannot take a path".into()))?
+            .map_err(|_| ProviderError::misconfigured("providers.idme.base_url cannot take a path"))?
             .pop_if_empty()
             .push(transaction_ref);
         let once = || async {
@@ -113,7 +116,7 @@ impl Idme {
         // A status read changes nothing upstream, so it is retried.
         once.retry(ExponentialBuilder::default().with_min_delay(Duration::from_millis(200)).with_max_times(2))
             .sleep(tokio::time::sleep)
-            .when(|e| matches!(e, ProviderError::Unavailable(_)))
+            .when(|e| matches!(e, ProviderError::Unavailable { .. }))
             .await
     }
 
@@ -163,25 +166,31 @@ struct IdentityBody<'a> {
 }
 
 fn ineligible() -> ProviderError {
-    ProviderError::Rejected(handset_core::ApiError::new(handset_core::ErrorCode::NoProvider))
+    ProviderError::ineligible("ID.me takes NANP numbers only")
 }
 
 fn reference(transaction: &Transaction) -> Result<&str, ProviderError> {
-    transaction.provider_ref.as_deref().ok_or_else(|| ProviderError::Failed("no ID.me transaction id was kept".into()))
+    transaction.provider_ref.as_deref().ok_or_else(|| ProviderError::failed("no ID.me transaction id was kept"))
 }
 
-#[async_trait]
 impl Provider for Idme {
     fn name(&self) -> ProviderName {
         ProviderName::Idme
     }
 
-    fn accepts(&self, product: Product, phone: &Phone) -> bool {
-        matches!(product, Product::PossessionSms | Product::Identity) && Self::phone_digits(phone).is_some()
+    fn sms(&self) -> Option<&dyn SmsCheck> {
+        Some(self)
     }
 
-    fn polls(&self, product: Product) -> bool {
-        product == Product::Identity
+    fn identity(&self) -> Option<&dyn IdentityMatch> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl SmsCheck for Idme {
+    fn accepts(&self, phone: &Phone) -> bool {
+        Self::phone_digits(phone).is_some()
     }
 
     async fn send_code(&self, request: StartRequest<'_>) -> Result<Started, ProviderError> {
@@ -195,33 +204,45 @@ impl Provider for Idme {
         let started = self.started(answer)?;
         // A send proves nothing by itself, and without ID.me's id the code cannot be checked.
         if matches!(started.outcome, Outcome::Succeeded(_)) || started.provider_ref.is_none() {
-            return Err(ProviderError::Failed("ID.me answered the send without a pending transaction id".into()));
+            return Err(ProviderError::failed("ID.me answered the send without a pending transaction id"));
         }
         Ok(started)
     }
 
-    async fn check_code(&self, transaction: &Transaction, code: &str) -> Result<CodeCheck, ProviderError> {
+    async fn check_code(&self, transaction: &Transaction, code: &str) -> Result<Renewed<CodeCheck>, ProviderError> {
         let body = ConfirmBody { transaction_id: reference(transaction)?, code };
-        match self.post(CONFIRM_PATH, &body, Effect::None).await {
-            Ok(answer) => Ok(match outcome_of(&answer)? {
+        let check = match self.post(CONFIRM_PATH, &body, Effect::None).await {
+            Ok(answer) => match outcome_of(&answer)? {
                 Outcome::Succeeded(result) => CodeCheck::Matched(result),
                 Outcome::Failed(error) => CodeCheck::Failed(error),
                 Outcome::Pending => CodeCheck::Mismatched,
-            }),
-            Err(error) => mapping::code_check_of(error),
-        }
+            },
+            Err(error) => mapping::code_check_of(error)?,
+        };
+        Ok(Renewed::same_ref(check))
+    }
+}
+
+#[async_trait]
+impl IdentityMatch for Idme {
+    fn accepts(&self, phone: &Phone) -> bool {
+        Self::phone_digits(phone).is_some()
     }
 
-    async fn start_network(&self, _request: StartRequest<'_>, _return_url: &str) -> Result<Started, ProviderError> {
-        Err(ineligible())
+    /// ID.me may answer 210 and finish later (webhook, or this poll).
+    fn polls(&self) -> bool {
+        true
     }
 
-    async fn start_identity(&self, request: StartRequest<'_>) -> Result<Started, ProviderError> {
+    async fn start_identity(
+        &self,
+        request: StartRequest<'_>,
+        birth_date: &BirthDate,
+    ) -> Result<Started, ProviderError> {
         let phone = Self::phone_digits(request.phone).ok_or_else(ineligible)?;
-        let birth_date = request.birth_date.map(|b| b.to_string()).unwrap_or_default();
         let body = IdentityBody {
             phone,
-            birth_date,
+            birth_date: birth_date.to_string(),
             callback_url: self.webhook_url.as_deref(),
             verification_id: request.provider_verification,
         };
@@ -229,8 +250,8 @@ impl Provider for Idme {
         self.started(answer)
     }
 
-    async fn fetch_result(&self, transaction: &Transaction, _token: Option<&str>) -> Result<Outcome, ProviderError> {
+    async fn fetch_result(&self, transaction: &Transaction) -> Result<Renewed<Outcome>, ProviderError> {
         let answer = self.get_status(reference(transaction)?).await?;
-        outcome_of(&answer)
+        Ok(Renewed::same_ref(outcome_of(&answer)?))
     }
 }

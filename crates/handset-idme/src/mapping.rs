@@ -23,15 +23,14 @@ pub(crate) async fn read(
     let response = match sent {
         Ok(response) => response,
         Err(error) if error.is_connect() => {
-            return Err(ProviderError::Unavailable(format!("ID.me unreachable: {error}")));
+            return Err(ProviderError::unavailable("ID.me unreachable").because(error));
         }
         Err(error) if reaches_user => {
-            return Err(ProviderError::Failed(format!(
-                "no answer from ID.me ({}); the code may have been sent",
-                if error.is_timeout() { "timeout" } else { "connection lost" }
-            )));
+            let why = if error.is_timeout() { "timeout" } else { "connection lost" };
+            return Err(ProviderError::failed(format!("no answer from ID.me ({why}); the code may have been sent"))
+                .because(error));
         }
-        Err(error) => return Err(ProviderError::Unavailable(format!("no answer from ID.me: {error}"))),
+        Err(error) => return Err(ProviderError::unavailable("no answer from ID.me").because(error)),
     };
     let status = response.status().as_u16();
     let retry_after = response
@@ -43,7 +42,7 @@ pub(crate) async fn read(
     let body = response.bytes().await.unwrap_or_default();
     if (200..300).contains(&status) {
         return serde_json::from_slice(&body)
-            .map_err(|e| ProviderError::Failed(format!("unreadable answer from ID.me ({status}): {e}")));
+            .map_err(|e| ProviderError::failed(format!("unreadable answer from ID.me ({status})")).because(e));
     }
     let envelope: Envelope = serde_json::from_slice(&body).unwrap_or_default();
     Err(http_error(status, envelope.errors.first(), retry_after, reaches_user))
@@ -64,14 +63,14 @@ pub(crate) fn http_error(
     let known = u16::try_from(code).ok().and_then(ErrorCode::from_code);
     match status {
         401 => credentials_refused(described),
-        403 if matches!(code, 3200 | 3300) => ProviderError::Failed(described),
+        403 if matches!(code, 3200 | 3300) => ProviderError::failed(described),
         403 => credentials_refused(described),
-        404 => ProviderError::Failed(described),
+        404 => ProviderError::failed(described),
         // ID.me refusing the callback URL handset gave it is handset's problem.
-        422 if code == 3100 => ProviderError::Misconfigured(described),
+        422 if code == 3100 => ProviderError::misconfigured(described),
         422 => match known {
             Some(code) if code.http_status() == Some(422) => ProviderError::Rejected(ApiError::new(code)),
-            _ => ProviderError::Failed(described),
+            _ => ProviderError::failed(described),
         },
         429 => {
             let code = match known {
@@ -80,12 +79,12 @@ pub(crate) fn http_error(
             };
             ProviderError::Rejected(ApiError::new(code).retry_after(retry_after.unwrap_or(DEFAULT_RETRY_AFTER)))
         }
-        502 | 503 => ProviderError::Unavailable(described),
+        502 | 503 => ProviderError::unavailable(described),
         500..=599 if reaches_user => {
-            ProviderError::Failed(format!("{described}; the code may have been sent, so no other provider is tried"))
+            ProviderError::failed(format!("{described}; the code may have been sent, so no other provider is tried"))
         }
-        500..=599 => ProviderError::Unavailable(described),
-        _ => ProviderError::Failed(described),
+        500..=599 => ProviderError::unavailable(described),
+        _ => ProviderError::failed(described),
     }
 }
 
@@ -94,7 +93,7 @@ pub(crate) fn http_error(
 fn credentials_refused(described: String) -> ProviderError {
     tracing::error!(provider = "idme", answer = %described, "ID.me refused handset's credentials: check providers.idme.secret and the account's products");
     metrics::counter!("provider_auth_failures_total", "provider" => "idme").increment(1);
-    ProviderError::Misconfigured(described)
+    ProviderError::misconfigured(described)
 }
 
 /// A confirm's 422 answers are verdicts on the code, not failures of the call.
@@ -135,7 +134,7 @@ pub fn outcome_of(answer: &TelecomResponse) -> Result<Outcome, ProviderError> {
             additional_info: None,
             provider_code: Some("300".into()),
         })),
-        other => Err(ProviderError::Failed(format!("ID.me answered an unknown transaction status {other:?}"))),
+        other => Err(ProviderError::failed(format!("ID.me answered an unknown transaction status {other:?}"))),
     }
 }
 

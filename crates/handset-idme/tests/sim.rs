@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::NaiveDate;
 use handset_core::model::{Product, TransactionResult};
-use handset_core::provider::{CodeCheck, Outcome, Provider, ProviderError, StartRequest};
+use handset_core::provider::{CodeCheck, IdentityMatch, Outcome, ProviderError, SmsCheck, StartRequest};
 use handset_core::{BirthDate, ErrorCode, Phone, Region};
 use handset_idme::{Idme, IdmeSettings};
 use handset_sim::faults::Faults;
@@ -34,8 +34,8 @@ fn born() -> BirthDate {
     BirthDate::parse("1968-05-27", NaiveDate::from_ymd_opt(2026, 1, 1).unwrap()).unwrap()
 }
 
-fn request<'a>(phone: &'a Phone, birth_date: Option<&'a BirthDate>) -> StartRequest<'a> {
-    StartRequest { transaction_id: uuid::Uuid::nil(), phone, name: None, birth_date, provider_verification: None }
+fn request(phone: &Phone) -> StartRequest<'_> {
+    StartRequest { transaction_id: uuid::Uuid::nil(), phone, name: None, provider_verification: None }
 }
 
 #[tokio::test]
@@ -43,22 +43,21 @@ async fn sms_possession_flow() {
     let sim = sim().await;
     let idme = idme(&sim, "sim-secret", Duration::from_secs(2));
     let number = phone("4155550123");
-    let started = idme.send_code(request(&number, None)).await.unwrap();
+    let started = idme.send_code(request(&number)).await.unwrap();
     assert_eq!(started.outcome, Outcome::Pending);
     let tx = common::kept(Product::PossessionSms, started.provider_ref.clone());
-    assert_eq!(idme.check_code(&tx, "000000").await.unwrap(), CodeCheck::Mismatched);
+    assert_eq!(idme.check_code(&tx, "000000").await.unwrap().answer, CodeCheck::Mismatched);
     assert!(matches!(
-        idme.check_code(&tx, "123123").await.unwrap(),
+        idme.check_code(&tx, "123123").await.unwrap().answer,
         CodeCheck::Matched(TransactionResult::Phone { .. })
     ));
     assert_eq!(sim.idme.transaction(started.provider_ref.as_deref().unwrap()).unwrap().status, 200);
 
-    let other =
-        common::kept(Product::PossessionSms, idme.send_code(request(&number, None)).await.unwrap().provider_ref);
+    let other = common::kept(Product::PossessionSms, idme.send_code(request(&number)).await.unwrap().provider_ref);
     for _ in 0..4 {
-        assert_eq!(idme.check_code(&other, "000000").await.unwrap(), CodeCheck::Mismatched);
+        assert_eq!(idme.check_code(&other, "000000").await.unwrap().answer, CodeCheck::Mismatched);
     }
-    match idme.check_code(&other, "000000").await.unwrap() {
+    match idme.check_code(&other, "000000").await.unwrap().answer {
         CodeCheck::Failed(error) => assert_eq!(error.code, 3104),
         check => panic!("{check:?}"),
     }
@@ -71,12 +70,12 @@ async fn identity_is_pending_then_final() {
     let born = born();
     for (number, expect_success) in [("8885551234", true), ("9995550000", false)] {
         let number = phone(number);
-        let started = idme.start_identity(request(&number, Some(&born))).await.unwrap();
+        let started = idme.start_identity(request(&number), &born).await.unwrap();
         assert_eq!(started.outcome, Outcome::Pending);
         let tx = common::kept(Product::Identity, started.provider_ref);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         let outcome = loop {
-            match idme.fetch_result(&tx, None).await.unwrap() {
+            match IdentityMatch::fetch_result(&idme, &tx).await.unwrap().answer {
                 Outcome::Pending if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await
                 }
@@ -102,11 +101,11 @@ async fn mock_numbers_trigger_their_errors() {
         let idme = &idme;
         async move {
             let number = phone(n);
-            idme.send_code(request(&number, None)).await
+            idme.send_code(request(&number)).await
         }
     };
     assert!(matches!(send("9995553101").await, Err(ProviderError::Rejected(e)) if e.code == ErrorCode::InvalidPhone));
-    assert!(matches!(send("9995551100").await, Err(ProviderError::Misconfigured(_))));
+    assert!(matches!(send("9995551100").await, Err(ProviderError::Misconfigured { .. })));
     match send("9995555100").await {
         Err(ProviderError::Rejected(e)) => {
             assert_eq!(e.code, ErrorCode::ProductRateLimited);
@@ -115,7 +114,7 @@ async fn mock_numbers_trigger_their_errors() {
         other => panic!("{other:?}"),
     }
     // ID.me's 500 after a send may follow an SMS that went out: no failover.
-    assert!(matches!(send("9995555000").await, Err(ProviderError::Failed(_))));
+    assert!(matches!(send("9995555000").await, Err(ProviderError::Failed { .. })));
     match send("9995551005").await.unwrap().outcome {
         Outcome::Failed(error) => assert_eq!((error.code, error.provider_code.as_deref()), (1005, Some("1005"))),
         other => panic!("{other:?}"),
@@ -128,8 +127,8 @@ async fn expired_codes() {
     sim.idme.set_config(IdmeConfig { code_ttl: Duration::ZERO, push_webhooks: false, ..IdmeConfig::default() });
     let idme = idme(&sim, "sim-secret", Duration::from_secs(2));
     let number = phone("4155550123");
-    let tx = common::kept(Product::PossessionSms, idme.send_code(request(&number, None)).await.unwrap().provider_ref);
-    match idme.check_code(&tx, "123123").await.unwrap() {
+    let tx = common::kept(Product::PossessionSms, idme.send_code(request(&number)).await.unwrap().provider_ref);
+    match idme.check_code(&tx, "123123").await.unwrap().answer {
         CodeCheck::Failed(error) => assert_eq!(error.code, 3103),
         other => panic!("{other:?}"),
     }
@@ -140,16 +139,16 @@ async fn wrong_credentials_and_faults() {
     let sim = sim().await;
     let number = phone("4155550123");
     let wrong = idme(&sim, "not-the-secret", Duration::from_secs(2));
-    assert!(matches!(wrong.send_code(request(&number, None)).await, Err(ProviderError::Misconfigured(_))));
+    assert!(matches!(wrong.send_code(request(&number)).await, Err(ProviderError::Misconfigured { .. })));
 
     let idme = idme(&sim, "sim-secret", Duration::from_millis(300));
     sim.set_faults(Faults { error_rate: 1.0, ..Faults::default() });
-    assert!(matches!(idme.send_code(request(&number, None)).await, Err(ProviderError::Unavailable(_))));
+    assert!(matches!(idme.send_code(request(&number)).await, Err(ProviderError::Unavailable { .. })));
     sim.set_faults(Faults { hang: true, ..Faults::default() });
-    assert!(matches!(idme.send_code(request(&number, None)).await, Err(ProviderError::Failed(_))));
+    assert!(matches!(idme.send_code(request(&number)).await, Err(ProviderError::Failed { .. })));
     sim.set_faults(Faults { latency_ms: 50, jitter_ms: 20, ..Faults::default() });
     let started = std::time::Instant::now();
-    assert!(idme.send_code(request(&number, None)).await.is_ok());
+    assert!(idme.send_code(request(&number)).await.is_ok());
     assert!(started.elapsed() >= Duration::from_millis(50));
     assert!(idme.health().await);
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::NaiveDate;
 use handset_core::model::{Product, ResultError, TransactionResult};
-use handset_core::provider::{CodeCheck, Outcome, Provider, ProviderError, StartRequest};
+use handset_core::provider::{CodeCheck, IdentityMatch, Outcome, Provider, ProviderError, SmsCheck, StartRequest};
 use handset_core::{BirthDate, ErrorCode, Phone, Region};
 use handset_idme::{Idme, IdmeSettings};
 use serde_json::{Value, json};
@@ -33,8 +33,8 @@ fn phone(number: &str) -> Phone {
     Phone::parse(number, Region::default()).unwrap()
 }
 
-fn request<'a>(phone: &'a Phone, birth_date: Option<&'a BirthDate>) -> StartRequest<'a> {
-    StartRequest { transaction_id: uuid::Uuid::nil(), phone, name: None, birth_date, provider_verification: None }
+fn request(phone: &Phone) -> StartRequest<'_> {
+    StartRequest { transaction_id: uuid::Uuid::nil(), phone, name: None, provider_verification: None }
 }
 
 fn pending(id: &str) -> Value {
@@ -61,7 +61,7 @@ async fn send_uses_the_documented_request() {
         .await;
     let idme = idme(&server, Duration::from_secs(2));
     let number = phone("+14155550123");
-    let started = idme.send_code(request(&number, None)).await.unwrap();
+    let started = idme.send_code(request(&number)).await.unwrap();
     assert_eq!(started.provider_ref.as_deref(), Some("t-1"));
     assert_eq!(started.provider_verification.as_deref(), Some("v-1"));
     assert_eq!(started.outcome, Outcome::Pending);
@@ -72,11 +72,13 @@ async fn send_uses_the_documented_request() {
 async fn only_nanp_numbers_for_sms_and_identity() {
     let server = MockServer::start().await;
     let idme = idme(&server, Duration::from_secs(1));
-    assert!(idme.accepts(Product::PossessionSms, &phone("+14155550123")));
-    assert!(idme.accepts(Product::Identity, &phone("8885551234")));
-    assert!(!idme.accepts(Product::PossessionSms, &phone("+33612345678")));
-    assert!(!idme.accepts(Product::PossessionNetwork, &phone("+14155550123")));
-    assert!(idme.polls(Product::Identity) && !idme.polls(Product::PossessionSms));
+    let provider: &dyn Provider = &idme;
+    assert!(provider.serves(Product::PossessionSms, &phone("+14155550123")));
+    assert!(provider.serves(Product::Identity, &phone("8885551234")));
+    assert!(!provider.serves(Product::PossessionSms, &phone("+33612345678")));
+    assert!(!provider.serves(Product::Identity, &phone("+33612345678")));
+    assert!(!provider.serves(Product::PossessionNetwork, &phone("+14155550123")), "no operator check");
+    assert!(provider.polls(Product::Identity) && !provider.polls(Product::PossessionSms));
 }
 
 /// Every HTTP error of the catalogue, on a send.
@@ -95,20 +97,20 @@ async fn every_http_error_maps_to_the_catalogue() {
             .await;
         let idme = idme(&server, Duration::from_secs(2));
         let number = phone("+14155550123");
-        let error = idme.send_code(request(&number, None)).await.unwrap_err();
+        let error = idme.send_code(request(&number)).await.unwrap_err();
         match (status, code.code(), &error) {
-            (401, _, ProviderError::Misconfigured(_)) => {}
-            (403, 3200 | 3300, ProviderError::Failed(_)) => {}
-            (403, _, ProviderError::Misconfigured(_)) => {}
-            (404, _, ProviderError::Failed(_)) => {}
-            (422, 3100, ProviderError::Misconfigured(_)) => {}
+            (401, _, ProviderError::Misconfigured { .. }) => {}
+            (403, 3200 | 3300, ProviderError::Failed { .. }) => {}
+            (403, _, ProviderError::Misconfigured { .. }) => {}
+            (404, _, ProviderError::Failed { .. }) => {}
+            (422, 3100, ProviderError::Misconfigured { .. }) => {}
             (422, _, ProviderError::Rejected(api)) => assert_eq!(api.code, code),
             (429, _, ProviderError::Rejected(api)) => {
                 assert_eq!(api.code, code);
                 assert_eq!(api.retry_after, Some(Duration::from_secs(60)), "no Retry-After: the default");
             }
             // A 500 after a send may follow an SMS that went out: no failover.
-            (500, _, ProviderError::Failed(_)) => {}
+            (500, _, ProviderError::Failed { .. }) => {}
             other => panic!("{code:?}: {other:?}"),
         }
     }
@@ -123,11 +125,11 @@ async fn server_errors_fail_over_only_when_safe() {
         let server = MockServer::start().await;
         Mock::given(method("POST")).respond_with(ResponseTemplate::new(status)).mount(&server).await;
         let idme = idme(&server, Duration::from_secs(2));
-        let send = idme.send_code(request(&number, None)).await;
-        assert_eq!(matches!(send, Err(ProviderError::Unavailable(_))), send_fails_over, "{status}: {send:?}");
-        assert!(matches!(send, Err(ProviderError::Unavailable(_) | ProviderError::Failed(_))));
-        let lookup = idme.start_identity(request(&number, Some(&born))).await;
-        assert!(matches!(lookup, Err(ProviderError::Unavailable(_))), "{status}: {lookup:?}");
+        let send = idme.send_code(request(&number)).await;
+        assert_eq!(matches!(send, Err(ProviderError::Unavailable { .. })), send_fails_over, "{status}: {send:?}");
+        assert!(matches!(send, Err(ProviderError::Unavailable { .. } | ProviderError::Failed { .. })));
+        let lookup = idme.start_identity(request(&number), &born).await;
+        assert!(matches!(lookup, Err(ProviderError::Unavailable { .. })), "{status}: {lookup:?}");
     }
 }
 
@@ -141,7 +143,7 @@ async fn sends_must_leave_a_pending_transaction() {
     let idme = idme(&server, Duration::from_secs(2));
     let number = phone("+14155550123");
     assert!(
-        matches!(idme.send_code(request(&number, None)).await, Err(ProviderError::Failed(_))),
+        matches!(idme.send_code(request(&number)).await, Err(ProviderError::Failed { .. })),
         "a send proves nothing"
     );
     let identity = json!({"transaction_id": "t", "product": "telecom.identity", "status": {"code": 200}, "result": {"verified": true}});
@@ -168,7 +170,7 @@ async fn rate_limits_keep_retry_after() {
         .await;
     let idme = idme(&server, Duration::from_secs(2));
     let number = phone("+14155550123");
-    match idme.send_code(request(&number, None)).await {
+    match idme.send_code(request(&number)).await {
         Err(ProviderError::Rejected(api)) => {
             assert_eq!(api.code, ErrorCode::ProductRateLimited);
             assert_eq!(api.retry_after, Some(Duration::from_secs(17)));
@@ -261,9 +263,9 @@ async fn confirm_verdicts() {
     }
     let idme = idme(&server, Duration::from_secs(2));
     let tx = common::kept(Product::PossessionSms, Some("t-1".into()));
-    assert_eq!(idme.check_code(&tx, "111111").await.unwrap(), CodeCheck::Mismatched);
+    assert_eq!(idme.check_code(&tx, "111111").await.unwrap().answer, CodeCheck::Mismatched);
     for (code, expected) in [("222222", 3104), ("333333", 3103), ("444444", 3105)] {
-        match idme.check_code(&tx, code).await.unwrap() {
+        match idme.check_code(&tx, code).await.unwrap().answer {
             CodeCheck::Failed(error) => {
                 assert_eq!(error.code, expected);
                 assert_eq!(error.provider_code, Some(expected.to_string()));
@@ -272,7 +274,7 @@ async fn confirm_verdicts() {
         }
     }
     assert!(matches!(
-        idme.check_code(&tx, "123123").await.unwrap(),
+        idme.check_code(&tx, "123123").await.unwrap().answer,
         CodeCheck::Matched(TransactionResult::Phone { .. })
     ));
 }
@@ -292,7 +294,7 @@ async fn identity_sends_phone_and_birth_date() {
     let number = phone("8885551234");
     let born = BirthDate::parse("1968-05-27", NaiveDate::from_ymd_opt(2026, 1, 1).unwrap()).unwrap();
     let started = idme
-        .start_identity(StartRequest { provider_verification: Some("v-9"), ..request(&number, Some(&born)) })
+        .start_identity(StartRequest { provider_verification: Some("v-9"), ..request(&number) }, &born)
         .await
         .unwrap();
     assert_eq!(started.outcome, Outcome::Pending);
@@ -324,11 +326,11 @@ async fn status_reads_are_retried_but_sends_are_not() {
         .await;
     let idme = idme(&server, Duration::from_secs(2));
     assert_eq!(
-        idme.fetch_result(&common::kept(Product::PossessionSms, Some("t-3".into())), None).await.unwrap(),
+        IdentityMatch::fetch_result(&idme, &common::kept(Product::Identity, Some("t-3".into()))).await.unwrap().answer,
         Outcome::Pending
     );
     let number = phone("+14155550123");
-    assert!(matches!(idme.send_code(request(&number, None)).await, Err(ProviderError::Unavailable(_))));
+    assert!(matches!(idme.send_code(request(&number)).await, Err(ProviderError::Unavailable { .. })));
 }
 
 #[tokio::test]
@@ -341,12 +343,12 @@ async fn timeouts_after_a_send_are_not_safe_to_fail_over() {
     let idme = idme(&server, Duration::from_millis(300));
     let number = phone("+14155550123");
     assert!(
-        matches!(idme.send_code(request(&number, None)).await, Err(ProviderError::Failed(_))),
+        matches!(idme.send_code(request(&number)).await, Err(ProviderError::Failed { .. })),
         "the SMS may have gone"
     );
     let born = BirthDate::parse("1968-05-27", NaiveDate::from_ymd_opt(2026, 1, 1).unwrap()).unwrap();
     assert!(
-        matches!(idme.start_identity(request(&number, Some(&born))).await, Err(ProviderError::Unavailable(_))),
+        matches!(idme.start_identity(request(&number), &born).await, Err(ProviderError::Unavailable { .. })),
         "an identity lookup reaches no user"
     );
 }
@@ -363,7 +365,7 @@ async fn unreachable_is_unavailable() {
     })
     .unwrap();
     let number = phone("+14155550123");
-    assert!(matches!(idme.send_code(request(&number, None)).await, Err(ProviderError::Unavailable(_))));
+    assert!(matches!(idme.send_code(request(&number)).await, Err(ProviderError::Unavailable { .. })));
     assert!(!idme.health().await);
 }
 

@@ -4,7 +4,8 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use handset_core::{ApiError, ErrorCode};
+use handset_core::provider::ProviderError;
+use handset_core::{ApiError, ErrorCode, GatewayError};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -33,6 +34,46 @@ impl From<ApiError> for Failure {
     fn from(error: ApiError) -> Self {
         Failure(error)
     }
+}
+
+/// The one place a gateway fault becomes an answer, and is logged (once,
+/// with its cause chain): provider refusals pass through, unavailability is
+/// 503 5001, and everything of handset's own is 500 5000.
+impl From<GatewayError> for Failure {
+    fn from(error: GatewayError) -> Self {
+        Failure(match error {
+            GatewayError::Api(refusal) => refusal,
+            GatewayError::Provider(ProviderError::Rejected(refusal)) => refusal,
+            GatewayError::Provider(ProviderError::Ineligible { reason, .. }) => {
+                tracing::info!(%reason, "the provider cannot serve this number");
+                ApiError::new(ErrorCode::NoProvider)
+            }
+            GatewayError::Provider(error @ ProviderError::Unavailable { .. }) => {
+                tracing::warn!(error = %causes(&error), "provider unavailable");
+                ApiError::new(ErrorCode::ProvidersUnavailable)
+            }
+            GatewayError::Provider(error @ ProviderError::Misconfigured { .. }) => {
+                tracing::error!(error = %causes(&error), "a provider refused handset's credentials or configuration");
+                ApiError::new(ErrorCode::Internal)
+            }
+            fault => {
+                tracing::error!(error = %causes(&fault), "internal error");
+                ApiError::new(ErrorCode::Internal)
+            }
+        })
+    }
+}
+
+/// An error with its causes, `outer: inner: innermost`, for one log line.
+pub fn causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 impl From<ErrorCode> for Failure {

@@ -1,12 +1,13 @@
 //! `handset-sim`: one HTTP server that imitates handset's upstream providers
 //! statefully, for the local stack, end-to-end tests and benchmarks. ID.me's
-//! telecom API lives under its documented paths; Veratad and DQE will join
-//! as sibling modules with their own routers. Faults (latency, jitter, error
-//! rate, hanging) apply to every provider route and are set by flags or at
-//! run time through `/_admin/faults`.
+//! telecom API and Veratad's PhoneMatch5.0.SMS live under their documented
+//! paths, each a module with its own routers; DQE will join as a sibling.
+//! Faults (latency, jitter, error rate, hanging) apply to every provider route
+//! and are set by flags or at run time through `/_admin/faults`.
 
 pub mod faults;
 pub mod idme;
+pub mod veratad;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -22,6 +23,7 @@ use crate::faults::{FaultState, Faults, SharedFaults};
 pub struct SimConfig {
     pub faults: Faults,
     pub idme: idme::IdmeConfig,
+    pub veratad: veratad::VeratadConfig,
 }
 
 /// A running simulator.
@@ -29,6 +31,7 @@ pub struct Sim {
     pub addr: SocketAddr,
     pub faults: SharedFaults,
     pub idme: idme::IdmeSim,
+    pub veratad: veratad::VeratadSim,
 }
 
 impl Sim {
@@ -69,14 +72,17 @@ impl Sim {
         install_crypto_provider();
         let faults: SharedFaults = Arc::new(FaultState { faults: RwLock::new(config.faults), ..FaultState::default() });
         let idme = idme::IdmeSim::new(config.idme);
+        let veratad = veratad::VeratadSim::new(config.veratad);
         let providers = Router::new()
             .merge(idme.router())
+            .merge(veratad.router())
             .layer(axum::middleware::from_fn_with_state(faults.clone(), faults::inject));
         let admin = Router::new()
             .route("/_admin/faults", get(get_faults).put(put_faults))
             .with_state(faults.clone())
-            .merge(idme.admin_router());
-        (Sim { addr, faults, idme }, providers.merge(admin))
+            .merge(idme.admin_router())
+            .merge(veratad.admin_router());
+        (Sim { addr, faults, idme, veratad }, providers.merge(admin))
     }
 }
 

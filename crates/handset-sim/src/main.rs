@@ -3,9 +3,10 @@ use std::time::Duration;
 use clap::Parser;
 use handset_sim::faults::Faults;
 use handset_sim::idme::IdmeConfig;
+use handset_sim::veratad::VeratadConfig;
 use handset_sim::{Sim, SimConfig};
 
-/// Imitates handset's upstream providers (ID.me today) for local runs and tests.
+/// Imitates handset's upstream providers (ID.me and Veratad) for local runs and tests.
 #[derive(Debug, Parser)]
 #[command(name = "handset-sim", version)]
 struct Args {
@@ -26,6 +27,12 @@ struct Args {
     /// Do not push results (callers must poll).
     #[arg(long)]
     no_idme_webhooks: bool,
+    /// The Veratad API username callers must send as `user`.
+    #[arg(long, default_value = "sim-user", env = "HANDSET_SIM_VERATAD_USER")]
+    veratad_user: String,
+    /// The Veratad API password callers must send as `pass`.
+    #[arg(long, default_value = "sim-pass", env = "HANDSET_SIM_VERATAD_PASS")]
+    veratad_pass: String,
     /// Latency added to every provider answer.
     #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
     latency: Duration,
@@ -58,6 +65,7 @@ async fn main() -> std::io::Result<()> {
             webhook_url: args.idme_webhook_url,
             code_ttl: args.idme_code_ttl,
         },
+        veratad: VeratadConfig { user: args.veratad_user, pass: args.veratad_pass, ..VeratadConfig::default() },
     };
     Sim::serve(&args.bind, config).await
 }

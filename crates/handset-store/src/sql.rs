@@ -260,14 +260,15 @@ macro_rules! portable_store {
                 let t = f.transaction;
                 let mut db_tx = self.pool.begin().await.map_err(db)?;
                 let done = sqlx::query(
-                    "UPDATE transactions SET status_code = $2, result = $3, updated_at = $4, attempts_used = $5 \
-                     WHERE id = $1 AND status_code = 210",
+                    "UPDATE transactions SET status_code = $2, result = $3, updated_at = $4, attempts_used = $5, \
+                     provider_ref = $6 WHERE id = $1 AND status_code = 210",
                 )
                 .bind(t.id)
                 .bind(t.status.code())
                 .bind(t.result.as_ref().map(Json))
                 .bind(t.updated_at)
                 .bind(t.attempts_used)
+                .bind(&t.provider_ref)
                 .execute(&mut *db_tx)
                 .await
                 .map_err(db)?;
@@ -279,6 +280,16 @@ macro_rules! portable_store {
                 }
                 db_tx.commit().await.map_err(db)?;
                 Ok(true)
+            }
+
+            async fn renew_provider_ref(&self, id: Uuid, provider_ref: &str) -> Result<bool, StoreError> {
+                let done = sqlx::query("UPDATE transactions SET provider_ref = $2 WHERE id = $1 AND status_code = 210")
+                    .bind(id)
+                    .bind(provider_ref)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(done.rows_affected() == 1)
             }
 
             async fn insert_outbox_capped(&self, message: &OutboxMessage, max_pending: i64) -> Result<bool, StoreError> {

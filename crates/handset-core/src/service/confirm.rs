@@ -18,7 +18,7 @@ impl Gateway {
         partner: &Partner,
         loaded: Transaction,
         code: Option<&str>,
-    ) -> Result<Transaction, ApiError> {
+    ) -> Result<Transaction, GatewayError> {
         let transaction_id = loaded.id;
         self.limit(Scope::Product(partner.id, loaded.product)).await?;
         let mut fresh = Some(loaded);
@@ -32,35 +32,46 @@ impl Gateway {
             let now = self.now();
             match tx.status {
                 Status::Succeeded => return Ok(tx),
-                Status::Failed => return Err(failure_error(&tx)),
+                Status::Failed => return Err(failure_error(&tx).into()),
                 Status::Pending => {}
             }
             if tx.expires_at.is_some_and(|at| at <= now) {
                 self.expire(tx).await?;
-                return Err(ApiError::new(ErrorCode::CodeExpired).recorded());
+                return Err(ApiError::new(ErrorCode::CodeExpired).recorded().into());
             }
             if tx.product == Product::PossessionNetwork {
                 return self.refresh_network(tx, None).await;
             }
             if tx.attempts_used >= tx.max_attempts {
-                return Err(ApiError::new(ErrorCode::RetryLimitExceeded));
+                return Err(ApiError::new(ErrorCode::RetryLimitExceeded).into());
             }
             let code = code.filter(|c| code_is_well_formed(c)).ok_or_else(|| ApiError::new(ErrorCode::InvalidCode))?;
-            let Some(used) = self.store.use_attempt(tx.id, now).await.map_err(internal)? else {
+            let Some(used) = self.store.use_attempt(tx.id, now).await? else {
                 continue;
             };
-            let check = match &tx.code_hash {
-                Some(hash) => {
-                    if constant_time_eq(hash, &self.code_hash(tx.id, code)) {
-                        CodeCheck::Matched(TransactionResult::Phone { phone: tx.phone.clone().unwrap_or_default() })
-                    } else {
-                        CodeCheck::Mismatched
-                    }
+            let checked = match &tx.code_hash {
+                Some(hash) => Renewed::same_ref(if constant_time_eq(hash, &self.code_hash(tx.id, code)) {
+                    CodeCheck::Matched(TransactionResult::Phone { phone: tx.phone.clone().unwrap_or_default() })
+                } else {
+                    CodeCheck::Mismatched
+                }),
+                None => {
+                    let provider = self.provider(tx.provider)?;
+                    let sms = provider.sms().ok_or_else(|| {
+                        GatewayError::Internal(format!("{} sent a code it cannot check", provider.name()))
+                    })?;
+                    sms.check_code(&tx, code).await?
                 }
-                None => self.provider(tx.provider)?.check_code(&tx, code).await.map_err(provider_failure)?,
             };
             let mut tx = Transaction { attempts_used: used, ..tx };
-            match check {
+            if let Some(renewed) = checked.provider_ref {
+                // Written with the final state below, or on its own while the check goes on.
+                tx.provider_ref = Some(renewed);
+                if checked.answer == CodeCheck::Mismatched && used < tx.max_attempts {
+                    self.store.renew_provider_ref(tx.id, tx.provider_ref.as_deref().unwrap_or_default()).await?;
+                }
+            }
+            match checked.answer {
                 CodeCheck::Matched(result) => {
                     let result = possession_result(&tx, result);
                     if self.finish(&mut tx, Status::Succeeded, result).await? {
@@ -68,25 +79,29 @@ impl Gateway {
                     }
                 }
                 CodeCheck::Mismatched if used < tx.max_attempts => {
-                    return Err(ApiError::new(ErrorCode::InvalidCode).recorded());
+                    return Err(ApiError::new(ErrorCode::InvalidCode).recorded().into());
                 }
                 CodeCheck::Mismatched => {
                     let error = ResultError::new(ErrorCode::RetryLimitExceeded);
                     self.finish(&mut tx, Status::Failed, TransactionResult::failure(error)).await?;
-                    return Err(ApiError::new(ErrorCode::RetryLimitExceeded).recorded());
+                    return Err(ApiError::new(ErrorCode::RetryLimitExceeded).recorded().into());
                 }
                 CodeCheck::Failed(error) => {
                     self.finish(&mut tx, Status::Failed, TransactionResult::failure(error)).await?;
-                    return Err(failure_error(&tx).recorded());
+                    return Err(failure_error(&tx).recorded().into());
                 }
             }
         }
-        Err(internal("confirm did not settle after 3 reads"))
+        Err(GatewayError::Internal("confirm did not settle after 3 reads".into()))
     }
 
-    pub(super) async fn refresh_network(&self, tx: Transaction, token: Option<&str>) -> Result<Transaction, ApiError> {
-        let outcome = self.provider(tx.provider)?.fetch_result(&tx, token).await.map_err(provider_failure)?;
-        self.apply_outcome(tx, outcome).await?.ok_or_else(not_found)
+    pub(super) async fn refresh_network(
+        &self,
+        tx: Transaction,
+        token: Option<&str>,
+    ) -> Result<Transaction, GatewayError> {
+        let renewed = self.provider(tx.provider)?.fetch_result(&tx, token).await?;
+        Ok(self.apply_renewed(tx, renewed).await?.ok_or_else(not_found)?)
     }
 }
 

@@ -6,8 +6,8 @@ use super::*;
 impl Gateway {
     /// Ends up to `limit` pending transactions past their deadline (final 300,
     /// 3103, with their callbacks). Returns how many this call ended.
-    pub async fn expire_due(&self, now: DateTime<Utc>, limit: i64) -> Result<usize, ApiError> {
-        let due = self.store.expired_pending(now, limit).await.map_err(internal)?;
+    pub async fn expire_due(&self, now: DateTime<Utc>, limit: i64) -> Result<usize, GatewayError> {
+        let due = self.store.expired_pending(now, limit).await?;
         let mut expired = 0;
         for mut tx in due {
             let result = TransactionResult::failure(deadline_error(&tx));
@@ -21,9 +21,9 @@ impl Gateway {
     /// Asks providers for up to `limit` pending results that are due, all at
     /// once, with backoff between polls of one transaction. Returns how many
     /// became final.
-    pub async fn poll_due(self: &Arc<Self>, now: DateTime<Utc>, limit: i64) -> Result<usize, ApiError> {
+    pub async fn poll_due(self: &Arc<Self>, now: DateTime<Utc>, limit: i64) -> Result<usize, GatewayError> {
         let lease_until = now + chrono_delay(self.settings.poll_max);
-        let due = self.store.claim_due_polls(now, lease_until, limit).await.map_err(internal)?;
+        let due = self.store.claim_due_polls(now, lease_until, limit).await?;
         let mut polls = tokio::task::JoinSet::new();
         for tx in due {
             let gateway = self.clone();
@@ -42,12 +42,11 @@ impl Gateway {
     }
 
     /// Polls one claimed transaction; true when it became final.
-    pub(super) async fn poll_one(&self, tx: Transaction) -> Result<bool, ApiError> {
+    pub(super) async fn poll_one(&self, tx: Transaction) -> Result<bool, GatewayError> {
         let Some(provider) = self.providers.get(&tx.provider) else { return Ok(false) };
         match provider.fetch_result(&tx, None).await {
-            Ok(Outcome::Pending) => {}
-            Ok(outcome) => {
-                if self.apply_outcome(tx.clone(), outcome).await?.is_some_and(|t| t.is_final()) {
+            Ok(renewed) => {
+                if self.apply_renewed(tx.clone(), renewed).await?.is_some_and(|t| t.is_final()) {
                     return Ok(true);
                 }
             }
@@ -57,7 +56,7 @@ impl Gateway {
         }
         // The claim counted this poll already: the first wait after it is `poll_min`.
         let delay = backoff(self.settings.poll_min, self.settings.poll_max, tx.poll_attempts - 1);
-        self.store.schedule_poll(tx.id, self.now() + chrono_delay(delay)).await.map_err(internal)?;
+        self.store.schedule_poll(tx.id, self.now() + chrono_delay(delay)).await?;
         Ok(false)
     }
 }

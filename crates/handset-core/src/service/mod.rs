@@ -26,11 +26,11 @@ use crate::model::{
     Status, Transaction, TransactionResult, Verification, VerificationOut,
 };
 use crate::phone::Phone;
-use crate::provider::{CodeCheck, Outcome, Provider, ProviderError, StartRequest, Started};
+use crate::provider::{CodeCheck, Outcome, Provider, ProviderError, Renewed, StartRequest, Started};
 use crate::rate_limit::{RateLimits, Scope};
 use crate::routing::Routing;
 use crate::secret::{Secret, api_key_hash, code_hash, constant_time_eq};
-use crate::store::{Finalization, Store};
+use crate::store::{Finalization, Store, StoreError};
 
 pub use start::{StartIdentity, StartPossession};
 // Shared by the flows' files (they `use super::*`).
@@ -124,26 +124,26 @@ impl Gateway {
         tx: &mut Transaction,
         status: Status,
         result: TransactionResult,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<bool, GatewayError> {
         tx.status = status;
         tx.result = Some(result);
         tx.updated_at = self.now();
         let outbox = outbox_for(tx);
-        self.store.finalize(Finalization { transaction: tx, outbox: outbox.as_ref() }).await.map_err(internal)
+        Ok(self.store.finalize(Finalization { transaction: tx, outbox: outbox.as_ref() }).await?)
     }
 
-    pub(super) async fn owned_transaction(&self, partner: &Partner, id: Uuid) -> Result<Transaction, ApiError> {
-        let tx = self.store.transaction(id).await.map_err(internal)?.ok_or_else(not_found)?;
+    pub(super) async fn owned_transaction(&self, partner: &Partner, id: Uuid) -> Result<Transaction, GatewayError> {
+        let tx = self.store.transaction(id).await?.ok_or_else(not_found)?;
         if tx.partner_id != partner.id {
-            return Err(ApiError::new(ErrorCode::TransactionNotOwned));
+            return Err(ApiError::new(ErrorCode::TransactionNotOwned).into());
         }
         Ok(tx)
     }
 
-    pub(super) fn provider(&self, name: ProviderName) -> Result<&Arc<dyn Provider>, ApiError> {
+    pub(super) fn provider(&self, name: ProviderName) -> Result<&Arc<dyn Provider>, GatewayError> {
         self.providers
             .get(&name)
-            .ok_or_else(|| internal(format!("provider {name} of a stored transaction is not configured")))
+            .ok_or_else(|| GatewayError::Internal(format!("provider {name} of a stored transaction is not configured")))
     }
 
     /// The same gateway reading the time from `clock`.
@@ -167,27 +167,29 @@ pub(super) fn chrono_delay(delay: std::time::Duration) -> Duration {
     Duration::from_std(delay).unwrap_or(Duration::MAX)
 }
 
-pub(super) fn provider_failure(error: ProviderError) -> ApiError {
-    match error {
-        ProviderError::Rejected(api_error) => api_error,
-        ProviderError::Unavailable(why) => {
-            tracing::warn!(%why, "provider unavailable");
-            ApiError::new(ErrorCode::ProvidersUnavailable)
-        }
-        ProviderError::Misconfigured(why) => {
-            tracing::error!(%why, "a provider refused handset's credentials: check the provider configuration");
-            ApiError::new(ErrorCode::Internal)
-        }
-        ProviderError::Failed(why) => internal(why),
-    }
-}
-
 pub(super) fn not_found() -> ApiError {
     ApiError::new(ErrorCode::NotFound)
 }
 
-/// Logs the cause for operators; the partner sees only 500 5000.
-pub(super) fn internal(cause: impl std::fmt::Display) -> ApiError {
-    tracing::error!(%cause, "internal error");
-    ApiError::new(ErrorCode::Internal)
+/// How a gateway call ends when it does not answer: a refusal for the
+/// partner, or a fault whose cause is kept. The HTTP edge maps each to its
+/// answer and logs the faults, once (`handset-server`'s `error.rs`).
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    /// A rule of handset's own was broken (a stored transaction names a
+    /// provider that is not configured, a write that never settles).
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl From<ErrorCode> for GatewayError {
+    fn from(code: ErrorCode) -> Self {
+        GatewayError::Api(ApiError::new(code))
+    }
 }

@@ -6,14 +6,14 @@ use super::*;
 impl Gateway {
     /// The sandbox operator page: completes a pending sandbox network check.
     /// Anything else is 404, so the page cannot touch real providers' checks.
-    pub async fn complete_sandbox_operator(&self, id: Uuid) -> Result<Transaction, ApiError> {
-        let tx = self.store.transaction(id).await.map_err(internal)?.ok_or_else(not_found)?;
+    pub async fn complete_sandbox_operator(&self, id: Uuid) -> Result<Transaction, GatewayError> {
+        let tx = self.store.transaction(id).await?.ok_or_else(not_found)?;
         if tx.provider != ProviderName::Sandbox || tx.product != Product::PossessionNetwork {
-            return Err(not_found());
+            return Err(not_found().into());
         }
         // Past its deadline, `apply_outcome` expires it instead.
         let proven = Outcome::Succeeded(TransactionResult::Phone { phone: String::new() });
-        self.apply_outcome(tx, proven).await?.ok_or_else(not_found)
+        Ok(self.apply_outcome(tx, proven).await?.ok_or_else(not_found)?)
     }
 
     /// A result a provider pushed (e.g. ID.me's webhook) for its transaction
@@ -24,8 +24,8 @@ impl Gateway {
         provider: ProviderName,
         provider_ref: &str,
         outcome: Outcome,
-    ) -> Result<Option<Transaction>, ApiError> {
-        let tx = self.store.transaction_by_provider_ref(provider, provider_ref).await.map_err(internal)?;
+    ) -> Result<Option<Transaction>, GatewayError> {
+        let tx = self.store.transaction_by_provider_ref(provider, provider_ref).await?;
         match tx {
             None => Ok(None),
             Some(tx) => self.apply_outcome(tx, outcome).await,
@@ -39,7 +39,7 @@ impl Gateway {
         &self,
         mut tx: Transaction,
         outcome: Outcome,
-    ) -> Result<Option<Transaction>, ApiError> {
+    ) -> Result<Option<Transaction>, GatewayError> {
         // Repeats and late arrivals for a final transaction change (and log) nothing.
         if tx.is_final() {
             return Ok(Some(tx));
@@ -59,14 +59,32 @@ impl Gateway {
         if self.finish(&mut tx, status, result).await? {
             Ok(Some(tx))
         } else {
-            self.store.transaction(tx.id).await.map_err(internal)
+            Ok(self.store.transaction(tx.id).await?)
         }
     }
 
+    /// `apply_outcome` for an answer that may renew the provider's reference:
+    /// a final state is written with it, a pending one keeps it on its own.
+    pub(super) async fn apply_renewed(
+        &self,
+        mut tx: Transaction,
+        renewed: Renewed<Outcome>,
+    ) -> Result<Option<Transaction>, GatewayError> {
+        if let Some(reference) = renewed.provider_ref
+            && !tx.is_final()
+        {
+            if renewed.answer == Outcome::Pending {
+                self.store.renew_provider_ref(tx.id, &reference).await?;
+            }
+            tx.provider_ref = Some(reference);
+        }
+        self.apply_outcome(tx, renewed.answer).await
+    }
+
     /// Ends a pending transaction past its deadline: final 300 with 3103.
-    pub(super) async fn expire(&self, tx: Transaction) -> Result<Transaction, ApiError> {
+    pub(super) async fn expire(&self, tx: Transaction) -> Result<Transaction, GatewayError> {
         let error = deadline_error(&tx);
-        self.apply_outcome(tx, Outcome::Failed(error)).await?.ok_or_else(not_found)
+        Ok(self.apply_outcome(tx, Outcome::Failed(error)).await?.ok_or_else(not_found)?)
     }
 }
 

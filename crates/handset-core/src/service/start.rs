@@ -32,7 +32,11 @@ pub struct StartIdentity {
 crate::debug_only!(StartIdentity { phone, provider, verification_id });
 
 impl Gateway {
-    pub async fn start_possession(&self, partner: &Partner, input: StartPossession) -> Result<Transaction, ApiError> {
+    pub async fn start_possession(
+        &self,
+        partner: &Partner,
+        input: StartPossession,
+    ) -> Result<Transaction, GatewayError> {
         let product = input.channel;
         ensure_enabled(partner, product)?;
         self.limit(Scope::Product(partner.id, product)).await?;
@@ -52,7 +56,7 @@ impl Gateway {
         self.record_start(draft, joined.new, started).await
     }
 
-    pub async fn start_identity(&self, partner: &Partner, input: StartIdentity) -> Result<Transaction, ApiError> {
+    pub async fn start_identity(&self, partner: &Partner, input: StartIdentity) -> Result<Transaction, GatewayError> {
         let product = Product::Identity;
         ensure_enabled(partner, product)?;
         self.limit(Scope::Product(partner.id, product)).await?;
@@ -72,14 +76,14 @@ impl Gateway {
         &self,
         partner: &Partner,
         requested: Option<Uuid>,
-    ) -> Result<Joined, ApiError> {
+    ) -> Result<Joined, GatewayError> {
         match requested {
             Some(id) => {
-                let existing = self.store.verification(id).await.map_err(internal)?.ok_or_else(not_found)?;
+                let existing = self.store.verification(id).await?.ok_or_else(not_found)?;
                 if existing.partner_id != partner.id {
-                    return Err(ApiError::new(ErrorCode::VerificationNotOwned));
+                    return Err(ApiError::new(ErrorCode::VerificationNotOwned).into());
                 }
-                let earlier = self.store.transactions_of_verification(id).await.map_err(internal)?;
+                let earlier = self.store.transactions_of_verification(id).await?;
                 let provider_verifications =
                     earlier.into_iter().filter_map(|t| Some((t.provider, t.provider_verification?))).collect();
                 Ok(Joined { id, new: None, provider_verifications })
@@ -100,7 +104,7 @@ impl Gateway {
         phone: &Phone,
         forced: Option<ProviderName>,
         has_name: bool,
-    ) -> Result<Vec<Arc<dyn Provider>>, ApiError> {
+    ) -> Result<Vec<Arc<dyn Provider>>, GatewayError> {
         let names: Vec<ProviderName> = match forced {
             Some(name) => vec![name],
             None => self.routing.chain(product, phone).map(<[_]>::to_vec).unwrap_or_default(),
@@ -108,18 +112,20 @@ impl Gateway {
         let eligible: Vec<Arc<dyn Provider>> = names
             .iter()
             .filter_map(|name| self.providers.get(name))
-            .filter(|p| p.accepts(product, phone))
+            .filter(|p| p.serves(product, phone))
             .cloned()
             .collect();
         if eligible.is_empty() {
-            return Err(ApiError::new(ErrorCode::NoProvider));
+            return Err(ApiError::new(ErrorCode::NoProvider).into());
         }
         if has_name {
             return Ok(eligible);
         }
-        let named_ok: Vec<_> = eligible.iter().filter(|p| !p.needs_name(product)).cloned().collect();
+        let needs_name =
+            |p: &Arc<dyn Provider>| product == Product::PossessionSms && p.sms().is_some_and(|c| c.needs_name());
+        let named_ok: Vec<_> = eligible.iter().filter(|p| !needs_name(p)).cloned().collect();
         if named_ok.is_empty() {
-            return Err(ApiError::new(ErrorCode::InvalidName));
+            return Err(ApiError::new(ErrorCode::InvalidName).into());
         }
         Ok(named_ok)
     }
@@ -139,9 +145,12 @@ impl Gateway {
         }
     }
 
-    /// Tries each provider in turn; one that is unavailable before anything
-    /// reached the user is skipped for the next. Records on `draft` which
-    /// provider answered (or was tried last).
+    /// Tries each provider in turn (DESIGN §9, "four kinds"): one that cannot
+    /// serve the number, or is unavailable before anything reached the user,
+    /// is skipped for the next (only unavailability counts for its breaker);
+    /// a decision or an ambiguous send ends the chain. Records on `draft`
+    /// which provider answered (or was tried last). When the chain runs out:
+    /// unavailable if any provider was, else ineligible.
     pub(super) async fn first_available(
         &self,
         chain: &[Arc<dyn Provider>],
@@ -150,54 +159,66 @@ impl Gateway {
         birth_date: Option<&BirthDate>,
         joined: &Joined,
     ) -> Result<Started, ProviderError> {
-        let mut last = ProviderError::Unavailable("no provider tried".into());
+        let mut last = None;
+        let mut any_unavailable = false;
         for provider in chain {
             let name = provider.name();
             draft.provider = name;
             let breaker = &self.breakers[&name];
             if !breaker.allows(Instant::now()) {
                 tracing::debug!(provider = %name, "circuit open, skipping the provider");
-                last = ProviderError::Unavailable(format!("{name} is paused after repeated failures"));
+                any_unavailable = true;
+                last = Some(ProviderError::unavailable(format!("{name} is paused after repeated failures")));
                 continue;
             }
             let provider_verification =
                 joined.provider_verifications.iter().rev().find(|(p, _)| *p == name).map(|(_, v)| v.as_str());
-            let request = StartRequest {
-                transaction_id: draft.id,
-                phone,
-                name: draft.name.as_ref(),
-                birth_date,
-                provider_verification,
-            };
+            let request =
+                StartRequest { transaction_id: draft.id, phone, name: draft.name.as_ref(), provider_verification };
+            let lacks = || ProviderError::ineligible(format!("{name} does not offer {}", draft.product));
             let answer = match draft.product {
-                Product::PossessionSms => provider.send_code(request).await,
-                Product::PossessionNetwork => {
-                    // Where the operator sends the user back; it names our transaction.
-                    let return_url = format!(
-                        "{}/providers/{}/return?transaction_id={}",
-                        self.settings.public_url,
-                        provider.name(),
-                        draft.id
-                    );
-                    provider.start_network(request, &return_url).await
-                }
-                Product::Identity => provider.start_identity(request).await,
+                Product::PossessionSms => match provider.sms() {
+                    Some(sms) => sms.send_code(request).await,
+                    None => Err(lacks()),
+                },
+                Product::PossessionNetwork => match provider.operator() {
+                    Some(operator) => {
+                        // Where the operator sends the user back; it names our transaction.
+                        let return_url =
+                            format!("{}/providers/{name}/return?transaction_id={}", self.settings.public_url, draft.id);
+                        operator.start(request, &return_url).await
+                    }
+                    None => Err(lacks()),
+                },
+                Product::Identity => match (provider.identity(), birth_date) {
+                    (Some(identity), Some(birth_date)) => identity.start_identity(request, birth_date).await,
+                    _ => Err(lacks()),
+                },
             };
             match answer {
-                Err(ProviderError::Unavailable(why)) => {
-                    tracing::warn!(provider = %name, transaction_id = %draft.id, %why, "provider unavailable, trying the next");
+                Err(error @ ProviderError::Ineligible { .. }) => {
+                    tracing::info!(provider = %name, transaction_id = %draft.id, %error, "provider cannot serve the number, trying the next");
+                    last = Some(error);
+                }
+                Err(error @ (ProviderError::Unavailable { .. } | ProviderError::Misconfigured { .. })) => {
+                    if matches!(error, ProviderError::Misconfigured { .. }) {
+                        tracing::error!(provider = %name, %error, "a provider refused handset's credentials or configuration: check its settings");
+                    } else {
+                        tracing::warn!(provider = %name, transaction_id = %draft.id, %error, "provider unavailable, trying the next");
+                    }
                     metrics::counter!("provider_unavailable_total", "provider" => name.as_str()).increment(1);
                     if breaker.record_failure(Instant::now()) {
                         tracing::warn!(provider = %name, "circuit opened: the provider is skipped for a while");
                     }
-                    last = ProviderError::Unavailable(why);
+                    any_unavailable = true;
+                    last = Some(error);
                 }
-                Err(ProviderError::Failed(why)) => {
+                Err(error @ ProviderError::Failed { .. }) => {
                     // No answer after sending: not failed over, but it counts toward pausing a hanging provider.
                     if breaker.record_failure(Instant::now()) {
                         tracing::warn!(provider = %name, "circuit opened: the provider is skipped for a while");
                     }
-                    return Err(ProviderError::Failed(why));
+                    return Err(error);
                 }
                 answer => {
                     breaker.record_success();
@@ -205,7 +226,11 @@ impl Gateway {
                 }
             }
         }
-        Err(last)
+        Err(match last {
+            Some(error @ ProviderError::Ineligible { .. }) if !any_unavailable => error,
+            Some(error @ (ProviderError::Unavailable { .. } | ProviderError::Misconfigured { .. })) => error,
+            _ => ProviderError::unavailable("no provider in the chain could take the request"),
+        })
     }
 
     /// Stores the started transaction (with its verification and, if already
@@ -215,7 +240,7 @@ impl Gateway {
         mut tx: Transaction,
         new_verification: Option<Verification>,
         started: Result<Started, ProviderError>,
-    ) -> Result<Transaction, ApiError> {
+    ) -> Result<Transaction, GatewayError> {
         let refusal = match started {
             Ok(started) => {
                 tx.provider_ref = started.provider_ref;
@@ -236,27 +261,34 @@ impl Gateway {
                 }
                 None
             }
-            Err(ProviderError::Unavailable(_)) => {
+            Err(ProviderError::Unavailable { .. } | ProviderError::Misconfigured { .. }) => {
                 let error = ResultError::new(ErrorCode::ProvidersUnavailable);
                 settle(&mut tx, Status::Failed, TransactionResult::failure(error));
                 Some(ApiError::new(ErrorCode::ProvidersUnavailable))
             }
+            // Every provider said it cannot serve this number: 422 3908,
+            // recorded with the last one's own code.
+            Err(ProviderError::Ineligible { provider_code, .. }) => {
+                let error = ResultError { provider_code, ..ResultError::new(ErrorCode::NoProvider) };
+                settle(&mut tx, Status::Failed, TransactionResult::failure(error));
+                Some(ApiError::new(ErrorCode::NoProvider))
+            }
             // No answer after the request left: it may have reached the user, so
             // no other provider is tried; the transaction ends here.
-            Err(ProviderError::Failed(why)) => {
-                tracing::warn!(provider = %tx.provider, transaction_id = %tx.id, %why, "provider call failed after sending");
+            Err(error @ ProviderError::Failed { .. }) => {
+                tracing::warn!(provider = %tx.provider, transaction_id = %tx.id, %error, "provider call failed after sending");
                 let error =
                     ResultError { message: AMBIGUOUS_SEND.into(), ..ResultError::new(ErrorCode::ProvidersUnavailable) };
                 settle(&mut tx, Status::Failed, TransactionResult::failure(error));
                 // Kept for Idempotency-Key replay: a retry must not send a second code.
                 Some(ApiError::with_message(ErrorCode::ProvidersUnavailable, AMBIGUOUS_SEND).recorded())
             }
-            Err(other) => return Err(provider_failure(other)),
+            Err(ProviderError::Rejected(refusal)) => return Err(refusal.into()),
         };
         let outbox = outbox_for(&tx);
-        self.store.insert_transaction(&tx, new_verification.as_ref(), outbox.as_ref()).await.map_err(internal)?;
+        self.store.insert_transaction(&tx, new_verification.as_ref(), outbox.as_ref()).await?;
         match refusal {
-            Some(error) => Err(error),
+            Some(error) => Err(error.into()),
             None => Ok(tx),
         }
     }
@@ -272,8 +304,8 @@ pub(super) fn settle(tx: &mut Transaction, status: Status, result: TransactionRe
     tx.expires_at = None;
 }
 
-pub(super) fn ensure_enabled(partner: &Partner, product: Product) -> Result<(), ApiError> {
-    if partner.enabled_for(product) { Ok(()) } else { Err(ApiError::new(ErrorCode::ProductNotEnabled)) }
+pub(super) fn ensure_enabled(partner: &Partner, product: Product) -> Result<(), GatewayError> {
+    if partner.enabled_for(product) { Ok(()) } else { Err(ErrorCode::ProductNotEnabled.into()) }
 }
 
 /// The transaction a new one joins, with the providers' verification ids.
