@@ -184,6 +184,47 @@ pub trait Provider: Send + Sync {
     fn identity(&self) -> Option<&dyn IdentityMatch> {
         None
     }
+
+    /// Calls the provider makes to handset (`POST /providers/{name}/webhook`)
+    /// or the user's browser brings back from it (`GET /providers/{name}/return`).
+    fn inbound(&self) -> Option<&dyn Inbound> {
+        None
+    }
+}
+
+/// An inbound call as the server received it, before its body is read.
+#[derive(Debug, Clone, Copy)]
+pub struct InboundCall<'a> {
+    /// The query string's pairs.
+    pub query: &'a [(String, String)],
+    /// The `Authorization: Bearer` token, if any.
+    pub bearer: Option<&'a str>,
+}
+
+impl InboundCall<'_> {
+    pub fn query(&self, name: &str) -> Option<&str> {
+        self.query.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
+    }
+}
+
+/// What an inbound call says.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InboundEvent {
+    /// A result for the transaction the provider knows as `provider_ref`.
+    Result { provider_ref: String, outcome: Outcome },
+    /// The user is back from the operator step of handset's transaction
+    /// `transaction_id`, with the provider's session token if it gave one.
+    Returned { transaction_id: Uuid, token: Option<String> },
+}
+
+/// A provider's inbound calls: its own authentication and its own format.
+pub trait Inbound: Send + Sync {
+    /// Whether the call carries the provider's credentials; checked before
+    /// any of the body is read.
+    fn authenticate(&self, call: &InboundCall<'_>) -> bool;
+
+    /// Reads an authenticated call; the error says what is wrong with it.
+    fn parse_inbound(&self, call: &InboundCall<'_>, body: &[u8]) -> Result<InboundEvent, String>;
 }
 
 impl dyn Provider {

@@ -24,10 +24,12 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use handset_core::model::{ProviderName, Transaction};
 use handset_core::provider::{
-    CodeCheck, IdentityMatch, Outcome, Provider, ProviderError, Renewed, SmsCheck, StartRequest, Started,
+    CodeCheck, IdentityMatch, Inbound, InboundCall, InboundEvent, Outcome, Provider, ProviderError, Renewed, SmsCheck,
+    StartRequest, Started,
 };
+use handset_core::secret::{Secret, constant_time_eq};
 use handset_core::{BirthDate, Phone};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use mapping::{outcome_of, webhook_result};
 pub use wire::TelecomResponse;
@@ -38,20 +40,26 @@ pub const IDENTITY_PATH: &str = "/api/v2/telecom/identity";
 pub const STATUS_PATH: &str = "/api/v2/telecom/";
 pub const HEALTH_PATH: &str = "/health";
 
-#[derive(Clone)]
+/// `[providers.idme]`: documented in `config/default.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct IdmeSettings {
     /// scheme://host:port; the documented paths are appended.
     pub base_url: String,
     /// The account's API secret; sent as `Bearer ID.me <base64(secret)>`.
-    pub secret: String,
-    /// Where ID.me should push results (handset's own webhook), if configured.
-    pub webhook_url: Option<String>,
+    /// Set: ID.me is enabled.
+    pub secret: Secret,
+    /// Authenticates ID.me's calls to handset's result webhook; empty: no
+    /// webhook, results are polled.
+    pub webhook_secret: Secret,
+    /// Every call to ID.me gives up after this long.
+    #[serde(with = "humantime_serde")]
     pub timeout: Duration,
 }
 
-impl std::fmt::Debug for IdmeSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IdmeSettings").field("base_url", &self.base_url).field("timeout", &self.timeout).finish()
+impl IdmeSettings {
+    pub fn enabled(&self) -> bool {
+        self.secret.is_set()
     }
 }
 
@@ -59,7 +67,9 @@ pub struct Idme {
     client: reqwest::Client,
     base_url: String,
     authorization: String,
+    /// handset's webhook with its secret, given to ID.me as `callback_url`.
     webhook_url: Option<String>,
+    webhook_secret: Option<Secret>,
 }
 
 /// Whether the call may have had an effect on the user when no answer came.
@@ -72,17 +82,32 @@ enum Effect {
 }
 
 impl Idme {
-    pub fn new(settings: IdmeSettings) -> Result<Idme, reqwest::Error> {
+    /// `public_url` is handset's own base URL: ID.me is given
+    /// `{public_url}/providers/idme/webhook?token=<webhook_secret>` as its
+    /// `callback_url` when a webhook secret is set.
+    pub fn new(settings: &IdmeSettings, public_url: &str) -> Result<Idme, String> {
         let client = reqwest::Client::builder()
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout)
             .redirect(reqwest::redirect::Policy::none())
-            .build()?;
+            .build()
+            .map_err(|e| format!("providers.idme: {e}"))?;
+        let webhook_secret = settings.webhook_secret.is_set().then(|| settings.webhook_secret.clone());
+        let webhook_url = match &webhook_secret {
+            None => None,
+            Some(secret) => {
+                let mut url = url::Url::parse(&format!("{}/providers/idme/webhook", public_url.trim_end_matches('/')))
+                    .map_err(|e| format!("server.public_url: {e}"))?;
+                url.query_pairs_mut().append_pair("token", secret.expose());
+                Some(url.to_string())
+            }
+        };
         Ok(Idme {
             client,
             base_url: settings.base_url.trim_end_matches('/').to_owned(),
-            authorization: format!("Bearer ID.me {}", STANDARD.encode(settings.secret.as_bytes())),
-            webhook_url: settings.webhook_url,
+            authorization: format!("Bearer ID.me {}", STANDARD.encode(settings.secret.expose().as_bytes())),
+            webhook_url,
+            webhook_secret,
         })
     }
 
@@ -184,6 +209,24 @@ impl Provider for Idme {
 
     fn identity(&self) -> Option<&dyn IdentityMatch> {
         Some(self)
+    }
+
+    fn inbound(&self) -> Option<&dyn Inbound> {
+        self.webhook_secret.is_some().then_some(self as &dyn Inbound)
+    }
+}
+
+/// ID.me's result webhook: the secret as `?token=` or `Authorization:
+/// Bearer`, compared in constant time; the body is a telecom transaction.
+impl Inbound for Idme {
+    fn authenticate(&self, call: &InboundCall<'_>) -> bool {
+        let presented = call.query("token").or(call.bearer).unwrap_or_default();
+        self.webhook_secret.as_ref().is_some_and(|secret| constant_time_eq(presented, secret.expose()))
+    }
+
+    fn parse_inbound(&self, _call: &InboundCall<'_>, body: &[u8]) -> Result<InboundEvent, String> {
+        let (provider_ref, outcome) = webhook_result(body)?;
+        Ok(InboundEvent::Result { provider_ref, outcome })
     }
 }
 

@@ -23,7 +23,9 @@ async fn sim() -> Sim {
 }
 
 fn idme(sim: &Sim, secret: &str, timeout: Duration) -> Idme {
-    Idme::new(IdmeSettings { base_url: sim.base_url(), secret: secret.into(), webhook_url: None, timeout }).unwrap()
+    let settings =
+        IdmeSettings { base_url: sim.base_url(), secret: secret.into(), webhook_secret: Default::default(), timeout };
+    Idme::new(&settings, "http://127.0.0.1:8080").unwrap()
 }
 
 fn phone(number: &str) -> Phone {

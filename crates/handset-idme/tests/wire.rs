@@ -20,13 +20,8 @@ const AUTHORIZATION: &str = "Bearer ID.me czNjcmV0";
 
 fn idme(server: &MockServer, timeout: Duration) -> Idme {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    Idme::new(IdmeSettings {
-        base_url: server.uri(),
-        secret: SECRET.into(),
-        webhook_url: Some("https://handset.example/providers/idme/webhook?token=t".into()),
-        timeout,
-    })
-    .unwrap()
+    let settings = IdmeSettings { base_url: server.uri(), secret: SECRET.into(), webhook_secret: "t".into(), timeout };
+    Idme::new(&settings, "https://handset.example").unwrap()
 }
 
 fn phone(number: &str) -> Phone {
@@ -357,13 +352,13 @@ async fn timeouts_after_a_send_are_not_safe_to_fail_over() {
 async fn unreachable_is_unavailable() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let idme = Idme::new(IdmeSettings {
+    let settings = IdmeSettings {
         base_url: format!("http://127.0.0.1:{port}"),
         secret: SECRET.into(),
-        webhook_url: None,
+        webhook_secret: Default::default(),
         timeout: Duration::from_secs(1),
-    })
-    .unwrap();
+    };
+    let idme = Idme::new(&settings, "http://127.0.0.1:8080").unwrap();
     let number = phone("+14155550123");
     assert!(matches!(idme.send_code(request(&number)).await, Err(ProviderError::Unavailable { .. })));
     assert!(!idme.health().await);

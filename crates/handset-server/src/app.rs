@@ -48,8 +48,6 @@ pub struct AppState {
     pub gateway: Arc<Gateway>,
     pub default_region: Region,
     pub allow_private_callbacks: bool,
-    /// Set when ID.me's result webhook is enabled.
-    pub idme_webhook_secret: Option<String>,
     pub metrics: PrometheusHandle,
     /// The sandbox provider and its `/sandbox/*` pages exist (development only).
     pub sandbox: bool,
@@ -168,8 +166,6 @@ impl Application {
             gateway,
             default_region: settings.default_region(),
             allow_private_callbacks: settings.callbacks.allow_private_networks,
-            idme_webhook_secret: (settings.idme_enabled() && settings.providers.idme.webhook_secret.is_set())
-                .then(|| settings.providers.idme.webhook_secret.expose().to_owned()),
             metrics: telemetry::metrics_handle(),
             sandbox: !settings.is_production(),
             body_read_timeout: settings.server.body_read_timeout,
@@ -255,23 +251,12 @@ fn providers(settings: &Settings, public_url: &str) -> Result<Vec<Arc<dyn Provid
         providers.push(Arc::new(Sandbox::new(public_url)));
     }
     let p = &settings.providers;
-    if settings.idme_enabled() {
-        let webhook_url = p.idme.webhook_secret.is_set().then(|| {
-            let mut url =
-                url::Url::parse(&format!("{public_url}/providers/idme/webhook")).expect("public_url is a URL");
-            url.query_pairs_mut().append_pair("token", p.idme.webhook_secret.expose());
-            url.to_string()
-        });
-        if webhook_url.is_none() {
+    if p.idme.enabled() {
+        if !p.idme.webhook_secret.is_set() {
             tracing::info!(provider = "idme", "no providers.idme.webhook_secret: ID.me results are polled");
         }
-        let idme = handset_idme::Idme::new(handset_idme::IdmeSettings {
-            base_url: p.idme.base_url.clone(),
-            secret: p.idme.secret.expose().to_owned(),
-            webhook_url,
-            timeout: p.idme.timeout,
-        })
-        .map_err(|e| StartError::Io(std::io::Error::other(e)))?;
+        let idme =
+            handset_idme::Idme::new(&p.idme, public_url).map_err(|e| StartError::Io(std::io::Error::other(e)))?;
         tracing::info!(provider = "idme", base_url = %p.idme.base_url, "provider enabled");
         let idme = Arc::new(idme);
         // Tell the operator early if ID.me cannot be reached; requests work (or fail over) regardless.
@@ -354,7 +339,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/transactions/{transaction_id}", get(transactions::get_transaction))
         .route("/v1/transactions/{transaction_id}/callbacks", get(callbacks::list))
         .route("/v1/verifications/{verification_id}", get(transactions::get_verification))
-        .route("/providers/idme/webhook", post(providers::idme_webhook))
+        .route("/providers/{name}/webhook", post(providers::webhook))
+        .route("/providers/{name}/return", get(providers::operator_return))
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .route("/metrics", get(health::metrics))

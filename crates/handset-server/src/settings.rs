@@ -150,19 +150,9 @@ pub struct RetentionSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProvidersSettings {
-    pub idme: IdmeSettings,
+    pub idme: handset_idme::IdmeSettings,
     pub veratad: VeratadSettings,
     pub dqe: DqeSettings,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IdmeSettings {
-    pub base_url: String,
-    pub secret: Secret,
-    pub webhook_secret: Secret,
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -105,6 +105,11 @@ impl Gateway {
         &self.store
     }
 
+    /// A configured provider, by name.
+    pub fn provider_named(&self, name: ProviderName) -> Option<&Arc<dyn Provider>> {
+        self.providers.get(&name)
+    }
+
     pub fn settings(&self) -> &GatewaySettings {
         &self.settings
     }

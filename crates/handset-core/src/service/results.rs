@@ -32,6 +32,26 @@ impl Gateway {
         }
     }
 
+    /// The user came back from `provider`'s operator step of transaction
+    /// `id` (with the provider's session `token`, if any): the result is
+    /// fetched and applied once; a final transaction is answered as it is.
+    /// Anything that is not this provider's network check is 404.
+    pub async fn operator_return(
+        &self,
+        provider: ProviderName,
+        id: Uuid,
+        token: Option<&str>,
+    ) -> Result<Transaction, GatewayError> {
+        let tx = self.store.transaction(id).await?.ok_or_else(not_found)?;
+        if tx.provider != provider || tx.product != Product::PossessionNetwork {
+            return Err(not_found().into());
+        }
+        if tx.is_final() {
+            return Ok(tx);
+        }
+        self.refresh_network(tx, token).await
+    }
+
     /// Ends a pending transaction with a provider's final answer (once). An
     /// answer that arrives after the transaction's deadline cannot succeed
     /// it: the transaction ends as expired instead.

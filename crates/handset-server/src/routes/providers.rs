@@ -1,56 +1,135 @@
-//! Endpoints providers call: `POST /providers/idme/webhook`, where ID.me
-//! pushes telecom results (the body of `GET /api/v2/telecom/:id`).
+//! Endpoints providers (and users coming back from them) call, one pair for
+//! every provider: `POST /providers/{name}/webhook` (a provider pushes a
+//! result) and `GET /providers/{name}/return` (the operator sends the user's
+//! browser back). Each dispatches to the provider's own `Inbound`: its own
+//! authentication, checked before any of the body is read, and its own format.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Query, State};
-use axum::http::HeaderMap;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
 use handset_core::model::ProviderName;
-use handset_core::secret::constant_time_eq;
-use handset_core::{ApiError, ErrorCode};
+use handset_core::provider::{InboundCall, InboundEvent, Provider};
+use handset_core::{ApiError, ErrorCode, Status, Transaction};
 use serde_json::{Value, json};
 
 use crate::app::AppState;
 use crate::error::{ErrorsOut, Failure};
 use crate::extract::read_body;
 
-/// ID.me's result webhook. Authenticated by the configured shared secret,
-/// as `?token=` or `Authorization: Bearer`, before any of the body is read;
-/// anything else is 401 and changes nothing. The body may be 64 KiB at most
-/// (413 3902). A result for a transaction that is already final (a duplicate or
-/// a late arrival after polling) is accepted and ignored.
+/// A provider's result webhook (ID.me's: the secret as `?token=` or
+/// `Authorization: Bearer`; the body a telecom transaction). Wrong
+/// credentials are 401 and change nothing; the body may be 64 KiB at most
+/// (413 3902). A result for a transaction that is already final (a
+/// duplicate, or one that polling settled first) is accepted and ignored.
 #[utoipa::path(
-    post, path = "/providers/idme/webhook", tag = "providers",
-    params(("token" = Option<String>, Query, description = "The webhook secret (or send it as a bearer token)")),
-    request_body(content = Object, description = "An ID.me telecom transaction"),
+    post, path = "/providers/{name}/webhook", tag = "providers",
+    params(
+        ("name" = String, Path, description = "The provider: `idme`"),
+        ("token" = Option<String>, Query, description = "ID.me: the webhook secret (or send it as a bearer token)"),
+    ),
+    request_body(content = Object, description = "The provider's result, in its own format"),
     responses(
         (status = 200, description = "Accepted"),
         (status = 400, body = ErrorsOut), (status = 401, body = ErrorsOut), (status = 404, body = ErrorsOut),
         (status = 408, body = ErrorsOut), (status = 413, body = ErrorsOut),
     )
 )]
-pub async fn idme_webhook(
+pub async fn webhook(
     State(state): State<AppState>,
-    Query(query): Query<HashMap<String, String>>,
+    Path(name): Path<String>,
+    Query(query): Query<Vec<(String, String)>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, Failure> {
-    let Some(secret) = state.idme_webhook_secret.as_deref() else {
-        return Err(ApiError::with_message(ErrorCode::NotFound, "The ID.me webhook is not enabled").into());
-    };
-    let bearer = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    let presented = query.get("token").map(String::as_str).or(bearer).unwrap_or_default();
-    if !constant_time_eq(presented, secret) {
-        tracing::warn!("ID.me webhook call with a wrong or missing secret refused");
+    let (provider, inbound) = inbound_of(&state, &name)?;
+    let call = InboundCall { query: &query, bearer: bearer(&headers) };
+    if !inbound.authenticate(&call) {
+        tracing::warn!(provider = %name, "an inbound call with wrong or missing credentials was refused");
         return Err(ErrorCode::CredentialsUnknown.into());
     }
     let body = read_body(body, state.body_read_timeout).await?;
-    let (reference, outcome) = handset_idme::webhook_result(&body)
-        .map_err(|why| ApiError::with_message(ErrorCode::MalformedJson, format!("Not an ID.me transaction: {why}")))?;
-    match state.gateway.provider_result(ProviderName::Idme, &reference, outcome).await? {
-        Some(tx) => Ok(Json(json!({ "transaction_id": tx.id, "status": tx.status.code() }))),
-        None => Err(ApiError::with_message(ErrorCode::NotFound, "No transaction has this ID.me transaction_id").into()),
+    let event = inbound.parse_inbound(&call, &body).map_err(|why| {
+        ApiError::with_message(ErrorCode::MalformedJson, format!("Not a readable {} call: {why}", provider.name()))
+    })?;
+    let transaction = match event {
+        InboundEvent::Result { provider_ref, outcome } => {
+            state.gateway.provider_result(provider.name(), &provider_ref, outcome).await?.ok_or_else(|| {
+                ApiError::with_message(ErrorCode::NotFound, "No transaction has this provider reference")
+            })?
+        }
+        InboundEvent::Returned { transaction_id, token } => {
+            state.gateway.operator_return(provider.name(), transaction_id, token.as_deref()).await?
+        }
+    };
+    Ok(Json(json!({ "transaction_id": transaction.id, "status": transaction.status.code() })))
+}
+
+/// Where an operator sends the user's browser back after a network check:
+/// the result is fetched (once), then the browser goes on to the partner's
+/// `redirect_uri` (303, with `transaction_id` and `status`), or sees a short
+/// page when there is none.
+#[utoipa::path(
+    get, path = "/providers/{name}/return", tag = "providers",
+    params(("name" = String, Path, description = "The provider of the network check")),
+    responses(
+        (status = 303, description = "Back to the partner's redirect_uri with transaction_id and status"),
+        (status = 200, description = "No redirect_uri was given: a short result page", content_type = "text/html"),
+        (status = 401, body = ErrorsOut), (status = 404, body = ErrorsOut),
+    )
+)]
+pub async fn operator_return(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> Result<Response, Failure> {
+    let (provider, inbound) = inbound_of(&state, &name)?;
+    let call = InboundCall { query: &query, bearer: bearer(&headers) };
+    if !inbound.authenticate(&call) {
+        return Err(ErrorCode::CredentialsUnknown.into());
     }
+    let Ok(InboundEvent::Returned { transaction_id, token }) = inbound.parse_inbound(&call, &[]) else {
+        return Err(ErrorCode::NotFound.into());
+    };
+    let transaction = state.gateway.operator_return(provider.name(), transaction_id, token.as_deref()).await?;
+    Ok(back_to_partner(&transaction))
+}
+
+/// Sends the user's browser on after a network check: to the partner's
+/// `redirect_uri` with `transaction_id` and `status` (`success`, `failure` or
+/// `pending`), never the phone number or a token; without one, a short page.
+pub fn back_to_partner(transaction: &Transaction) -> Response {
+    let status = match transaction.status {
+        Status::Succeeded => "success",
+        Status::Failed => "failure",
+        Status::Pending => "pending",
+    };
+    let Some(mut target) = transaction.redirect_uri.as_deref().and_then(|u| url::Url::parse(u).ok()) else {
+        let page =
+            format!("<!doctype html><title>handset</title><p>Verification {status}. You can close this window.</p>");
+        return Html(page).into_response();
+    };
+    target.query_pairs_mut().append_pair("transaction_id", &transaction.id.to_string()).append_pair("status", status);
+    (StatusCode::SEE_OTHER, [(header::LOCATION, target.to_string())]).into_response()
+}
+
+/// The named provider's inbound side; 404 for an unknown provider or one
+/// that takes no inbound calls (e.g. ID.me without a webhook secret).
+fn inbound_of<'a>(
+    state: &'a AppState,
+    name: &str,
+) -> Result<(&'a Arc<dyn Provider>, &'a dyn handset_core::provider::Inbound), Failure> {
+    let not_enabled = || ApiError::with_message(ErrorCode::NotFound, "This provider takes no calls here");
+    let provider =
+        ProviderName::parse(name).and_then(|name| state.gateway.provider_named(name)).ok_or_else(not_enabled)?;
+    let inbound = provider.inbound().ok_or_else(not_enabled)?;
+    Ok((provider, inbound))
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))
 }

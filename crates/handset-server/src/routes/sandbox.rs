@@ -3,13 +3,12 @@
 //! check, then sends the user to the partner's `redirect_uri`.
 
 use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
-use handset_core::Status;
+use axum::response::Response;
 
 use crate::app::AppState;
 use crate::error::{ErrorsOut, Failure};
 use crate::extract::PathId;
+use crate::routes::providers::back_to_partner;
 
 /// Complete a sandbox network check (the user's browser lands here).
 #[utoipa::path(
@@ -23,14 +22,5 @@ use crate::extract::PathId;
 )]
 pub async fn operator(State(state): State<AppState>, PathId(id): PathId) -> Result<Response, Failure> {
     let transaction = state.gateway.complete_sandbox_operator(id).await?;
-    let status = if transaction.status == Status::Succeeded { "success" } else { "failure" };
-    let Some(redirect_uri) = transaction.redirect_uri.as_deref().and_then(|u| url::Url::parse(u).ok()) else {
-        let page = format!(
-            "<!doctype html><title>handset sandbox</title><p>Verification {status}. You can close this window.</p>"
-        );
-        return Ok(Html(page).into_response());
-    };
-    let mut target = redirect_uri;
-    target.query_pairs_mut().append_pair("transaction_id", &transaction.id.to_string()).append_pair("status", status);
-    Ok((StatusCode::SEE_OTHER, [(header::LOCATION, target.to_string())]).into_response())
+    Ok(back_to_partner(&transaction))
 }

@@ -201,6 +201,12 @@ async fn webhook_is_authenticated(kind: Kind) {
     app.send(app.client.post(app.url("/providers/idme/webhook?token=hook-secret")).body("{"))
         .await
         .assert_error(400, 3900);
+    // Inbound routes exist per provider that takes calls; ID.me has no operator return.
+    for path in ["/providers/sandbox/webhook", "/providers/nobody/webhook", "/providers/dqe/webhook"] {
+        app.send(app.client.post(app.url(path)).json(&result)).await.assert_error(404, 4100);
+    }
+    let back = format!("/providers/idme/return?token={WEBHOOK_SECRET}&transaction_id={id}");
+    app.send(app.client.get(app.url(&back))).await.assert_error(404, 4100);
 
     let accepted = app.send(hook("").bearer_auth(WEBHOOK_SECRET)).await;
     assert_eq!(accepted.status, 200, "{}", accepted.text);
