@@ -270,21 +270,24 @@ fn providers(settings: &Settings, public_url: &str) -> Result<Vec<Arc<dyn Provid
     } else {
         tracing::info!(provider = "idme", "provider disabled: no credentials configured");
     }
-    if settings.idme_enabled() && settings.rate_limits.per_phone_per_hour == 0 && !settings.is_production() {
+    let sms_enabled = settings.idme_enabled() || p.veratad.enabled();
+    if sms_enabled && settings.rate_limits.per_phone_per_hour == 0 && !settings.is_production() {
         tracing::warn!(
             "an SMS provider is enabled and rate_limits.per_phone_per_hour is 0: nothing limits SMS pumping"
         );
     }
-    let pending = [
-        ("veratad", !p.veratad.user.is_empty() && p.veratad.pass.is_set()),
-        ("dqe", p.dqe.licence.is_set() && p.dqe.token.is_set()),
-    ];
-    for (name, has_credentials) in pending {
-        if has_credentials {
-            tracing::warn!(provider = name, "provider disabled: its adapter is not part of this build yet");
-        } else {
-            tracing::info!(provider = name, "provider disabled: no credentials configured");
-        }
+    if p.veratad.enabled() {
+        let veratad =
+            handset_veratad::Veratad::new(&p.veratad).map_err(|e| StartError::Io(std::io::Error::other(e)))?;
+        tracing::info!(provider = "veratad", base_url = %p.veratad.base_url, "provider enabled");
+        providers.push(Arc::new(veratad));
+    } else {
+        tracing::info!(provider = "veratad", "provider disabled: no credentials configured");
+    }
+    if p.dqe.licence.is_set() && p.dqe.token.is_set() {
+        tracing::warn!(provider = "dqe", "provider disabled: its adapter is not part of this build yet");
+    } else {
+        tracing::info!(provider = "dqe", "provider disabled: no credentials configured");
     }
     for rule in &settings.routing.rules {
         for name in &rule.providers {

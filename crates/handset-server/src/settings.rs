@@ -151,18 +151,8 @@ pub struct RetentionSettings {
 #[serde(deny_unknown_fields)]
 pub struct ProvidersSettings {
     pub idme: handset_idme::IdmeSettings,
-    pub veratad: VeratadSettings,
+    pub veratad: handset_veratad::VeratadSettings,
     pub dqe: DqeSettings,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VeratadSettings {
-    pub base_url: String,
-    pub user: String,
-    pub pass: Secret,
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -311,6 +301,9 @@ impl Settings {
                 ));
             }
         }
+        if self.providers.veratad.enabled() {
+            self.providers.veratad.validate().map_err(SettingsError::Invalid)?;
+        }
         for rule in &self.routing.rules {
             if rule.providers.is_empty() {
                 return invalid(format!("routing rule for {} lists no provider", rule.product));
@@ -385,6 +378,7 @@ impl Settings {
             );
         }
         let sms_routed = self.idme_enabled()
+            || self.providers.veratad.enabled()
             || self.routing.rules.iter().any(|r| r.product == Product::PossessionSms && !r.providers.is_empty());
         if sms_routed && self.rate_limits.per_phone_per_hour == 0 {
             problems.push(
