@@ -16,3 +16,4 @@ mod production;
 mod rate_limits;
 mod rules;
 mod sandbox;
+mod veratad;

@@ -15,7 +15,7 @@ use crate::receiver::{Receiver, Reply};
 pub(crate) struct Server {
     pub(crate) child: Child,
     pub(crate) base: String,
-    log: std::path::PathBuf,
+    pub(crate) log: std::path::PathBuf,
 }
 
 impl Server {
