@@ -83,15 +83,25 @@ pub enum CodeCheck {
     Mismatched,
     /// The provider ended the check (e.g. its own retry limit).
     Failed(ResultError),
+    /// The provider no longer knows the reference the check used: another
+    /// confirm may have renewed it meanwhile (the gateway reads it again).
+    Stale,
 }
 
 /// An answer about a pending check, with the reference to use from now on
 /// when the provider renewed it (Veratad's continuation token may change on
 /// every call; DQE's session token arrives with the user's return).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Renewed<T> {
     pub answer: T,
     pub provider_ref: Option<String>,
+}
+
+/// The reference is a provider's session token: never printed.
+impl<T: std::fmt::Debug> std::fmt::Debug for Renewed<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Renewed").field("answer", &self.answer).field("renewed", &self.provider_ref.is_some()).finish()
+    }
 }
 
 impl<T> Renewed<T> {
@@ -157,6 +167,18 @@ impl ProviderError {
         ProviderError::Failed { reason: reason.into(), cause: None }
     }
 
+    /// The error with its causes, `outer: inner: innermost`, for one log line.
+    pub fn with_causes(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        text
+    }
+
     /// The same error, keeping `source` as its cause.
     pub fn because(mut self, source: impl Into<Cause>) -> Self {
         if let ProviderError::Unavailable { cause, .. }
@@ -193,12 +215,20 @@ pub trait Provider: Send + Sync {
 }
 
 /// An inbound call as the server received it, before its body is read.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct InboundCall<'a> {
     /// The query string's pairs.
     pub query: &'a [(String, String)],
     /// The `Authorization: Bearer` token, if any.
     pub bearer: Option<&'a str>,
+}
+
+/// Query values and the bearer token carry secrets: only the names print.
+impl std::fmt::Debug for InboundCall<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.query.iter().map(|(name, _)| name.as_str()).collect();
+        f.debug_struct("InboundCall").field("query", &names).field("bearer", &self.bearer.is_some()).finish()
+    }
 }
 
 impl InboundCall<'_> {
@@ -228,6 +258,15 @@ pub trait Inbound: Send + Sync {
 }
 
 impl dyn Provider {
+    /// Whether this provider offers `product` at all.
+    pub fn offers(&self, product: Product) -> bool {
+        match product {
+            Product::PossessionSms => self.sms().is_some(),
+            Product::PossessionNetwork => self.operator().is_some(),
+            Product::Identity => self.identity().is_some(),
+        }
+    }
+
     /// Whether this provider offers `product` and can take `phone` for it.
     pub fn serves(&self, product: Product, phone: &Phone) -> bool {
         match product {

@@ -82,9 +82,11 @@ pub trait Store: Send + Sync {
     /// nothing) when the transaction was no longer pending.
     async fn finalize(&self, finalization: Finalization<'_>) -> Result<bool, StoreError>;
 
-    /// Keeps the reference a provider renewed for a transaction that is still
-    /// pending; false (nothing written) when it is no longer pending.
-    async fn renew_provider_ref(&self, id: Uuid, provider_ref: &str) -> Result<bool, StoreError>;
+    /// Replaces the reference `old` by the one a provider renewed, for a
+    /// transaction that is still pending and still holds `old`; false
+    /// (nothing written) otherwise, so a late answer never overwrites a newer
+    /// reference.
+    async fn renew_provider_ref(&self, id: Uuid, old: Option<&str>, renewed: &str) -> Result<bool, StoreError>;
 
     /// Queues a callback outside a state change (a partner's retry request),
     /// unless its transaction already has `max_pending` callbacks pending:

@@ -20,8 +20,11 @@ pub struct Faults {
     pub latency_ms: u64,
     /// Up to this much more, at random.
     pub jitter_ms: u64,
-    /// Share of requests (0.0 to 1.0) answered 503 with ID.me's 5000 envelope.
+    /// Share of requests (0.0 to 1.0) answered with `error_status` and ID.me's 5000 envelope.
     pub error_rate: f64,
+    /// The status of those answers; unset: 503.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_status: Option<u16>,
     /// Never answer (the caller's timeout decides).
     pub hang: bool,
 }
@@ -48,7 +51,9 @@ pub async fn inject(State(state): State<SharedFaults>, request: Request, next: N
     }
     if faults.error_rate > 0.0 && rand::rng().random_bool(faults.error_rate.clamp(0.0, 1.0)) {
         let body = serde_json::json!({"errors": [{"code": 5000, "message": "An error occurred for this account"}]});
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+        let status =
+            faults.error_status.and_then(|s| StatusCode::from_u16(s).ok()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return (status, Json(body)).into_response();
     }
     next.run(request).await
 }

@@ -56,6 +56,7 @@ async fn main() -> std::io::Result<()> {
             latency_ms: args.latency.as_millis() as u64,
             jitter_ms: args.jitter.as_millis() as u64,
             error_rate: args.error_rate,
+            error_status: None,
             hang: args.hang,
         },
         idme: IdmeConfig {

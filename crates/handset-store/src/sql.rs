@@ -282,13 +282,22 @@ macro_rules! portable_store {
                 Ok(true)
             }
 
-            async fn renew_provider_ref(&self, id: Uuid, provider_ref: &str) -> Result<bool, StoreError> {
-                let done = sqlx::query("UPDATE transactions SET provider_ref = $2 WHERE id = $1 AND status_code = 210")
-                    .bind(id)
-                    .bind(provider_ref)
-                    .execute(&self.pool)
-                    .await
-                    .map_err(db)?;
+            async fn renew_provider_ref(
+                &self,
+                id: Uuid,
+                old: Option<&str>,
+                renewed: &str,
+            ) -> Result<bool, StoreError> {
+                let done = sqlx::query(
+                    "UPDATE transactions SET provider_ref = $3 WHERE id = $1 AND status_code = 210 \
+                     AND (provider_ref = $2 OR (provider_ref IS NULL AND $2 IS NULL))",
+                )
+                .bind(id)
+                .bind(old)
+                .bind(renewed)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
                 Ok(done.rows_affected() == 1)
             }
 

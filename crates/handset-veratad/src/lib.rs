@@ -24,10 +24,10 @@ pub mod wire;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use handset_core::model::{ProviderName, ResultError, Transaction};
+use handset_core::model::{ProviderName, Transaction};
 use handset_core::provider::{CodeCheck, Provider, ProviderError, Renewed, SmsCheck, StartRequest, Started};
 use handset_core::secret::Secret;
-use handset_core::{ErrorCode, Phone, Region};
+use handset_core::{Phone, Region};
 use serde::Deserialize;
 
 pub use mapping::{check_of, started_of};
@@ -166,10 +166,12 @@ impl Provider for Veratad {
 
 #[async_trait]
 impl SmsCheck for Veratad {
-    /// Any number Veratad can be asked about; the country lists are applied
-    /// in `send_code`, so a refusal is recorded like Veratad's own (DESIGN §9).
-    fn accepts(&self, _phone: &Phone) -> bool {
-        true
+    /// Numbers whose country the configured lists let a code go to: others
+    /// make Veratad ineligible before anything (breaker, per-phone limit,
+    /// the call) is spent on them; a start none can take is recorded as a
+    /// final 300 with 3908 (DESIGN §9).
+    fn accepts(&self, phone: &Phone) -> bool {
+        self.country_allowed(phone)
     }
 
     fn needs_name(&self) -> bool {
@@ -177,13 +179,8 @@ impl SmsCheck for Veratad {
     }
 
     async fn send_code(&self, request: StartRequest<'_>) -> Result<Started, ProviderError> {
+        // Routing never sends a nameless request here; the check keeps the call honest.
         let name = request.name.ok_or_else(|| ProviderError::ineligible("Veratad needs the user's name"))?;
-        if !self.country_allowed(request.phone) {
-            let region = request.phone.region().unwrap_or("unknown");
-            return Err(ProviderError::ineligible(format!(
-                "the number's country ({region}) is excluded by providers.veratad's country lists"
-            )));
-        }
         let phone = Self::phone_for(request.phone);
         let body = wire::GatewayIn {
             user: self.user.expose(),
@@ -211,10 +208,10 @@ impl SmsCheck for Veratad {
             .ok_or_else(|| ProviderError::failed("no Veratad continuation token was kept"))?;
         let body = wire::ContinueIn { token: &continuation.token, codematch: wire::CodeMatch { key: code } };
         let sent = self.post(&continuation.path, &body).await;
-        // Veratad no longer knows the token: the check cannot be finished.
+        // Veratad no longer knows the token: renewed by a concurrent confirm,
+        // or the check is closed on Veratad's side (the gateway tells which).
         if sent.as_ref().is_ok_and(|r| r.status() == reqwest::StatusCode::NOT_FOUND) {
-            let gone = ResultError::new(ErrorCode::CodeExpired).provider_code("404");
-            return Ok(Renewed::same_ref(CodeCheck::Failed(gone)));
+            return Ok(Renewed::same_ref(CodeCheck::Stale));
         }
         check_of(&mapping::read(sent, false).await?)
     }

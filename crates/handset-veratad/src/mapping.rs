@@ -100,23 +100,18 @@ fn unknown(answer: &Answer) -> ResultError {
         .provider_code(answer.provider_code())
 }
 
-/// The validation's answer. A wrong code keeps the check open while Veratad
-/// offers a new continuation; without one Veratad has finished its side,
-/// so the check ends (3104) whatever attempts handset would still allow.
+/// The validation's answer. A wrong code is a wrong code (one of handset's
+/// attempts used), with the new continuation when Veratad offers one; when it
+/// offers none, the same token is tried again next time, and if Veratad has
+/// closed the check every further code fails until handset's own limit (or
+/// the deadline) ends it. The `final` token of a PASS is not kept: nothing
+/// more is asked of it.
 pub fn check_of(answer: &Answer) -> Result<Renewed<CodeCheck>, ProviderError> {
     match (answer.action(), answer.detail()) {
-        (PASS, _) => Ok(Renewed {
-            answer: CodeCheck::Matched(TransactionResult::Phone { phone: String::new() }),
-            provider_ref: answer.final_token().map(|token| ContinuationRef::new(token, "").to_string()),
-        }),
-        (FAIL, FAILED_CHECK) => Ok(match answer.continuation() {
-            Some((token, url)) => Renewed {
-                answer: CodeCheck::Mismatched,
-                provider_ref: Some(ContinuationRef::new(token, url).to_string()),
-            },
-            None => Renewed::same_ref(CodeCheck::Failed(
-                ResultError::new(ErrorCode::RetryLimitExceeded).provider_code(answer.provider_code()),
-            )),
+        (PASS, _) => Ok(Renewed::same_ref(CodeCheck::Matched(TransactionResult::Phone { phone: String::new() }))),
+        (FAIL, FAILED_CHECK) => Ok(Renewed {
+            answer: CodeCheck::Mismatched,
+            provider_ref: answer.continuation().map(|(token, url)| ContinuationRef::new(token, url).to_string()),
         }),
         (FAIL, _) => Ok(Renewed::same_ref(CodeCheck::Failed(unknown(answer)))),
         (action, _) => Err(ProviderError::failed(format!("Veratad answered the code with the action {action:?}"))),

@@ -73,8 +73,6 @@ pub struct Answer {
     pub result: Option<Verdict>,
     #[serde(default)]
     pub continuations: Option<Continuations>,
-    #[serde(default, rename = "final")]
-    pub final_step: Option<Continuation>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -124,10 +122,5 @@ impl Answer {
         let outofband = self.continuations.as_ref()?.outofband.as_ref()?;
         let token = outofband.template.as_ref()?.token.as_deref().filter(|t| !t.is_empty())?;
         Some((token, outofband.url.as_deref().unwrap_or(CONTINUE_PATH)))
-    }
-
-    /// The token Veratad hands back with a final answer (`final.template.token`).
-    pub fn final_token(&self) -> Option<&str> {
-        self.final_step.as_ref()?.template.as_ref()?.token.as_deref().filter(|t| !t.is_empty())
     }
 }

@@ -55,21 +55,16 @@ impl Gateway {
                 } else {
                     CodeCheck::Mismatched
                 }),
-                None => {
-                    let provider = self.provider(tx.provider)?;
-                    let sms = provider.sms().ok_or_else(|| {
-                        GatewayError::Internal(format!("{} sent a code it cannot check", provider.name()))
-                    })?;
-                    sms.check_code(&tx, code).await?
-                }
+                None => self.provider_check(&tx, code).await?,
             };
             let mut tx = Transaction { attempts_used: used, ..tx };
             if let Some(renewed) = checked.provider_ref {
-                // Written with the final state below, or on its own while the check goes on.
-                tx.provider_ref = Some(renewed);
+                // Written with the final state below, or on its own while the
+                // check goes on (only over the reference this check used).
                 if checked.answer == CodeCheck::Mismatched && used < tx.max_attempts {
-                    self.store.renew_provider_ref(tx.id, tx.provider_ref.as_deref().unwrap_or_default()).await?;
+                    self.store.renew_provider_ref(tx.id, tx.provider_ref.as_deref(), &renewed).await?;
                 }
+                tx.provider_ref = Some(renewed);
             }
             match checked.answer {
                 CodeCheck::Matched(result) => {
@@ -90,9 +85,38 @@ impl Gateway {
                     self.finish(&mut tx, Status::Failed, TransactionResult::failure(error)).await?;
                     return Err(failure_error(&tx).recorded().into());
                 }
+                // The provider closed the check on its side (its reference is
+                // gone and no other confirm renewed it): no code can pass now.
+                CodeCheck::Stale => {
+                    let error = ResultError {
+                        message: "The provider no longer accepts codes for this check".into(),
+                        ..ResultError::new(ErrorCode::RetryLimitExceeded)
+                    };
+                    self.finish(&mut tx, Status::Failed, TransactionResult::failure(error)).await?;
+                    return Err(failure_error(&tx).recorded().into());
+                }
             }
         }
         Err(GatewayError::Internal("confirm did not settle after 3 reads".into()))
+    }
+
+    /// Asks the provider that sent the code to check it. A reference the
+    /// provider no longer knows may have been renewed by a concurrent
+    /// confirm: then the check is asked again, once, with the stored one.
+    async fn provider_check(&self, tx: &Transaction, code: &str) -> Result<Renewed<CodeCheck>, GatewayError> {
+        let provider = self.provider(tx.provider)?;
+        let sms = provider
+            .sms()
+            .ok_or_else(|| GatewayError::Internal(format!("{} sent a code it cannot check", provider.name())))?;
+        let checked = sms.check_code(tx, code).await?;
+        if checked.answer != CodeCheck::Stale {
+            return Ok(checked);
+        }
+        let stored = self.store.transaction(tx.id).await?.ok_or_else(not_found)?;
+        if stored.provider_ref == tx.provider_ref || stored.is_final() {
+            return Ok(checked);
+        }
+        Ok(sms.check_code(&stored, code).await?)
     }
 
     pub(super) async fn refresh_network(

@@ -94,7 +94,7 @@ impl Gateway {
             && !tx.is_final()
         {
             if renewed.answer == Outcome::Pending {
-                self.store.renew_provider_ref(tx.id, &reference).await?;
+                self.store.renew_provider_ref(tx.id, tx.provider_ref.as_deref(), &reference).await?;
             }
             tx.provider_ref = Some(reference);
         }

@@ -43,16 +43,17 @@ impl Gateway {
         let joined = self.verification_for(partner, input.verification_id).await?;
         let chain = self.chain(product, &input.phone, input.provider, input.name.is_some())?;
         // Only a send that is about to be attempted counts against the
-        // number: requests refused above cost the phone nothing.
-        if product == Product::PossessionSms {
+        // number: requests refused above, or that no provider can take, cost
+        // the phone nothing.
+        if product == Product::PossessionSms && !chain.providers.is_empty() {
             self.limit(Scope::Phone(&input.phone)).await?;
         }
-        let mut draft = self.draft(partner, product, joined.id, &input.phone);
+        let mut draft = self.draft(partner, product, joined.id, &input.phone, chain.first);
         draft.callback_url = input.callback_url;
         draft.redirect_uri = input.redirect_uri;
         draft.name = input.name;
         draft.metadata = input.metadata;
-        let started = self.first_available(&chain, &mut draft, &input.phone, None, &joined).await;
+        let started = self.first_available(&chain.providers, &mut draft, &input.phone, None, &joined).await;
         self.record_start(draft, joined.new, started).await
     }
 
@@ -62,11 +63,12 @@ impl Gateway {
         self.limit(Scope::Product(partner.id, product)).await?;
         let joined = self.verification_for(partner, input.verification_id).await?;
         let chain = self.chain(product, &input.phone, input.provider, false)?;
-        let mut draft = self.draft(partner, product, joined.id, &input.phone);
+        let mut draft = self.draft(partner, product, joined.id, &input.phone, chain.first);
         draft.birth_date = Some(input.birth_date.to_string());
         draft.callback_url = input.callback_url;
         draft.metadata = input.metadata;
-        let started = self.first_available(&chain, &mut draft, &input.phone, Some(&input.birth_date), &joined).await;
+        let started =
+            self.first_available(&chain.providers, &mut draft, &input.phone, Some(&input.birth_date), &joined).await;
         self.record_start(draft, joined.new, started).await
     }
 
@@ -95,31 +97,32 @@ impl Gateway {
         }
     }
 
-    /// The providers to try, in order. A forced provider must be configured
-    /// and able to take the number; Veratad-like providers that need a name
-    /// are skipped in a chain without one, and refused (3905) when forced or alone.
+    /// The providers to try, in order. None configured for the product (or
+    /// the forced one unknown): 422 3908. Configured but none can take this
+    /// number (ID.me and a non-NANP number, Veratad's country lists): an
+    /// empty chain, which the start records as a final 300 with 3908.
+    /// Providers that need a name are skipped in a chain without one, and
+    /// refused (3905) when forced or alone.
     pub(super) fn chain(
         &self,
         product: Product,
         phone: &Phone,
         forced: Option<ProviderName>,
         has_name: bool,
-    ) -> Result<Vec<Arc<dyn Provider>>, GatewayError> {
+    ) -> Result<Chain, GatewayError> {
         let names: Vec<ProviderName> = match forced {
             Some(name) => vec![name],
             None => self.routing.chain(product, phone).map(<[_]>::to_vec).unwrap_or_default(),
         };
-        let eligible: Vec<Arc<dyn Provider>> = names
-            .iter()
-            .filter_map(|name| self.providers.get(name))
-            .filter(|p| p.serves(product, phone))
-            .cloned()
-            .collect();
-        if eligible.is_empty() {
+        let candidates: Vec<Arc<dyn Provider>> =
+            names.iter().filter_map(|name| self.providers.get(name)).filter(|p| p.offers(product)).cloned().collect();
+        if candidates.is_empty() {
             return Err(ApiError::new(ErrorCode::NoProvider).into());
         }
-        if has_name {
-            return Ok(eligible);
+        let first = candidates[0].name();
+        let eligible: Vec<Arc<dyn Provider>> = candidates.into_iter().filter(|p| p.serves(product, phone)).collect();
+        if has_name || eligible.is_empty() {
+            return Ok(Chain { providers: eligible, first });
         }
         let needs_name =
             |p: &Arc<dyn Provider>| product == Product::PossessionSms && p.sms().is_some_and(|c| c.needs_name());
@@ -127,7 +130,7 @@ impl Gateway {
         if named_ok.is_empty() {
             return Err(ApiError::new(ErrorCode::InvalidName).into());
         }
-        Ok(named_ok)
+        Ok(Chain { providers: named_ok, first })
     }
 
     pub(super) fn draft(
@@ -136,12 +139,13 @@ impl Gateway {
         product: Product,
         verification_id: Uuid,
         phone: &Phone,
+        provider: ProviderName,
     ) -> Transaction {
         let now = self.now();
         Transaction {
             expires_at: product.is_possession().then(|| now + self.settings.code_ttl),
             max_attempts: if product == Product::PossessionSms { self.settings.max_attempts } else { 0 },
-            ..Transaction::pending(partner.id, verification_id, product, ProviderName::Sandbox, phone.e164(), now)
+            ..Transaction::pending(partner.id, verification_id, product, provider, phone.e164(), now)
         }
     }
 
@@ -202,9 +206,9 @@ impl Gateway {
                 }
                 Err(error @ (ProviderError::Unavailable { .. } | ProviderError::Misconfigured { .. })) => {
                     if matches!(error, ProviderError::Misconfigured { .. }) {
-                        tracing::error!(provider = %name, %error, "a provider refused handset's credentials or configuration: check its settings");
+                        tracing::error!(provider = %name, error = %error.with_causes(), "a provider refused handset's credentials or configuration: check its settings");
                     } else {
-                        tracing::warn!(provider = %name, transaction_id = %draft.id, %error, "provider unavailable, trying the next");
+                        tracing::warn!(provider = %name, transaction_id = %draft.id, error = %error.with_causes(), "provider unavailable, trying the next");
                     }
                     metrics::counter!("provider_unavailable_total", "provider" => name.as_str()).increment(1);
                     if breaker.record_failure(Instant::now()) {
@@ -229,6 +233,7 @@ impl Gateway {
         Err(match last {
             Some(error @ ProviderError::Ineligible { .. }) if !any_unavailable => error,
             Some(error @ (ProviderError::Unavailable { .. } | ProviderError::Misconfigured { .. })) => error,
+            None => ProviderError::ineligible("no provider in the chain can serve this number"),
             _ => ProviderError::unavailable("no provider in the chain could take the request"),
         })
     }
@@ -276,7 +281,7 @@ impl Gateway {
             // No answer after the request left: it may have reached the user, so
             // no other provider is tried; the transaction ends here.
             Err(error @ ProviderError::Failed { .. }) => {
-                tracing::warn!(provider = %tx.provider, transaction_id = %tx.id, %error, "provider call failed after sending");
+                tracing::warn!(provider = %tx.provider, transaction_id = %tx.id, error = %error.with_causes(), "provider call failed after sending");
                 let error =
                     ResultError { message: AMBIGUOUS_SEND.into(), ..ResultError::new(ErrorCode::ProvidersUnavailable) };
                 settle(&mut tx, Status::Failed, TransactionResult::failure(error));
@@ -292,6 +297,13 @@ impl Gateway {
             None => Ok(tx),
         }
     }
+}
+
+/// The providers a start tries, in order, and the one its record names when
+/// none of them can take the number.
+pub(super) struct Chain {
+    pub(super) providers: Vec<Arc<dyn Provider>>,
+    pub(super) first: ProviderName,
 }
 
 /// Why a start that may have reached the user was not tried elsewhere.

@@ -80,8 +80,9 @@ async fn code_flow(kind: Kind) {
 }
 
 /// Veratad as the SMS default: names are required when it is the only
-/// candidate, documented failures are final 300 with Veratad's words, and
-/// Veratad closing its side ends the check whatever attempts handset allows.
+/// candidate, documented failures are final 300 with Veratad's words, and a
+/// check Veratad has closed refuses every further code (even the right one)
+/// until handset's own attempts end it.
 async fn documented_outcomes(kind: Kind) {
     let sim = sim().await;
     let app = app(kind, &sim, SMS_TO_VERATAD, &[]).await;
@@ -101,23 +102,43 @@ async fn documented_outcomes(kind: Kind) {
     sim.veratad.set_config(VeratadConfig { max_attempts: 2, ..sim.veratad.config() });
     let id = app.post("/v1/possession", ada("4155550160")).await.id();
     app.confirm(&id, "000000").await.assert_error(422, 3102);
-    app.confirm(&id, "000001").await.assert_error(422, 3104);
+    app.confirm(&id, "000001").await.assert_error(422, 3102);
+    let pin = sim.veratad.pin(&id).unwrap();
+    for _ in 0..2 {
+        app.confirm(&id, &pin).await.assert_error(422, 3102);
+    }
+    app.confirm(&id, &pin).await.assert_error(422, 3104);
     let ended = app.transaction(&id).await.body;
     assert_eq!(ended["status"]["code"], 300, "{ended}");
-    assert_eq!(ended["result"]["errors"][0]["provider_code"], "FAIL: FAILED OUT-OF-BAND CHECK");
-    let pin = sim.veratad.pin(&id).unwrap();
-    app.confirm(&id, &pin).await.assert_error(422, 3104);
+    assert_eq!(ended["result"]["errors"][0]["code"], 3104);
 }
 
 /// A number the country lists exclude: Veratad cannot serve it, so with no
 /// other provider the answer is 422 3908, recorded as a final 300.
 async fn country_lists_make_it_ineligible(kind: Kind) {
     let sim = sim().await;
-    let app = app(kind, &sim, SMS_TO_VERATAD, &[("HANDSET__PROVIDERS__VERATAD__COUNTRY_WHITELIST", "FR,DE")]).await;
-    app.post("/v1/possession", ada("4155550123")).await.assert_error(422, 3908);
-    let statuses = app.dump("transactions", "CAST(status_code AS TEXT)").await;
-    assert_eq!(statuses.lines().collect::<Vec<_>>(), ["300"], "recorded in the verification");
+    let whitelist = ("HANDSET__PROVIDERS__VERATAD__COUNTRY_WHITELIST", "FR,DE");
+    let limited = ("HANDSET__RATE_LIMITS__PER_PHONE_PER_HOUR", "1");
+    let app = app(kind, &sim, SMS_TO_VERATAD, &[whitelist, limited]).await;
+    for _ in 0..2 {
+        let refused = app.post("/v1/possession", ada("4155550123")).await;
+        refused.assert_error(422, 3908);
+    }
+    let rows = app.dump("transactions", "CAST(status_code AS TEXT) || ' ' || provider").await;
+    assert_eq!(rows.lines().collect::<Vec<_>>(), ["300 veratad", "300 veratad"], "each attempt is recorded");
     assert!(sim.veratad.transactions().is_empty(), "nothing was sent");
+
+    // Ineligible and unavailable in one chain: the unavailability decides (503).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let closed_url = format!("http://127.0.0.1:{closed}");
+    let chain = "[[routing.rules]]\nproduct = \"possession.sms\"\nproviders = [\"veratad\", \"idme\"]\n";
+    let idme = [
+        ("HANDSET__PROVIDERS__IDME__BASE_URL", closed_url.as_str()),
+        ("HANDSET__PROVIDERS__IDME__SECRET", "sim-secret"),
+        whitelist,
+    ];
+    let app = crate::veratad::app(kind, &sim, chain, &idme).await;
+    app.post("/v1/possession", ada("4155550123")).await.assert_error(503, 5001);
 }
 
 /// A US SMS chain `idme, veratad`: ID.me unavailable before anything reached
@@ -142,11 +163,11 @@ providers = ["idme", "veratad"]
     let app = app(kind, &veratad_sim, chain, &idme).await;
     assert_eq!(app.post("/v1/possession", ada("4155550123")).await.body["provider"], "idme");
 
-    idme_sim.set_faults(Faults { error_rate: 1.0, ..Faults::default() });
-    for phone in ["4155550124", "4155550125"] {
+    for (status, phone) in [(503, "4155550124"), (502, "4155550125")] {
+        idme_sim.set_faults(Faults { error_rate: 1.0, error_status: Some(status), ..Faults::default() });
         let answer = app.post("/v1/possession", ada(phone)).await;
         assert_eq!(answer.status, 201, "{}", answer.text);
-        assert_eq!(answer.body["provider"], "veratad", "503 fails over");
+        assert_eq!(answer.body["provider"], "veratad", "{status} fails over");
     }
     let idme_calls = idme_sim.requests();
     let answer = app.post("/v1/possession", ada("4155550126")).await;
@@ -155,12 +176,19 @@ providers = ["idme", "veratad"]
     // Without a name Veratad is skipped, and ID.me is paused: no provider is left.
     app.start_sms("4155550127").await.assert_error(503, 5001);
 
-    // A fresh app: ID.me hanging after the request went out is not failed over.
-    let app = crate::veratad::app(kind, &veratad_sim, chain, &idme).await;
-    idme_sim.set_faults(Faults { hang: true, ..Faults::default() });
+    // A fresh app: ID.me answering 500 or 504, or hanging, after the request
+    // went out is not failed over (the code may be on its way).
+    let patient = [idme[0], idme[1], idme[2], ("HANDSET__CIRCUIT_BREAKER__FAILURE_THRESHOLD", "10")];
+    let app = crate::veratad::app(kind, &veratad_sim, chain, &patient).await;
     let sent_before = veratad_sim.veratad.transactions().len();
-    let hung = app.post("/v1/possession", ada("4155550128")).await;
-    hung.assert_error(503, 5001);
+    for (faults, phone) in [
+        (Faults { error_rate: 1.0, error_status: Some(500), ..Faults::default() }, "4155550128"),
+        (Faults { error_rate: 1.0, error_status: Some(504), ..Faults::default() }, "4155550130"),
+        (Faults { hang: true, ..Faults::default() }, "4155550131"),
+    ] {
+        idme_sim.set_faults(faults);
+        app.post("/v1/possession", ada(phone)).await.assert_error(503, 5001);
+    }
     assert_eq!(veratad_sim.veratad.transactions().len(), sent_before, "no second provider after an ambiguous send");
 
     // ID.me not listening at all: nothing was sent, Veratad takes it.
@@ -171,7 +199,29 @@ providers = ["idme", "veratad"]
     assert_eq!(app.post("/v1/possession", ada("4155550129")).await.body["provider"], "veratad");
 }
 
-crate::on_both_kinds!(code_flow, documented_outcomes, country_lists_make_it_ineligible, idme_fails_over_to_veratad);
+/// A wrong and the right code at once: whichever reaches Veratad first, the
+/// other uses a token that may have been renewed meanwhile, and the gateway
+/// asks again with the stored one; the check ends 200, never "expired".
+async fn concurrent_confirms_settle_on_the_right_code(kind: Kind) {
+    let sim = sim().await;
+    let app = app(kind, &sim, SMS_TO_VERATAD, &[]).await;
+    for round in 0..4 {
+        let id = app.post("/v1/possession", ada(&format!("415555{:04}", 100 + round))).await.id();
+        let pin = sim.veratad.pin(&id).unwrap();
+        let (wrong, right) = tokio::join!(app.confirm(&id, "000000"), app.confirm(&id, &pin));
+        assert!(matches!(wrong.status.as_u16(), 200 | 422), "{}", wrong.text);
+        assert_eq!(right.status, 200, "round {round}: {}", right.text);
+        assert_eq!(app.transaction(&id).await.body["status"]["code"], 200);
+    }
+}
+
+crate::on_both_kinds!(
+    code_flow,
+    documented_outcomes,
+    country_lists_make_it_ineligible,
+    idme_fails_over_to_veratad,
+    concurrent_confirms_settle_on_the_right_code,
+);
 
 /// The real binary through a whole Veratad flow at debug level: the
 /// account's user and password appear in no log line and no stored row.
@@ -217,7 +267,10 @@ async fn credentials_never_reach_logs_or_rows() {
         .unwrap();
     assert_eq!(confirmed["status"]["code"], 200, "{confirmed}");
     let logs = std::fs::read_to_string(&server.log).unwrap();
-    assert!(logs.contains("veratad"), "the log is the debug log of the flow:\n{logs}");
+    assert!(
+        logs.contains("/v1/possession/{transaction_id}/confirm") && logs.contains("DEBUG"),
+        "the log is the debug log of the whole flow:\n{logs}"
+    );
     for secret in [USER, PASS, pin.as_str()] {
         assert!(!logs.contains(secret), "{secret:?} leaked into the logs");
     }
