@@ -122,8 +122,10 @@ pub enum ProviderError {
     Rejected(ApiError),
     /// This provider cannot serve this number (operator or country it does not
     /// take): the next provider is tried, and the breaker is not told.
+    /// `temporary`: a refusal that may pass later (DQE's "operator
+    /// unreachable"); a chain that runs out on one answers 503, not 422.
     #[error("the provider cannot serve this number: {reason}")]
-    Ineligible { reason: String, provider_code: Option<String> },
+    Ineligible { reason: String, provider_code: Option<String>, temporary: bool },
     /// Nothing reached the user (refused connection, 502, 503, breaker open):
     /// the next provider is tried, and the breaker counts it.
     #[error("provider unavailable: {reason}")]
@@ -152,7 +154,7 @@ pub enum ProviderError {
 
 impl ProviderError {
     pub fn ineligible(reason: impl Into<String>) -> Self {
-        ProviderError::Ineligible { reason: reason.into(), provider_code: None }
+        ProviderError::Ineligible { reason: reason.into(), provider_code: None, temporary: false }
     }
 
     pub fn unavailable(reason: impl Into<String>) -> Self {
@@ -214,9 +216,19 @@ pub trait Provider: Send + Sync {
     }
 }
 
+/// Which inbound route a call came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboundKind {
+    /// `POST /providers/{name}/webhook`: the provider pushes a result.
+    Webhook,
+    /// `GET /providers/{name}/return`: the operator sends the user's browser back.
+    Return,
+}
+
 /// An inbound call as the server received it, before its body is read.
 #[derive(Clone, Copy)]
 pub struct InboundCall<'a> {
+    pub kind: InboundKind,
     /// The query string's pairs.
     pub query: &'a [(String, String)],
     /// The `Authorization: Bearer` token, if any.
@@ -227,7 +239,11 @@ pub struct InboundCall<'a> {
 impl std::fmt::Debug for InboundCall<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let names: Vec<&str> = self.query.iter().map(|(name, _)| name.as_str()).collect();
-        f.debug_struct("InboundCall").field("query", &names).field("bearer", &self.bearer.is_some()).finish()
+        f.debug_struct("InboundCall")
+            .field("kind", &self.kind)
+            .field("query", &names)
+            .field("bearer", &self.bearer.is_some())
+            .finish()
     }
 }
 

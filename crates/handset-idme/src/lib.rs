@@ -24,8 +24,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use handset_core::model::{ProviderName, Transaction};
 use handset_core::provider::{
-    CodeCheck, IdentityMatch, Inbound, InboundCall, InboundEvent, Outcome, Provider, ProviderError, Renewed, SmsCheck,
-    StartRequest, Started,
+    CodeCheck, IdentityMatch, Inbound, InboundCall, InboundEvent, InboundKind, Outcome, Provider, ProviderError,
+    Renewed, SmsCheck, StartRequest, Started,
 };
 use handset_core::secret::{Secret, constant_time_eq};
 use handset_core::{BirthDate, Phone};
@@ -224,7 +224,10 @@ impl Inbound for Idme {
         self.webhook_secret.as_ref().is_some_and(|secret| constant_time_eq(presented, secret.expose()))
     }
 
-    fn parse_inbound(&self, _call: &InboundCall<'_>, body: &[u8]) -> Result<InboundEvent, String> {
+    fn parse_inbound(&self, call: &InboundCall<'_>, body: &[u8]) -> Result<InboundEvent, String> {
+        if call.kind != InboundKind::Webhook {
+            return Err("ID.me sends no users back to handset".into());
+        }
         let (provider_ref, outcome) = webhook_result(body)?;
         Ok(InboundEvent::Result { provider_ref, outcome })
     }

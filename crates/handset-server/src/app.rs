@@ -284,8 +284,10 @@ fn providers(settings: &Settings, public_url: &str) -> Result<Vec<Arc<dyn Provid
     } else {
         tracing::info!(provider = "veratad", "provider disabled: no credentials configured");
     }
-    if p.dqe.licence.is_set() && p.dqe.token.is_set() {
-        tracing::warn!(provider = "dqe", "provider disabled: its adapter is not part of this build yet");
+    if p.dqe.enabled() {
+        let dqe = handset_dqe::Dqe::new(&p.dqe).map_err(|e| StartError::Io(std::io::Error::other(e)))?;
+        tracing::info!(provider = "dqe", base_url = %p.dqe.base_url, "provider enabled");
+        providers.push(Arc::new(dqe));
     } else {
         tracing::info!(provider = "dqe", "provider disabled: no credentials configured");
     }

@@ -152,18 +152,7 @@ pub struct RetentionSettings {
 pub struct ProvidersSettings {
     pub idme: handset_idme::IdmeSettings,
     pub veratad: handset_veratad::VeratadSettings,
-    pub dqe: DqeSettings,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DqeSettings {
-    pub base_url: String,
-    pub licence: Secret,
-    pub token: Secret,
-    pub name: String,
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
+    pub dqe: handset_dqe::DqeSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -304,6 +293,9 @@ impl Settings {
         if self.providers.veratad.enabled() {
             self.providers.veratad.validate().map_err(SettingsError::Invalid)?;
         }
+        if self.providers.dqe.enabled() {
+            self.providers.dqe.validate().map_err(SettingsError::Invalid)?;
+        }
         for rule in &self.routing.rules {
             if rule.providers.is_empty() {
                 return invalid(format!("routing rule for {} lists no provider", rule.product));
@@ -439,7 +431,7 @@ mod tests {
         assert_eq!(s.database.url.expose(), "sqlite://handset.db");
         assert_eq!(s.possession.code_ttl, Duration::from_secs(600));
         assert_eq!(s.possession.max_attempts, 5);
-        assert_eq!(s.routing.rules.len(), 3);
+        assert_eq!(s.routing.rules.len(), 4);
         assert_eq!(s.callbacks.retry_schedule.len(), 7);
         assert!(!s.providers.idme.secret.is_set());
     }

@@ -1,10 +1,12 @@
 //! `handset-sim`: one HTTP server that imitates handset's upstream providers
 //! statefully, for the local stack, end-to-end tests and benchmarks. ID.me's
-//! telecom API and Veratad's PhoneMatch5.0.SMS live under their documented
-//! paths, each a module with its own routers; DQE will join as a sibling.
+//! telecom API, Veratad's PhoneMatch5.0.SMS and DQE's ID Mobile numVerify
+//! live under their documented paths, each a module with its own routers.
 //! Faults (latency, jitter, error rate, hanging) apply to every provider route
-//! and are set by flags or at run time through `/_admin/faults`.
+//! and are set by flags or at run time through `/_admin/faults`; DQE's fake
+//! operator page is not one (the user's browser visits it), nor is `/_admin`.
 
+pub mod dqe;
 pub mod faults;
 pub mod idme;
 pub mod veratad;
@@ -24,6 +26,7 @@ pub struct SimConfig {
     pub faults: Faults,
     pub idme: idme::IdmeConfig,
     pub veratad: veratad::VeratadConfig,
+    pub dqe: dqe::DqeConfig,
 }
 
 /// A running simulator.
@@ -32,6 +35,7 @@ pub struct Sim {
     pub faults: SharedFaults,
     pub idme: idme::IdmeSim,
     pub veratad: veratad::VeratadSim,
+    pub dqe: dqe::DqeSim,
 }
 
 impl Sim {
@@ -73,16 +77,20 @@ impl Sim {
         let faults: SharedFaults = Arc::new(FaultState { faults: RwLock::new(config.faults), ..FaultState::default() });
         let idme = idme::IdmeSim::new(config.idme);
         let veratad = veratad::VeratadSim::new(config.veratad);
+        let dqe = dqe::DqeSim::new(config.dqe, format!("http://{addr}"));
         let providers = Router::new()
             .merge(idme.router())
             .merge(veratad.router())
+            .merge(dqe.router())
             .layer(axum::middleware::from_fn_with_state(faults.clone(), faults::inject));
         let admin = Router::new()
             .route("/_admin/faults", get(get_faults).put(put_faults))
             .with_state(faults.clone())
             .merge(idme.admin_router())
-            .merge(veratad.admin_router());
-        (Sim { addr, faults, idme, veratad }, providers.merge(admin))
+            .merge(veratad.admin_router())
+            .merge(dqe.operator_router())
+            .merge(dqe.admin_router());
+        (Sim { addr, faults, idme, veratad, dqe }, providers.merge(admin))
     }
 }
 

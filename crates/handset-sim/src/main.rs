@@ -1,12 +1,13 @@
 use std::time::Duration;
 
 use clap::Parser;
+use handset_sim::dqe::DqeConfig;
 use handset_sim::faults::Faults;
 use handset_sim::idme::IdmeConfig;
 use handset_sim::veratad::VeratadConfig;
 use handset_sim::{Sim, SimConfig};
 
-/// Imitates handset's upstream providers (ID.me and Veratad) for local runs and tests.
+/// Imitates handset's upstream providers (ID.me, Veratad and DQE) for local runs and tests.
 #[derive(Debug, Parser)]
 #[command(name = "handset-sim", version)]
 struct Args {
@@ -33,6 +34,12 @@ struct Args {
     /// The Veratad API password callers must send as `pass`.
     #[arg(long, default_value = "sim-pass", env = "HANDSET_SIM_VERATAD_PASS")]
     veratad_pass: String,
+    /// The DQE licence code callers must send (`licence`, then `Licence`).
+    #[arg(long, default_value = "sim-licence", env = "HANDSET_SIM_DQE_LICENCE")]
+    dqe_licence: String,
+    /// The DQE API token callers must send to `/IDMOBILE/`.
+    #[arg(long, default_value = "sim-token", env = "HANDSET_SIM_DQE_TOKEN")]
+    dqe_token: String,
     /// Latency added to every provider answer.
     #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
     latency: Duration,
@@ -67,6 +74,7 @@ async fn main() -> std::io::Result<()> {
             code_ttl: args.idme_code_ttl,
         },
         veratad: VeratadConfig { user: args.veratad_user, pass: args.veratad_pass, ..VeratadConfig::default() },
+        dqe: DqeConfig { licence: args.dqe_licence, token: args.dqe_token, ..DqeConfig::default() },
     };
     Sim::serve(&args.bind, config).await
 }

@@ -42,14 +42,20 @@ impl Gateway {
         id: Uuid,
         token: Option<&str>,
     ) -> Result<Transaction, GatewayError> {
-        let tx = self.store.transaction(id).await?.ok_or_else(not_found)?;
-        if tx.provider != provider || tx.product != Product::PossessionNetwork {
-            return Err(not_found().into());
-        }
+        let tx = self.network_transaction(provider, id).await?;
         if tx.is_final() {
             return Ok(tx);
         }
         self.refresh_network(tx, token).await
+    }
+
+    /// `provider`'s network check `id`, as stored; anything else is 404.
+    pub async fn network_transaction(&self, provider: ProviderName, id: Uuid) -> Result<Transaction, GatewayError> {
+        let tx = self.store.transaction(id).await?.ok_or_else(not_found)?;
+        if tx.provider != provider || tx.product != Product::PossessionNetwork {
+            return Err(not_found().into());
+        }
+        Ok(tx)
     }
 
     /// Ends a pending transaction with a provider's final answer (once). An

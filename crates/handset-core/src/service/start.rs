@@ -200,7 +200,8 @@ impl Gateway {
                 },
             };
             match answer {
-                Err(error @ ProviderError::Ineligible { .. }) => {
+                Err(error @ ProviderError::Ineligible { temporary, .. }) => {
+                    any_unavailable |= temporary;
                     tracing::info!(provider = %name, transaction_id = %draft.id, %error, "provider cannot serve the number, trying the next");
                     last = Some(error);
                 }

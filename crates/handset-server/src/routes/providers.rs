@@ -12,8 +12,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use handset_core::model::ProviderName;
-use handset_core::provider::{InboundCall, InboundEvent, Provider};
-use handset_core::{ApiError, ErrorCode, Status, Transaction};
+use handset_core::provider::{InboundCall, InboundEvent, InboundKind, Provider};
+use handset_core::{ApiError, ErrorCode, GatewayError, Status, Transaction};
 use serde_json::{Value, json};
 
 use crate::app::AppState;
@@ -46,7 +46,7 @@ pub async fn webhook(
     body: Body,
 ) -> Result<Json<Value>, Failure> {
     let (provider, inbound) = inbound_of(&state, &name)?;
-    let call = InboundCall { query: &query, bearer: bearer(&headers) };
+    let call = InboundCall { kind: InboundKind::Webhook, query: &query, bearer: bearer(&headers) };
     if !inbound.authenticate(&call) {
         tracing::warn!(provider = %name, "an inbound call with wrong or missing credentials was refused");
         return Err(ErrorCode::CredentialsUnknown.into());
@@ -71,14 +71,20 @@ pub async fn webhook(
 /// Where an operator sends the user's browser back after a network check:
 /// the result is fetched (once), then the browser goes on to the partner's
 /// `redirect_uri` (303, with `transaction_id` and `status`), or sees a short
-/// page when there is none.
+/// page when there is none. A person is reading: every refusal is a short
+/// page, never JSON; a result that cannot be fetched now sends the user on
+/// as `pending` (the job runner keeps asking).
 #[utoipa::path(
     get, path = "/providers/{name}/return", tag = "providers",
-    params(("name" = String, Path, description = "The provider of the network check")),
+    params(
+        ("name" = String, Path, description = "The provider of the network check: `dqe`"),
+        ("transaction_id" = uuid::Uuid, Query, description = "handset's transaction, from the return URL handset gave"),
+        ("token" = Option<String>, Query, description = "DQE: the session token DQE adds to the redirect"),
+    ),
     responses(
-        (status = 303, description = "Back to the partner's redirect_uri with transaction_id and status"),
+        (status = 303, description = "Back to the partner's redirect_uri with transaction_id and status (success, failed, pending)"),
         (status = 200, description = "No redirect_uri was given: a short result page", content_type = "text/html"),
-        (status = 401, body = ErrorsOut), (status = 404, body = ErrorsOut),
+        (status = 404, description = "An unknown or malformed return", content_type = "text/html"),
     )
 )]
 pub async fn operator_return(
@@ -86,26 +92,42 @@ pub async fn operator_return(
     Path(name): Path<String>,
     Query(query): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-) -> Result<Response, Failure> {
-    let (provider, inbound) = inbound_of(&state, &name)?;
-    let call = InboundCall { query: &query, bearer: bearer(&headers) };
+) -> Response {
+    let unknown = || page(StatusCode::NOT_FOUND, "This link does not name a verification in progress.");
+    let Ok((provider, inbound)) = inbound_of(&state, &name) else { return unknown() };
+    let call = InboundCall { kind: InboundKind::Return, query: &query, bearer: bearer(&headers) };
     if !inbound.authenticate(&call) {
-        return Err(ErrorCode::CredentialsUnknown.into());
+        return page(StatusCode::UNAUTHORIZED, "This link could not be verified.");
     }
     let Ok(InboundEvent::Returned { transaction_id, token }) = inbound.parse_inbound(&call, &[]) else {
-        return Err(ErrorCode::NotFound.into());
+        return unknown();
     };
-    let transaction = state.gateway.operator_return(provider.name(), transaction_id, token.as_deref()).await?;
-    Ok(back_to_partner(&transaction))
+    match state.gateway.operator_return(provider.name(), transaction_id, token.as_deref()).await {
+        Ok(transaction) => back_to_partner(&transaction),
+        Err(GatewayError::Api(refusal)) if refusal.code == ErrorCode::NotFound => unknown(),
+        Err(error) => {
+            // Logged once where faults become answers; the user goes on.
+            let _ = Failure::from(error);
+            match state.gateway.network_transaction(provider.name(), transaction_id).await {
+                Ok(transaction) => back_to_partner(&transaction),
+                Err(_) => page(StatusCode::SERVICE_UNAVAILABLE, "The verification could not be completed now."),
+            }
+        }
+    }
+}
+
+/// A short page for a person.
+fn page(status: StatusCode, text: &str) -> Response {
+    (status, Html(format!("<!doctype html><title>handset</title><p>{text}</p>"))).into_response()
 }
 
 /// Sends the user's browser on after a network check: to the partner's
-/// `redirect_uri` with `transaction_id` and `status` (`success`, `failure` or
+/// `redirect_uri` with `transaction_id` and `status` (`success`, `failed` or
 /// `pending`), never the phone number or a token; without one, a short page.
 pub fn back_to_partner(transaction: &Transaction) -> Response {
     let status = match transaction.status {
         Status::Succeeded => "success",
-        Status::Failed => "failure",
+        Status::Failed => "failed",
         Status::Pending => "pending",
     };
     let Some(mut target) = transaction.redirect_uri.as_deref().and_then(|u| url::Url::parse(u).ok()) else {

@@ -5,6 +5,7 @@ mod receiver;
 
 mod callbacks;
 mod confirm;
+mod dqe;
 mod errors;
 mod flows;
 mod hardening;
