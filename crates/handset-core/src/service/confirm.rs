@@ -25,7 +25,7 @@ impl Gateway {
         // A concurrent request can change the transaction between our read and
         // our conditional write; re-reading and deciding again settles it.
         for _ in 0..3 {
-            let tx = match fresh.take() {
+            let mut tx = match fresh.take() {
                 Some(tx) => tx,
                 None => self.possession_transaction(partner, transaction_id).await?,
             };
@@ -55,7 +55,11 @@ impl Gateway {
                 } else {
                     CodeCheck::Mismatched
                 }),
-                None => self.provider_check(&tx, code).await?,
+                None => {
+                    let (checked, reference) = self.provider_check(&tx, code).await?;
+                    tx.provider_ref = reference;
+                    checked
+                }
             };
             let mut tx = Transaction { attempts_used: used, ..tx };
             if let Some(renewed) = checked.provider_ref {
@@ -85,15 +89,9 @@ impl Gateway {
                     self.finish(&mut tx, Status::Failed, TransactionResult::failure(error)).await?;
                     return Err(failure_error(&tx).recorded().into());
                 }
-                // The provider closed the check on its side (its reference is
-                // gone and no other confirm renewed it): no code can pass now.
+                // `provider_check` settles staleness; reaching here would be a bug.
                 CodeCheck::Stale => {
-                    let error = ResultError {
-                        message: "The provider no longer accepts codes for this check".into(),
-                        ..ResultError::new(ErrorCode::RetryLimitExceeded)
-                    };
-                    self.finish(&mut tx, Status::Failed, TransactionResult::failure(error)).await?;
-                    return Err(failure_error(&tx).recorded().into());
+                    return Err(GatewayError::Internal("a stale provider reference was not settled".into()));
                 }
             }
         }
@@ -101,22 +99,43 @@ impl Gateway {
     }
 
     /// Asks the provider that sent the code to check it. A reference the
-    /// provider no longer knows may have been renewed by a concurrent
-    /// confirm: then the check is asked again, once, with the stored one.
-    async fn provider_check(&self, tx: &Transaction, code: &str) -> Result<Renewed<CodeCheck>, GatewayError> {
+    /// provider no longer knows was most likely renewed by a concurrent
+    /// confirm whose answer is being written: the stored one is read again
+    /// (a few times, briefly) and the code asked again with it. If it never
+    /// changes, the code could not be checked: it counts as a wrong one, so
+    /// the check is never ended by a race (the attempts limit still ends it).
+    ///
+    /// Returns the verdict and the reference it was given for.
+    async fn provider_check(
+        &self,
+        tx: &Transaction,
+        code: &str,
+    ) -> Result<(Renewed<CodeCheck>, Option<String>), GatewayError> {
+        const REREADS: u32 = 4;
         let provider = self.provider(tx.provider)?;
         let sms = provider
             .sms()
             .ok_or_else(|| GatewayError::Internal(format!("{} sent a code it cannot check", provider.name())))?;
         let checked = sms.check_code(tx, code).await?;
         if checked.answer != CodeCheck::Stale {
-            return Ok(checked);
+            return Ok((checked, tx.provider_ref.clone()));
         }
-        let stored = self.store.transaction(tx.id).await?.ok_or_else(not_found)?;
-        if stored.provider_ref == tx.provider_ref || stored.is_final() {
-            return Ok(checked);
+        for _ in 0..REREADS {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let stored = self.store.transaction(tx.id).await?.ok_or_else(not_found)?;
+            if stored.is_final() {
+                break;
+            }
+            if stored.provider_ref != tx.provider_ref {
+                let again = sms.check_code(&stored, code).await?;
+                if again.answer != CodeCheck::Stale {
+                    return Ok((again, stored.provider_ref));
+                }
+                break;
+            }
         }
-        Ok(sms.check_code(&stored, code).await?)
+        tracing::warn!(provider = %tx.provider, transaction_id = %tx.id, "the provider no longer knows this check's reference; counted as a wrong code");
+        Ok((Renewed::same_ref(CodeCheck::Mismatched), tx.provider_ref.clone()))
     }
 
     pub(super) async fn refresh_network(

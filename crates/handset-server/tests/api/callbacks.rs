@@ -17,7 +17,7 @@ use handset_testkit::Kind;
 const WAIT: Duration = Duration::from_secs(10);
 
 /// The development partner's secret (config-independent: seeded by the app).
-const DEV_WEBHOOK_SECRET: &str = "whsec_ZGV2ZWxvcG1lbnQtb25seS13ZWJob29rLXNlY3JldA==";
+pub(crate) const DEV_WEBHOOK_SECRET: &str = "whsec_ZGV2ZWxvcG1lbnQtb25seS13ZWJob29rLXNlY3JldA==";
 
 async fn app(kind: Kind, extra: &[(&str, &str)]) -> TestApp {
     let mut env = vec![
@@ -55,7 +55,7 @@ async fn wait_state(app: &TestApp, id: &str, state: &str) -> Value {
 }
 
 /// Verifies a Standard Webhooks signature with plain HMAC, independently of handset's code.
-fn signature_is_valid(secret: &str, id: &str, timestamp: &str, body: &str, header: &str) -> bool {
+pub(crate) fn signature_is_valid(secret: &str, id: &str, timestamp: &str, body: &str, header: &str) -> bool {
     let key = STANDARD.decode(secret.trim_start_matches("whsec_")).unwrap();
     let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
     mac.update(format!("{id}.{timestamp}.{body}").as_bytes());

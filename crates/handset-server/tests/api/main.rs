@@ -3,6 +3,7 @@
 mod helpers;
 mod receiver;
 
+mod browser;
 mod callbacks;
 mod confirm;
 mod dqe;
