@@ -254,13 +254,29 @@ impl InboundCall<'_> {
 }
 
 /// What an inbound call says.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub enum InboundEvent {
     /// A result for the transaction the provider knows as `provider_ref`.
     Result { provider_ref: String, outcome: Outcome },
     /// The user is back from the operator step of handset's transaction
     /// `transaction_id`, with the provider's session token if it gave one.
     Returned { transaction_id: Uuid, token: Option<String> },
+}
+
+/// The session token is a credential: only whether there is one prints.
+impl std::fmt::Debug for InboundEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InboundEvent::Result { provider_ref: _, outcome } => {
+                f.debug_struct("Result").field("outcome", outcome).finish_non_exhaustive()
+            }
+            InboundEvent::Returned { transaction_id, token } => f
+                .debug_struct("Returned")
+                .field("transaction_id", transaction_id)
+                .field("token", &token.is_some())
+                .finish(),
+        }
+    }
 }
 
 /// A provider's inbound calls: its own authentication and its own format.

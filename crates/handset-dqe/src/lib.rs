@@ -154,22 +154,29 @@ impl OperatorCheck for Dqe {
         transaction: &Transaction,
         token: Option<&str>,
     ) -> Result<Renewed<Outcome>, ProviderError> {
-        // The session token the user brought back, else the one kept from an
-        // earlier return, else the configured token (DESIGN §9).
-        let session = token.or(transaction.provider_ref.as_deref());
-        let used = session.unwrap_or(self.token.expose());
+        // The session token kept from the first return wins over any later
+        // one (a return is not authenticated); else the one the user brought
+        // back; else the configured token (DESIGN §9).
+        let stored = transaction.provider_ref.as_deref();
+        let fresh = if stored.is_none() { token } else { None };
+        let used = stored.or(fresh).unwrap_or(self.token.expose());
         let form = [("Licence", self.licence.expose()), ("token", used), ("scope", SCOPE)];
         let answer = mapping::read(self.post(RESULT_PATH, &form).await).await?;
-        let outcome = mapping::outcome_of(&answer, session.is_some())?;
-        let renewed = token.filter(|t| Some(*t) != transaction.provider_ref.as_deref()).map(str::to_owned);
-        Ok(Renewed { answer: outcome, provider_ref: renewed })
+        // Only a kept token's "expired" ends the check: a token that just
+        // arrived in a URL and that DQE does not know is ignored, not trusted.
+        let outcome = mapping::outcome_of(&answer, stored.is_some())?;
+        let known = answer.status != "error";
+        Ok(Renewed { answer: outcome, provider_ref: fresh.filter(|_| known).map(str::to_owned) })
     }
 }
 
 /// The operator sends the user's browser back with DQE's session `token`.
 /// There is nothing to authenticate: a return only makes handset ask DQE,
-/// server-side with its own licence, what the result is, so a forged return
-/// cannot make a check pass.
+/// server-side with its own licence, for the result. The first token a
+/// transaction keeps is the only one used afterwards, a token another
+/// transaction holds is refused, and an unknown token ends nothing. What a
+/// return cannot prove is that its token belongs to this check's number
+/// (DQE's step 2 names no number): see `docs/providers/dqe.md`.
 impl Inbound for Dqe {
     fn authenticate(&self, _call: &InboundCall<'_>) -> bool {
         true

@@ -73,7 +73,10 @@ fn start_error(answer: &Answer) -> ProviderError {
     let id = answer.error_id().to_owned();
     match id.as_str() {
         // Our request, licence or token.
-        "01" | "02" | "04" | "05" | "06" | "07" | "30" => ours(answer),
+        "01" | "02" | "04" | "05" | "06" | "30" => ours(answer),
+        // Some operators need `user_infos`, which numVerify does not send:
+        // that operator is not DQE's to serve here, the next provider may be.
+        "07" => ProviderError::Ineligible { reason: answer.described(), provider_code: Some(id), temporary: false },
         // The number itself: the partner's input.
         "09" | "10" | "11" => ProviderError::Rejected(ApiError::with_message(
             ErrorCode::InvalidPhone,

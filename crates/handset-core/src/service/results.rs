@@ -46,7 +46,24 @@ impl Gateway {
         if tx.is_final() {
             return Ok(tx);
         }
-        self.refresh_network(tx, token).await
+        // A token another transaction already holds is not this check's.
+        let token = match token {
+            Some(t) => match self.store.transaction_by_provider_ref(provider, t).await? {
+                Some(holder) if holder.id != tx.id => {
+                    tracing::warn!(transaction_id = %tx.id, "a return brought another check's session token; ignored");
+                    None
+                }
+                _ => Some(t),
+            },
+            None => None,
+        };
+        let kept = tx.provider_ref.is_some();
+        let result = self.refresh_network(tx, token).await;
+        // DQE could not be asked now: keep the token, so the job runner can ask later.
+        if let (Err(GatewayError::Provider(_)), Some(token), false) = (&result, token, kept) {
+            self.store.renew_provider_ref(id, None, token).await?;
+        }
+        result
     }
 
     /// `provider`'s network check `id`, as stored; anything else is 404.

@@ -233,6 +233,8 @@ impl Gateway {
         }
         Err(match last {
             Some(error @ ProviderError::Ineligible { .. }) if !any_unavailable => error,
+            // A temporary refusal last: 503, with its code kept (record_start).
+            Some(error @ ProviderError::Ineligible { temporary: true, .. }) => error,
             Some(error @ (ProviderError::Unavailable { .. } | ProviderError::Misconfigured { .. })) => error,
             None => ProviderError::ineligible("no provider in the chain can serve this number"),
             _ => ProviderError::unavailable("no provider in the chain could take the request"),
@@ -269,6 +271,12 @@ impl Gateway {
             }
             Err(ProviderError::Unavailable { .. } | ProviderError::Misconfigured { .. }) => {
                 let error = ResultError::new(ErrorCode::ProvidersUnavailable);
+                settle(&mut tx, Status::Failed, TransactionResult::failure(error));
+                Some(ApiError::new(ErrorCode::ProvidersUnavailable))
+            }
+            // The last provider refused for now (DQE 16): 503 5001, with its code.
+            Err(ProviderError::Ineligible { provider_code, temporary: true, .. }) => {
+                let error = ResultError { provider_code, ..ResultError::new(ErrorCode::ProvidersUnavailable) };
                 settle(&mut tx, Status::Failed, TransactionResult::failure(error));
                 Some(ApiError::new(ErrorCode::ProvidersUnavailable))
             }

@@ -135,6 +135,8 @@ async fn documented_errors_and_routing(kind: Kind) {
     assert_eq!(next.body["provider"], "sandbox", "DQE cannot serve this operator: {}", next.text);
     start(&app, "+33612340014", json!({"provider": "dqe"})).await.assert_error(422, 3908);
     start(&app, "+33612340016", json!({"provider": "dqe"})).await.assert_error(503, 5001);
+    let codes = app.dump("transactions", "CAST(result AS TEXT)").await.replace(' ', "");
+    assert!(codes.contains("\"provider_code\":\"16\""), "the operator-unreachable code is kept: {codes}");
     // The operator did not match the line.
     let mismatch = start(&app, "+33612340003", json!({})).await;
     let back = visit_operator(&app, mismatch.body["next_action"]["url"].as_str().unwrap()).await;
@@ -166,8 +168,8 @@ async fn a_check_nobody_finishes_expires(kind: Kind) {
     assert!(polled > 0, "the job runner asked DQE meanwhile");
 }
 
-/// The return, a confirm and the job runner's poll at once: one final state,
-/// one callback.
+/// Two returns (a double-clicked link), a confirm and the job runner's
+/// polls at once: one final state, one callback.
 async fn return_confirm_and_poll_finalise_once(kind: Kind) {
     let sim = sim().await;
     let receiver = Receiver::start().await;
@@ -178,9 +180,11 @@ async fn return_confirm_and_poll_finalise_once(kind: Kind) {
         let id = started.id();
         let back = visit_operator(&app, started.body["next_action"]["url"].as_str().unwrap()).await;
         let confirm = format!("/v1/possession/{id}/confirm");
-        let (returned, confirmed) = tokio::join!(app.client.get(&back).send(), app.post(&confirm, json!({})));
-        assert_eq!(returned.unwrap().status(), 200, "no redirect_uri: the result page");
-        assert!(matches!(confirmed.status.as_u16(), 200), "{}", confirmed.text);
+        let (first, second, confirmed) =
+            tokio::join!(app.client.get(&back).send(), app.client.get(&back).send(), app.post(&confirm, json!({})));
+        assert_eq!(first.unwrap().status(), 200, "no redirect_uri: the result page");
+        assert_eq!(second.unwrap().status(), 200);
+        assert_eq!(confirmed.status, 200, "{}", confirmed.text);
         assert_eq!(app.transaction(&id).await.body["status"]["code"], 200);
     }
     receiver.wait_for(3, Duration::from_secs(10)).await;
@@ -188,7 +192,57 @@ async fn return_confirm_and_poll_finalise_once(kind: Kind) {
     assert_eq!(receiver.received().len(), 3, "one callback per check");
 }
 
+/// Returns are not authenticated: a made-up token, or another check's, ends
+/// nothing and is not kept; the real return then completes the check. A
+/// token that arrives while DQE cannot be asked is kept for the job runner.
+async fn forged_returns_and_a_dqe_outage(kind: Kind) {
+    let sim = sim().await;
+    let app = app(kind, &sim, &[]).await;
+    let mine = start(&app, "+33612345601", json!({})).await;
+    let id = mine.id();
+    let other = start(&app, "+33612345602", json!({})).await;
+    let other_back = visit_operator(&app, other.body["next_action"]["url"].as_str().unwrap()).await;
+    assert_eq!(app.client.get(&other_back).send().await.unwrap().status(), 200);
+    let other_token = other_back.split("token=").nth(1).unwrap().split('&').next().unwrap().to_owned();
+
+    for token in ["made-up-token", other_token.as_str()] {
+        let forged = app.url(&format!("/providers/dqe/return?transaction_id={id}&token={token}"));
+        assert_eq!(app.client.get(&forged).send().await.unwrap().status(), 200);
+        let tx = app.store.transaction(id.parse().unwrap()).await.unwrap().unwrap();
+        assert_eq!(tx.status, handset_core::Status::Pending, "{token}: a forged return ends nothing");
+        assert_eq!(tx.provider_ref, None, "{token}: and is not kept");
+    }
+
+    let back = visit_operator(&app, mine.body["next_action"]["url"].as_str().unwrap()).await;
+    sim.set_faults(handset_sim::faults::Faults { error_rate: 1.0, ..Default::default() });
+    let during_outage = app.client.get(&back).send().await.unwrap();
+    assert_eq!(during_outage.status(), 200);
+    assert!(during_outage.text().await.unwrap().contains("pending"), "the user goes on as pending");
+    assert!(app.store.transaction(id.parse().unwrap()).await.unwrap().unwrap().provider_ref.is_some(), "token kept");
+    sim.set_faults(handset_sim::faults::Faults::default());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.transaction(&id).await.body["status"]["code"] != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "the job runner finished it with the kept token");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// With `phone.default_region = "FR"`, French national numbers are DQE's
+/// too, sent to DQE in that national form.
+async fn french_national_numbers(kind: Kind) {
+    let sim = sim().await;
+    let app = app(kind, &sim, &[("HANDSET__PHONE__DEFAULT_REGION", "FR")]).await;
+    let started = start(&app, "0612345678", json!({})).await;
+    assert_eq!(started.status, 201, "{}", started.text);
+    assert_eq!(started.body["provider"], "dqe");
+    assert_eq!(started.body["phone"], "+33612345678");
+    let sessions = sim.dqe.sessions();
+    assert_eq!(sessions.last().unwrap().number, "0612345678", "DQE gets the national form");
+}
+
 crate::on_both_kinds!(
+    forged_returns_and_a_dqe_outage,
+    french_national_numbers,
     round_trip_through_the_operator,
     returns_without_a_partner_page_or_a_check,
     documented_errors_and_routing,
