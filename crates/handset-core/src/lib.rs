@@ -6,6 +6,7 @@
 pub mod birth_date;
 pub mod breaker;
 pub mod callback;
+pub mod config;
 pub mod error;
 pub mod model;
 pub mod phone;

@@ -193,20 +193,9 @@ pub struct LogSettings {
 /// A list of humantime durations, as a TOML array or as one comma-separated
 /// string (how environment variables give lists).
 fn durations<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Duration>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Form {
-        List(Vec<String>),
-        Joined(String),
-    }
-    let items = match Form::deserialize(deserializer)? {
-        Form::List(items) => items,
-        Form::Joined(text) => text.split(',').map(str::to_owned).collect(),
-    };
-    items
+    handset_core::config::string_list(deserializer)?
         .iter()
-        .filter(|item| !item.trim().is_empty())
-        .map(|item| humantime::parse_duration(item.trim()).map_err(serde::de::Error::custom))
+        .map(|item| humantime::parse_duration(item).map_err(serde::de::Error::custom))
         .collect()
 }
 

@@ -51,12 +51,12 @@ pub struct VeratadSettings {
     /// The SMS text; Veratad puts the code where `{pin}` stands.
     pub message: String,
     /// Line types that get no SMS (`mobile`, `landline`, `voip`).
-    #[serde(deserialize_with = "string_list")]
+    #[serde(deserialize_with = "handset_core::config::string_list")]
     pub do_not_send_to_types: Vec<String>,
     /// ISO 3166 alpha-2 countries not to send to, or the only ones to send to.
-    #[serde(deserialize_with = "string_list")]
+    #[serde(deserialize_with = "handset_core::config::string_list")]
     pub country_blacklist: Vec<String>,
-    #[serde(deserialize_with = "string_list")]
+    #[serde(deserialize_with = "handset_core::config::string_list")]
     pub country_whitelist: Vec<String>,
 }
 
@@ -82,22 +82,6 @@ impl VeratadSettings {
         }
         Ok(())
     }
-}
-
-/// A list as a TOML array or as one comma-separated string (how environment
-/// variables give lists); blanks are dropped.
-fn string_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Form {
-        List(Vec<String>),
-        Joined(String),
-    }
-    let items = match Form::deserialize(deserializer)? {
-        Form::List(items) => items,
-        Form::Joined(text) => text.split(',').map(str::to_owned).collect(),
-    };
-    Ok(items.into_iter().map(|item| item.trim().to_owned()).filter(|item| !item.is_empty()).collect())
 }
 
 pub struct Veratad {
