@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use handset_core::breaker::BreakerSettings;
-use handset_core::model::{Partner, Product};
+use handset_core::model::{Partner, Product, ProviderName};
 use handset_core::provider::Provider;
 use handset_core::rate_limit::RateLimits;
 use handset_core::routing::Routing;
@@ -291,11 +291,15 @@ fn providers(settings: &Settings, public_url: &str) -> Result<Vec<Arc<dyn Provid
     } else {
         tracing::info!(provider = "dqe", "provider disabled: no credentials configured");
     }
+    // A disabled provider in a rule is skipped (the shipped rules name DQE
+    // before the sandbox); a rule left with no provider at all deserves a warning.
     for rule in &settings.routing.rules {
-        for name in &rule.providers {
-            if !providers.iter().any(|p| p.name() == *name) {
-                tracing::warn!(provider = %name, product = %rule.product, "a routing rule names a disabled provider; it is skipped");
-            }
+        let enabled = |name: &ProviderName| providers.iter().any(|p| p.name() == *name);
+        for name in rule.providers.iter().filter(|name| !enabled(name)) {
+            tracing::info!(provider = %name, product = %rule.product, "a routing rule names a disabled provider; it is skipped");
+        }
+        if !rule.providers.iter().any(enabled) {
+            tracing::warn!(product = %rule.product, "a routing rule names no enabled provider: its requests get 422 3908");
         }
     }
     Ok(providers)
