@@ -141,15 +141,15 @@ async fn bare_sql(db: &TestDatabase, args: &Args) -> Run {
             let partner_scope = format!("partner:{DEV_PARTNER_ID}");
             let product_scope = format!("product:{DEV_PARTNER_ID}:possession.sms");
             store.partner_by_key_hash(&key_hash).await.expect("partner").expect("the dev partner");
-            store.hit_rate_counter(&partner_scope, minute).await.expect("counter");
-            store.hit_rate_counter(&product_scope, minute).await.expect("counter");
+            store.add_rate_hits(&partner_scope, minute, 1).await.expect("counter");
+            store.add_rate_hits(&product_scope, minute, 1).await.expect("counter");
             let verification = Verification { id: uuid::Uuid::new_v4(), partner_id: DEV_PARTNER_ID, created_at: now };
             let tx = pending(&verification);
             store.insert_transaction(&tx, Some(&verification), None).await.expect("insert");
             store.partner_by_key_hash(&key_hash).await.expect("partner");
-            store.hit_rate_counter(&partner_scope, minute).await.expect("counter");
+            store.add_rate_hits(&partner_scope, minute, 1).await.expect("counter");
             let read = store.transaction(tx.id).await.expect("read").expect("the transaction");
-            store.hit_rate_counter(&product_scope, minute).await.expect("counter");
+            store.add_rate_hits(&product_scope, minute, 1).await.expect("counter");
             store.use_attempt(read.id, Utc::now()).await.expect("attempt");
             let done = Transaction {
                 status: Status::Succeeded,

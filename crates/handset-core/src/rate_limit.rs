@@ -1,9 +1,13 @@
 //! Rate limits (DESIGN §3): per partner per product per minute (429 5100),
 //! per partner per minute (5200), and sends per phone number per hour (5300,
-//! against SMS pumping). Fixed windows counted in the database, so every
-//! replica on one database shares the counts. A limit of 0 means none.
+//! against SMS pumping). Fixed windows, shared by every replica through the
+//! database (`RateLimiter` says how exactly). A limit of 0 means none.
 
-use chrono::{DateTime, Duration, DurationRound, Utc};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, DurationRound, Utc};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -36,10 +40,10 @@ impl Scope<'_> {
         }
     }
 
-    fn window(&self) -> Duration {
+    fn window(&self) -> chrono::Duration {
         match self {
-            Scope::Phone(_) => Duration::hours(1),
-            _ => Duration::minutes(1),
+            Scope::Phone(_) => chrono::Duration::hours(1),
+            _ => chrono::Duration::minutes(1),
         }
     }
 
@@ -61,23 +65,112 @@ impl RateLimits {
         }
     }
 
+    /// The 429 for `scope`, with `Retry-After` set to the end of its window.
+    fn refusal(scope: &Scope<'_>, start: DateTime<Utc>, now: DateTime<Utc>) -> ApiError {
+        let wait = (start + scope.window() - now).to_std().unwrap_or_default();
+        ApiError::new(scope.code()).retry_after(wait)
+    }
+}
+
+/// Counted hits of one partner or product window in this process.
+#[derive(Debug)]
+struct Local {
+    window_start: DateTime<Utc>,
+    /// The database's count at the last reconciliation (every replica's hits).
+    global: i64,
+    /// This process's hits since then.
+    unsynced: i64,
+    synced_at: Option<Instant>,
+}
+
+/// Reconcile a window with the database after this many local hits...
+const SYNC_EVERY: i64 = 20;
+/// ...or this long after the last reconciliation, whichever comes first.
+const SYNC_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The limits as enforced. Per-partner and per-product windows are counted
+/// in this process's memory and reconciled with the database's counter every
+/// `SYNC_EVERY` hits or `SYNC_INTERVAL`, so a partner's requests no longer
+/// all update one database row (which serialised them). One process is
+/// exact; with several, each may admit what the others admitted since its
+/// last reconciliation: at most about (replicas - 1) x (20 hits, or 200 ms of
+/// a replica's traffic) over the limit. The per-phone send limit guards money
+/// and stays exact: every send is counted in the database first.
+#[derive(Debug)]
+pub struct RateLimiter {
+    limits: RateLimits,
+    local: Mutex<HashMap<String, Local>>,
+}
+
+impl RateLimiter {
+    pub fn new(limits: RateLimits) -> Self {
+        RateLimiter { limits, local: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn limits(&self) -> RateLimits {
+        self.limits
+    }
+
     /// Counts one hit; past the limit, the 429 to answer with `Retry-After`
-    /// set to the end of the window.
+    /// set to the end of the window (a refused hit is not counted).
     pub async fn hit(&self, store: &dyn Store, scope: Scope<'_>, now: DateTime<Utc>) -> Result<(), ApiError> {
-        let limit = self.limit(&scope);
+        let limit = i64::from(self.limits.limit(&scope));
         if limit == 0 {
             return Ok(());
         }
-        let window = scope.window();
-        let start = now.duration_trunc(window).unwrap_or(now);
-        let hits = store.hit_rate_counter(&scope.key(), start).await.map_err(|error| {
-            tracing::error!(%error, "rate counter unavailable");
-            ApiError::new(ErrorCode::Internal)
-        })?;
-        if hits <= i64::from(limit) {
-            return Ok(());
+        let start = now.duration_trunc(scope.window()).unwrap_or(now);
+        let key = scope.key();
+        if let Scope::Phone(_) = scope {
+            let hits = store.add_rate_hits(&key, start, 1).await.map_err(|error| {
+                tracing::error!(%error, "rate counter unavailable");
+                ApiError::new(ErrorCode::Internal)
+            })?;
+            return if hits <= limit { Ok(()) } else { Err(RateLimits::refusal(&scope, start, now)) };
         }
-        let wait = (start + window - now).to_std().unwrap_or_default();
-        Err(ApiError::new(scope.code()).retry_after(wait))
+        let due = {
+            let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = local.entry(key.clone()).or_insert(Local {
+                window_start: start,
+                global: 0,
+                unsynced: 0,
+                synced_at: None,
+            });
+            if entry.window_start != start {
+                *entry = Local { window_start: start, global: 0, unsynced: 0, synced_at: None };
+            }
+            if entry.global + entry.unsynced + 1 > limit {
+                return Err(RateLimits::refusal(&scope, start, now));
+            }
+            entry.unsynced += 1;
+            let due = entry.unsynced >= SYNC_EVERY || entry.synced_at.is_none_or(|at| at.elapsed() >= SYNC_INTERVAL);
+            due.then(|| {
+                entry.synced_at = Some(Instant::now());
+                std::mem::take(&mut entry.unsynced)
+            })
+        };
+        if let Some(hits) = due {
+            self.reconcile(store, &key, start, hits).await;
+        }
+        Ok(())
+    }
+
+    /// Adds this process's `hits` to the database's window and learns every
+    /// replica's total; on a database error the hits wait for the next try.
+    async fn reconcile(&self, store: &dyn Store, key: &str, start: DateTime<Utc>, hits: i64) {
+        let total = store.add_rate_hits(key, start, hits).await;
+        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = local.get_mut(key).filter(|e| e.window_start == start) else { return };
+        match total {
+            Ok(total) => entry.global = entry.global.max(total),
+            Err(error) => {
+                tracing::warn!(%error, "rate counters could not be reconciled; counting on locally");
+                entry.unsynced += hits;
+            }
+        }
+    }
+
+    /// Forgets windows that have ended (keeps memory bounded by active partners).
+    pub fn forget_before(&self, before: DateTime<Utc>) {
+        self.local.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, entry| entry.window_start >= before);
     }
 }

@@ -146,9 +146,9 @@ pub trait Store: Send + Sync {
     /// Deletes idempotency records created before `before`; returns how many.
     async fn purge_idempotency(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
 
-    /// Counts one hit of `scope` in the window starting at `window_start` and
-    /// returns the window's hits so far (atomic across replicas).
-    async fn hit_rate_counter(&self, scope: &str, window_start: DateTime<Utc>) -> Result<i64, StoreError>;
+    /// Adds `hits` to `scope`'s window starting at `window_start` and returns
+    /// the window's hits so far (atomic across replicas).
+    async fn add_rate_hits(&self, scope: &str, window_start: DateTime<Utc>, hits: i64) -> Result<i64, StoreError>;
 
     /// Deletes rate windows that started before `before`.
     async fn purge_rate_counters(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;

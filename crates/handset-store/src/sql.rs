@@ -575,13 +575,20 @@ macro_rules! portable_store {
                 Ok(done.rows_affected())
             }
 
-            async fn hit_rate_counter(&self, scope: &str, window_start: DateTime<Utc>) -> Result<i64, StoreError> {
+            async fn add_rate_hits(
+                &self,
+                scope: &str,
+                window_start: DateTime<Utc>,
+                hits: i64,
+            ) -> Result<i64, StoreError> {
+                let added = i32::try_from(hits).unwrap_or(i32::MAX);
                 let hits: i32 = sqlx::query_scalar(
-                    "INSERT INTO rate_counters (scope, window_start, hits) VALUES ($1, $2, 1) \
-                     ON CONFLICT (scope, window_start) DO UPDATE SET hits = rate_counters.hits + 1 RETURNING hits",
+                    "INSERT INTO rate_counters (scope, window_start, hits) VALUES ($1, $2, $3) \
+                     ON CONFLICT (scope, window_start) DO UPDATE SET hits = rate_counters.hits + $3 RETURNING hits",
                 )
                 .bind(scope)
                 .bind(window_start)
+                .bind(added)
                 .fetch_one(&self.pool)
                 .await
                 .map_err(db)?;

@@ -61,6 +61,14 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// Forgets in-memory rate windows that ended before `before` (partners
+    /// gone quiet), keeping memory bounded by the active ones.
+    pub fn forget_rate_windows(&self, before: DateTime<Utc>) {
+        self.limiter.forget_before(before);
+    }
+}
+
 /// `min * 2^attempts`, at most `max`.
 pub(super) fn backoff(min: std::time::Duration, max: std::time::Duration, attempts: i32) -> std::time::Duration {
     let factor = 2u32.saturating_pow(attempts.clamp(0, 20) as u32);

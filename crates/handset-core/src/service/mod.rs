@@ -27,7 +27,7 @@ use crate::model::{
 };
 use crate::phone::Phone;
 use crate::provider::{CodeCheck, Outcome, Provider, ProviderError, Renewed, StartRequest, Started};
-use crate::rate_limit::{RateLimits, Scope};
+use crate::rate_limit::{RateLimiter, RateLimits, Scope};
 use crate::routing::Routing;
 use crate::secret::{Secret, api_key_hash, code_hash, constant_time_eq};
 use crate::store::{Finalization, Store, StoreError};
@@ -81,6 +81,7 @@ pub struct Gateway {
     breakers: HashMap<ProviderName, CircuitBreaker>,
     routing: Routing,
     settings: GatewaySettings,
+    limiter: RateLimiter,
     clock: Arc<dyn Clock>,
 }
 
@@ -96,6 +97,7 @@ impl Gateway {
             breakers: providers.iter().map(|p| (p.name(), CircuitBreaker::new(settings.breaker))).collect(),
             providers: providers.into_iter().map(|p| (p.name(), p)).collect(),
             routing,
+            limiter: RateLimiter::new(settings.rate_limits),
             settings,
             clock: Arc::new(SystemClock),
         }
@@ -119,7 +121,7 @@ impl Gateway {
     }
 
     pub(super) async fn limit(&self, scope: Scope<'_>) -> Result<(), ApiError> {
-        self.settings.rate_limits.hit(self.store.as_ref(), scope, self.now()).await
+        self.limiter.hit(self.store.as_ref(), scope, self.now()).await
     }
 
     /// Moves `tx` to a final state with its callback; false when another

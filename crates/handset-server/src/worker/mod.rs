@@ -174,6 +174,7 @@ impl Runner {
                 self.store.purge_idempotency(now - lifetime).await?;
                 // Windows last an hour at most; keep one more for clock skew between replicas.
                 self.store.purge_rate_counters(now - chrono::Duration::hours(2)).await?;
+                self.gateway.forget_rate_windows(now - chrono::Duration::minutes(2));
                 let due = self.store.due_callbacks(now).await?;
                 metrics::gauge!("callback_queue_due").set(due as f64);
             }

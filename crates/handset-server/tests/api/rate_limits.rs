@@ -67,4 +67,36 @@ async fn per_partner(kind: Kind) {
     assert_eq!(theirs.status, 201, "each partner has its own count");
 }
 
-crate::on_both_kinds!(sends_per_phone, per_product, per_partner);
+crate::on_both_kinds!(sends_per_phone, per_product, per_partner, replicas_share_the_partner_window);
+
+/// Two replicas on one database share a partner's window: each counts in
+/// memory and reconciles with the database every 20 hits or 200 ms, so the
+/// second learns what the first admitted and refuses once the total is reached.
+async fn read(app: &TestApp) -> Answer {
+    app.get("/v1/transactions/00000000-0000-0000-0000-000000000000").await
+}
+
+async fn replicas_share_the_partner_window(kind: Kind) {
+    fresh_minute().await;
+    let limit = [("HANDSET__RATE_LIMITS__PER_PARTNER_PER_MINUTE", "30")];
+    let first = TestApp::spawn_with(kind, &limit).await;
+    let url = first.db.url.clone();
+    let shared = [limit[0], ("HANDSET__DATABASE__URL", url.as_str())];
+    let second = TestApp::spawn_on(handset_testkit::TestDatabase::new(kind).await, &shared, false).await;
+    for _ in 0..25 {
+        read(&first).await.assert_error(404, 4100);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    read(&first).await.assert_error(404, 4100); // reconciles: the database holds 26
+    let mut admitted = 0;
+    loop {
+        let answer = read(&second).await;
+        if answer.status == 429 {
+            answer.assert_error(429, 5200);
+            break;
+        }
+        admitted += 1;
+        assert!(admitted <= 5, "the second replica admitted {admitted}: it did not learn the first one's count");
+    }
+    assert!(admitted >= 1, "the window still had room");
+}
