@@ -71,6 +71,9 @@ pub enum StartError {
     Production(Vec<String>),
     #[error("database: {0}")]
     Store(#[from] StoreError),
+    /// A provider's settings cannot be used (the message names the key).
+    #[error("provider configuration: {0}")]
+    Provider(String),
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -255,8 +258,7 @@ fn providers(settings: &Settings, public_url: &str) -> Result<Vec<Arc<dyn Provid
         if !p.idme.webhook_secret.is_set() {
             tracing::info!(provider = "idme", "no providers.idme.webhook_secret: ID.me results are polled");
         }
-        let idme =
-            handset_idme::Idme::new(&p.idme, public_url).map_err(|e| StartError::Io(std::io::Error::other(e)))?;
+        let idme = handset_idme::Idme::new(&p.idme, public_url).map_err(StartError::Provider)?;
         tracing::info!(provider = "idme", base_url = %p.idme.base_url, "provider enabled");
         let idme = Arc::new(idme);
         // Tell the operator early if ID.me cannot be reached; requests work (or fail over) regardless.
@@ -270,22 +272,20 @@ fn providers(settings: &Settings, public_url: &str) -> Result<Vec<Arc<dyn Provid
     } else {
         tracing::info!(provider = "idme", "provider disabled: no credentials configured");
     }
-    let sms_enabled = settings.idme_enabled() || p.veratad.enabled();
-    if sms_enabled && settings.rate_limits.per_phone_per_hour == 0 && !settings.is_production() {
+    if settings.sms_provider_enabled() && settings.rate_limits.per_phone_per_hour == 0 && !settings.is_production() {
         tracing::warn!(
             "an SMS provider is enabled and rate_limits.per_phone_per_hour is 0: nothing limits SMS pumping"
         );
     }
     if p.veratad.enabled() {
-        let veratad =
-            handset_veratad::Veratad::new(&p.veratad).map_err(|e| StartError::Io(std::io::Error::other(e)))?;
+        let veratad = handset_veratad::Veratad::new(&p.veratad).map_err(StartError::Provider)?;
         tracing::info!(provider = "veratad", base_url = %p.veratad.base_url, "provider enabled");
         providers.push(Arc::new(veratad));
     } else {
         tracing::info!(provider = "veratad", "provider disabled: no credentials configured");
     }
     if p.dqe.enabled() {
-        let dqe = handset_dqe::Dqe::new(&p.dqe).map_err(|e| StartError::Io(std::io::Error::other(e)))?;
+        let dqe = handset_dqe::Dqe::new(&p.dqe).map_err(StartError::Provider)?;
         tracing::info!(provider = "dqe", base_url = %p.dqe.base_url, "provider enabled");
         providers.push(Arc::new(dqe));
     } else {

@@ -358,8 +358,7 @@ impl Settings {
                     .into(),
             );
         }
-        let sms_routed = self.idme_enabled()
-            || self.providers.veratad.enabled()
+        let sms_routed = self.sms_provider_enabled()
             || self.routing.rules.iter().any(|r| r.product == Product::PossessionSms && !r.providers.is_empty());
         if sms_routed && self.rate_limits.per_phone_per_hour == 0 {
             problems.push(
@@ -395,9 +394,9 @@ impl Settings {
         Region::parse(&self.phone.default_region).unwrap_or_default()
     }
 
-    /// ID.me is enabled when it has a secret.
-    pub fn idme_enabled(&self) -> bool {
-        self.providers.idme.secret.is_set()
+    /// Whether a provider that sends SMS codes (ID.me, Veratad) has credentials.
+    pub fn sms_provider_enabled(&self) -> bool {
+        self.providers.idme.enabled() || self.providers.veratad.enabled()
     }
 
     pub fn is_production(&self) -> bool {

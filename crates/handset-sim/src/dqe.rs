@@ -361,20 +361,35 @@ impl DqeSim {
     }
 }
 
-/// Step 1. `RawForm` reads the query on GET and a form body otherwise.
-async fn initiate(State(sim): State<DqeSim>, form: Result<RawForm, RawFormRejection>) -> Response {
-    let config = sim.config();
-    let operator = config.operator.as_str();
+/// A step's parameters once its body, scope and licence (named `licence_key`:
+/// step 1 writes `licence`, step 2 `Licence`) are right; else the error id.
+/// `RawForm` reads the query on GET and a form body otherwise.
+fn authorised(
+    config: &DqeConfig,
+    form: Result<RawForm, RawFormRejection>,
+    licence_key: &str,
+) -> Result<Params, &'static str> {
     let Ok(RawForm(raw)) = form else {
-        return error("01", operator);
+        return Err("01");
     };
     let params = Params::parse(&raw);
     if params.get("scope") != SCOPE {
-        return error("04", operator);
+        return Err("04");
     }
-    if params.get("licence") != config.licence.as_str() {
-        return error("02", operator);
+    if params.get(licence_key) != config.licence.as_str() {
+        return Err("02");
     }
+    Ok(params)
+}
+
+/// Step 1.
+async fn initiate(State(sim): State<DqeSim>, form: Result<RawForm, RawFormRejection>) -> Response {
+    let config = sim.config();
+    let operator = config.operator.as_str();
+    let params = match authorised(&config, form, "licence") {
+        Ok(params) => params,
+        Err(id) => return error(id, operator),
+    };
     if params.get("token") != config.token.as_str() {
         return error("30", operator);
     }
@@ -414,16 +429,10 @@ async fn initiate(State(sim): State<DqeSim>, form: Result<RawForm, RawFormReject
 async fn retrieve(State(sim): State<DqeSim>, form: Result<RawForm, RawFormRejection>) -> Response {
     let config = sim.config();
     let operator = config.operator.as_str();
-    let Ok(RawForm(raw)) = form else {
-        return error("01", operator);
+    let params = match authorised(&config, form, "Licence") {
+        Ok(params) => params,
+        Err(id) => return error(id, operator),
     };
-    let params = Params::parse(&raw);
-    if params.get("scope") != SCOPE {
-        return error("04", operator);
-    }
-    if params.get("Licence") != config.licence.as_str() {
-        return error("02", operator);
-    }
     let token = params.get("token");
     let Some(session) = sim.session_by_token(token) else {
         // The API token is valid but names no session: nothing to report yet.

@@ -1,8 +1,10 @@
 //! The adapter against `handset-sim`'s Veratad: whole flows over real HTTP.
 
+mod common;
+
 use std::time::Duration;
 
-use handset_core::model::{PersonName, Product, ProviderName, Transaction};
+use handset_core::model::PersonName;
 use handset_core::provider::{CodeCheck, Outcome, ProviderError, SmsCheck, StartRequest};
 use handset_core::{ErrorCode, Phone, Region};
 use handset_sim::faults::Faults;
@@ -28,18 +30,6 @@ fn start<'a>(id: uuid::Uuid, phone: &'a Phone, name: &'a PersonName) -> StartReq
     StartRequest { transaction_id: id, phone, name: Some(name), provider_verification: None }
 }
 
-fn pending(id: uuid::Uuid, provider_ref: Option<String>) -> Transaction {
-    let tx = Transaction::pending(
-        uuid::Uuid::new_v4(),
-        uuid::Uuid::new_v4(),
-        Product::PossessionSms,
-        ProviderName::Veratad,
-        "+14155550123",
-        chrono::Utc::now(),
-    );
-    Transaction { id, provider_ref, max_attempts: 5, ..tx }
-}
-
 #[tokio::test]
 async fn a_code_is_sent_then_checked_with_renewed_tokens() {
     let (sim, veratad) = sim_and_adapter("sim-user").await;
@@ -51,7 +41,7 @@ async fn a_code_is_sent_then_checked_with_renewed_tokens() {
     let pin = sim.veratad.pin(&id.to_string()).expect("the sim sent a PIN for our reference");
     assert!(sim.veratad.transactions()[0].message.as_deref().unwrap().contains(&pin), "the template was used");
 
-    let mut tx = pending(id, started.provider_ref.clone());
+    let mut tx = common::kept(id, started.provider_ref.as_deref());
     let wrong = veratad.check_code(&tx, "000000").await.unwrap();
     assert_eq!(wrong.answer, CodeCheck::Mismatched);
     let renewed = wrong.provider_ref.expect("a wrong code renews the token");

@@ -1,9 +1,11 @@
 //! The adapter against a mock HTTP server on loopback: the request shapes
 //! and every documented action and detail, plus HTTP failures (DESIGN §9).
 
+mod common;
+
 use std::time::Duration;
 
-use handset_core::model::{PersonName, Product, ProviderName, Transaction, TransactionResult};
+use handset_core::model::{PersonName, Transaction, TransactionResult};
 use handset_core::provider::{CodeCheck, Outcome, ProviderError, Renewed, SmsCheck, StartRequest};
 use handset_core::{ErrorCode, Phone, Region};
 use handset_veratad::{ContinuationRef, Veratad, VeratadSettings};
@@ -61,15 +63,7 @@ async fn answering(status: u16, body: Value) -> MockServer {
 }
 
 fn kept(reference: &str) -> Transaction {
-    let pending = Transaction::pending(
-        uuid::Uuid::new_v4(),
-        uuid::Uuid::new_v4(),
-        Product::PossessionSms,
-        ProviderName::Veratad,
-        "+14155550123",
-        chrono::Utc::now(),
-    );
-    Transaction { provider_ref: Some(reference.into()), max_attempts: 5, ..pending }
+    common::kept(uuid::Uuid::new_v4(), Some(reference))
 }
 
 #[tokio::test]

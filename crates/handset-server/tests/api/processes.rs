@@ -15,6 +15,7 @@ use crate::receiver::{Receiver, Reply};
 pub(crate) struct Server {
     pub(crate) child: Child,
     pub(crate) base: String,
+    client: reqwest::Client,
     pub(crate) log: std::path::PathBuf,
 }
 
@@ -36,11 +37,24 @@ impl Server {
         for (key, value) in extra {
             command.env(key, value);
         }
-        let server = Server { child: command.spawn().unwrap(), base: format!("http://127.0.0.1:{port}"), log };
+        let base = format!("http://127.0.0.1:{port}");
+        let server = Server { child: command.spawn().unwrap(), base, client: crate::helpers::http_client(), log };
         if crate::helpers::wait_healthy(&server.base).await {
             return server;
         }
         panic!("handset did not start: {}", std::fs::read_to_string(&server.log).unwrap_or_default());
+    }
+
+    /// A POST to this process as the development partner; the answer's JSON.
+    pub(crate) async fn post(&self, path: &str, body: &Value) -> Value {
+        let request = self.client.post(format!("{}{path}", self.base)).json(body);
+        request.bearer_auth(DEV_KEY).send().await.unwrap().json().await.unwrap_or(Value::Null)
+    }
+
+    /// A GET of this process as the development partner; the answer's JSON.
+    pub(crate) async fn get(&self, path: &str) -> Value {
+        let request = self.client.get(format!("{}{path}", self.base));
+        request.bearer_auth(DEV_KEY).send().await.unwrap().json().await.unwrap_or(Value::Null)
     }
 
     pub(crate) fn signal(&self, signal: &str) {
@@ -68,22 +82,12 @@ impl Drop for Server {
 
 /// Starts `count` identity checks that are final at once, each owing a callback.
 async fn final_transactions(servers: &[&Server], count: usize, callback_url: &str) -> Vec<String> {
-    let client = crate::helpers::http_client();
     let mut ids = Vec::new();
     for i in 0..count {
         let server = servers[i % servers.len()];
-        let answer: Value = client
-            .post(format!("{}/v1/identity", server.base))
-            .bearer_auth(DEV_KEY)
-            .json(
-                &json!({"phone": format!("888555{:04}", i), "birth_date": "1968-05-27", "callback_url": callback_url}),
-            )
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body =
+            json!({"phone": format!("888555{:04}", i), "birth_date": "1968-05-27", "callback_url": callback_url});
+        let answer = server.post("/v1/identity", &body).await;
         ids.push(answer["transaction_id"].as_str().unwrap_or_else(|| panic!("{answer}")).to_owned());
     }
     ids

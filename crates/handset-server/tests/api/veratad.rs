@@ -9,7 +9,7 @@ use handset_sim::{Sim, SimConfig};
 use handset_testkit::{Kind, TestDatabase};
 use serde_json::{Value, json};
 
-use crate::helpers::{DEV_KEY, TestApp};
+use crate::helpers::TestApp;
 
 const USER: &str = "veratad-api-user-7781";
 const PASS: &str = "veratad-api-pass-7781";
@@ -238,38 +238,14 @@ async fn credentials_never_reach_logs_or_rows() {
     let mut extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     extra.push(("RUST_LOG", "debug"));
     let server = crate::processes::Server::start(&db, &extra).await;
-    let client = crate::helpers::http_client();
     let forced = json!({"phone": "4155550123", "provider": "veratad", "name": {"first": "Ada", "last": "Lovelace"}});
-    let started: Value = client
-        .post(format!("{}/v1/possession", server.base))
-        .bearer_auth(DEV_KEY)
-        .json(&forced)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let started = server.post("/v1/possession", &forced).await;
     let id = started["transaction_id"].as_str().unwrap().to_owned();
     let pin = sim.veratad.pin(&id).unwrap();
     for code in ["000000", pin.as_str()] {
-        client
-            .post(format!("{}/v1/possession/{id}/confirm", server.base))
-            .bearer_auth(DEV_KEY)
-            .json(&json!({"code": code}))
-            .send()
-            .await
-            .unwrap();
+        server.post(&format!("/v1/possession/{id}/confirm"), &json!({"code": code})).await;
     }
-    let confirmed: Value = client
-        .get(format!("{}/v1/transactions/{id}", server.base))
-        .bearer_auth(DEV_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let confirmed = server.get(&format!("/v1/transactions/{id}")).await;
     assert_eq!(confirmed["status"]["code"], 200, "{confirmed}");
     let logs = std::fs::read_to_string(&server.log).unwrap();
     assert!(
