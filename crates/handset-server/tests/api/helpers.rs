@@ -119,7 +119,8 @@ impl TestApp {
             ("HANDSET__SERVER__BIND".into(), "127.0.0.1:0".into()),
             ("HANDSET__DATABASE__URL".into(), db.url.clone()),
             ("HANDSET__DATABASE__MIGRATE_ON_START".into(), migrate.to_string()),
-            ("HANDSET__DATABASE__ACQUIRE_TIMEOUT".into(), "2s".into()),
+            // Generous: on two busy cores a fresh database's first connection can be slow.
+            ("HANDSET__DATABASE__ACQUIRE_TIMEOUT".into(), "15s".into()),
         ];
         vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let settings = Settings::load_with(file, Some(vars)).expect("test settings");

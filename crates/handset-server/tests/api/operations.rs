@@ -47,7 +47,8 @@ async fn health_ready_and_metrics(app: TestApp) {
 async fn ready_is_503_when_sqlite_cannot_be_opened() {
     let db = TestDatabase::sqlite();
     db.destroy().await; // its directory is gone: the file cannot be created
-    let app = TestApp::spawn_on(db, &[], false).await;
+    // A database that cannot be reached answers quickly with a short wait for a connection.
+    let app = TestApp::spawn_on(db, &[("HANDSET__DATABASE__ACQUIRE_TIMEOUT", "2s")], false).await;
     assert_eq!(app.send(app.client.get(app.url("/ready"))).await.status, 503);
     assert_eq!(app.send(app.client.get(app.url("/health"))).await.status, 200);
     app.get("/v1/transactions/00000000-0000-0000-0000-000000000000").await.assert_error(500, 5000);
