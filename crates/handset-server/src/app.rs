@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 use tower_http::catch_panic::CatchPanicLayer;
 use uuid::Uuid;
 
+use crate::dns::{CallbackGuard, HostLookup, SystemLookup};
 use crate::error::{Failure, error_response};
 use crate::routes::{callbacks, docs, health, identity, possession, providers, sandbox, transactions};
 use crate::serve::{ConnectionLimits, serve};
@@ -47,7 +48,8 @@ pub const MAX_PENDING_CALLBACKS: i64 = 10;
 pub struct AppState {
     pub gateway: Arc<Gateway>,
     pub default_region: Region,
-    pub allow_private_callbacks: bool,
+    /// Where callbacks may go (checked at request time and again at delivery).
+    pub callbacks: CallbackGuard,
     pub metrics: PrometheusHandle,
     /// The sandbox provider and its `/sandbox/*` pages exist (development only).
     pub sandbox: bool,
@@ -93,6 +95,12 @@ impl Application {
     /// free port), opens the store, migrates when configured, and seeds (in
     /// development) or deactivates (in production) the development partner.
     pub async fn build(settings: Settings) -> Result<Application, StartError> {
+        Self::build_with_lookup(settings, Arc::new(SystemLookup)).await
+    }
+
+    /// As `build`, resolving callback hosts with `lookup` instead of the
+    /// system's resolver (tests of DNS rebinding).
+    pub async fn build_with_lookup(settings: Settings, lookup: Arc<dyn HostLookup>) -> Result<Application, StartError> {
         crate::install_crypto_provider();
         let problems = settings.production_problems();
         if !problems.is_empty() {
@@ -157,8 +165,9 @@ impl Application {
             },
         );
         let gateway = Arc::new(gateway);
+        let callbacks = CallbackGuard { allow_private_networks: settings.callbacks.allow_private_networks, lookup };
         let runner = if settings.workers.enabled {
-            let delivery = Delivery::new(settings.callbacks.allow_private_networks, settings.callbacks.timeout)
+            let delivery = Delivery::new(callbacks.clone(), settings.callbacks.timeout)
                 .map_err(|e| StartError::Io(std::io::Error::other(e)))?;
             Some(Runner::new(gateway.clone(), delivery, runner_settings(&settings)))
         } else {
@@ -168,7 +177,7 @@ impl Application {
         let state = AppState {
             gateway,
             default_region: settings.default_region(),
-            allow_private_callbacks: settings.callbacks.allow_private_networks,
+            callbacks,
             metrics: telemetry::metrics_handle(),
             sandbox: !settings.is_production(),
             body_read_timeout: settings.server.body_read_timeout,

@@ -12,6 +12,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::dns::CallbackGuard;
 use crate::extract::{Fields, unknown_field};
 
 /// `metadata` may be any JSON up to this many characters, serialised compactly.
@@ -91,11 +92,11 @@ pub struct Common {
     pub metadata: Value,
 }
 
-pub async fn common(fields: &Fields, allow_private_networks: bool) -> Result<Common, ApiError> {
+pub async fn common(fields: &Fields, callbacks: &CallbackGuard) -> Result<Common, ApiError> {
     Ok(Common {
         provider: provider(fields)?,
         verification_id: verification_id(fields)?,
-        callback_url: callback_url(fields, allow_private_networks).await?,
+        callback_url: callback_url(fields, callbacks).await?,
         metadata: metadata(fields)?,
     })
 }
@@ -173,12 +174,12 @@ pub fn redirect_uri(fields: &Fields) -> Result<Option<String>, ApiError> {
 /// A callback URL, refused (3100) when it is not http(s) or, unless private
 /// networks are allowed, when its host is or resolves to an internal address.
 /// A name that does not resolve now is accepted: the delivery checks again.
-async fn callback_url(fields: &Fields, allow_private_networks: bool) -> Result<Option<String>, ApiError> {
+async fn callback_url(fields: &Fields, callbacks: &CallbackGuard) -> Result<Option<String>, ApiError> {
     let Some(raw) = fields.string("callback_url", ErrorCode::InvalidCallbackUrl)? else {
         return Ok(None);
     };
     let url = CallbackUrl::parse(raw)?;
-    if allow_private_networks {
+    if callbacks.allow_private_networks {
         return Ok(Some(url.as_str().to_owned()));
     }
     let internal = || {
@@ -194,9 +195,9 @@ async fn callback_url(fields: &Fields, allow_private_networks: bool) -> Result<O
         return if is_forbidden_ip(ip) { Err(internal()) } else { Ok(Some(url.as_str().to_owned())) };
     }
     let domain = url.domain().unwrap_or_default().to_owned();
-    let resolved = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((domain, url.port()))).await;
-    if let Ok(Ok(mut addresses)) = resolved
-        && addresses.any(|a| is_forbidden_ip(a.ip()))
+    let resolved = tokio::time::timeout(RESOLVE_TIMEOUT, callbacks.resolve(&domain)).await;
+    if let Ok(Ok(addresses)) = resolved
+        && addresses.into_iter().any(is_forbidden_ip)
     {
         return Err(internal());
     }

@@ -5,6 +5,7 @@
 pub mod app;
 pub mod cli;
 pub mod deadline;
+pub mod dns;
 pub mod error;
 pub mod extract;
 pub mod idempotency;

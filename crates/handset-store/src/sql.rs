@@ -27,6 +27,11 @@ impl PgStore {
     pub fn new(pool: PgPool) -> Self {
         PgStore { pool }
     }
+
+    /// Postgres answering `SELECT 1` is all readiness needs.
+    fn still_in_place(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// SQLite, the embedded default.
@@ -38,6 +43,20 @@ pub struct SqliteStore {
 impl SqliteStore {
     pub fn new(pool: SqlitePool) -> Self {
         SqliteStore { pool }
+    }
+
+    /// The database file is still where the pool opens it. An open SQLite
+    /// connection goes on working on a file that was deleted or moved away,
+    /// so `SELECT 1` alone would call ready a process whose writes no restart
+    /// (and no other replica) will ever see.
+    fn still_in_place(&self) -> Result<(), StoreError> {
+        let options = self.pool.connect_options();
+        let file = options.get_filename();
+        let in_memory = file.as_os_str().is_empty() || file.to_string_lossy().contains(":memory:");
+        if in_memory || file.exists() {
+            return Ok(());
+        }
+        Err(StoreError::Database(format!("the SQLite file {} is gone", file.display()).into()))
     }
 }
 
@@ -120,7 +139,7 @@ macro_rules! portable_store {
 
             async fn ping(&self) -> Result<(), StoreError> {
                 sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db)?;
-                Ok(())
+                self.still_in_place()
             }
 
             async fn insert_partner(&self, new: &NewPartner) -> Result<(), StoreError> {

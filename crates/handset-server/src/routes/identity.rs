@@ -33,7 +33,7 @@ pub async fn start(
     let phone = input::phone(&fields, state.default_region)?;
     let today = chrono::Utc::now().date_naive();
     let birth_date = BirthDate::parse(fields.required_string("birth_date", ErrorCode::InvalidBirthDate)?, today)?;
-    let common = input::common(&fields, state.allow_private_callbacks).await?;
+    let common = input::common(&fields, &state.callbacks).await?;
     let request = StartIdentity {
         phone,
         birth_date,

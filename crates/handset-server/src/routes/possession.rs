@@ -42,7 +42,7 @@ pub async fn start(
             .into());
         }
     };
-    let common = input::common(&fields, state.allow_private_callbacks).await?;
+    let common = input::common(&fields, &state.callbacks).await?;
     let request = StartPossession {
         phone,
         channel,

@@ -1,14 +1,13 @@
 //! One signed POST of a callback to a partner, guarded against server-side
 //! request forgery at delivery time.
 //!
-//! The client resolves host names through `GuardedResolver`, which drops
-//! internal addresses, and connects only to what that resolver returned: a
+//! The client resolves host names through the `CallbackGuard`, which drops
+//! internal addresses, and connects only to what the guard returned: a
 //! name that resolved to a public address when the partner registered it and
 //! to a private one now (DNS rebinding) is refused here. IP literals skip name
 //! resolution, so they are checked before sending. Redirects are never
 //! followed and proxies from the environment are ignored.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,34 +15,10 @@ use chrono::{DateTime, Utc};
 use handset_core::callback::{CallbackUrl, is_forbidden_ip};
 use handset_core::model::{CallbackAttempt, ClaimedCallback};
 use handset_core::webhook;
-use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+
+use crate::dns::CallbackGuard;
 
 const USER_AGENT: &str = concat!("handset-webhooks/", env!("CARGO_PKG_VERSION"));
-
-/// Resolves names with the system resolver and keeps only public addresses
-/// (unless private networks are allowed).
-#[derive(Debug, Clone, Copy)]
-pub struct GuardedResolver {
-    pub allow_private_networks: bool,
-}
-
-impl Resolve for GuardedResolver {
-    fn resolve(&self, name: Name) -> Resolving {
-        let allow_private = self.allow_private_networks;
-        Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let allowed: Vec<SocketAddr> =
-                found.iter().copied().filter(|a| allow_private || !is_forbidden_ip(a.ip())).collect();
-            if allowed.is_empty() {
-                let why =
-                    if found.is_empty() { "resolves to no address" } else { "resolves only to internal addresses" };
-                return Err(format!("callback host {host} {why}").into());
-            }
-            Ok(Box::new(allowed.into_iter()) as Addrs)
-        })
-    }
-}
 
 pub struct Delivery {
     client: reqwest::Client,
@@ -51,7 +26,8 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    pub fn new(allow_private_networks: bool, timeout: Duration) -> Result<Delivery, reqwest::Error> {
+    pub fn new(guard: CallbackGuard, timeout: Duration) -> Result<Delivery, reqwest::Error> {
+        let allow_private_networks = guard.allow_private_networks;
         crate::install_crypto_provider();
         let client = reqwest::Client::builder()
             .user_agent(USER_AGENT)
@@ -59,7 +35,7 @@ impl Delivery {
             .connect_timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
-            .dns_resolver(Arc::new(GuardedResolver { allow_private_networks }))
+            .dns_resolver(Arc::new(guard))
             .build()?;
         Ok(Delivery { client, allow_private_networks })
     }
@@ -117,21 +93,4 @@ fn describe(error: reqwest::Error) -> String {
         cause = inner;
     }
     format!("{kind}: {cause}")
-}
-
-#[cfg(test)]
-mod tests {
-    use std::str::FromStr;
-
-    use super::*;
-
-    #[tokio::test]
-    async fn the_resolver_drops_internal_addresses() {
-        let guarded = GuardedResolver { allow_private_networks: false };
-        let error = guarded.resolve(Name::from_str("localhost").unwrap()).await.err().expect("refused");
-        assert!(error.to_string().contains("internal"), "{error}");
-        let open = GuardedResolver { allow_private_networks: true };
-        let addrs: Vec<SocketAddr> = open.resolve(Name::from_str("localhost").unwrap()).await.unwrap().collect();
-        assert!(addrs.iter().all(|a| a.ip().is_loopback()) && !addrs.is_empty());
-    }
 }

@@ -2,6 +2,9 @@
 //! retries, failure, redirects, timeouts, forgery guards, the retry endpoint,
 //! expiry and retention, on SQLite and Postgres.
 
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
@@ -9,6 +12,8 @@ use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
+
+use handset_server::dns::{HostLookup, Lookup};
 
 use crate::helpers::TestApp;
 use crate::receiver::{Receiver, Reply};
@@ -199,6 +204,77 @@ async fn internal_addresses_are_refused_at_delivery(kind: Kind) {
     assert!(receiver.received().is_empty(), "nothing reached the internal address");
 }
 
+/// Answers for `rebind.example` only: `first` once (the check when the
+/// request came), then `later` (every delivery), as a name re-pointed by its
+/// owner would.
+struct Rebinding {
+    first: IpAddr,
+    later: IpAddr,
+    calls: AtomicUsize,
+}
+
+impl Rebinding {
+    fn new(first: [u8; 4], later: [u8; 4]) -> Arc<Rebinding> {
+        Arc::new(Rebinding { first: first.into(), later: later.into(), calls: AtomicUsize::new(0) })
+    }
+}
+
+impl HostLookup for Rebinding {
+    fn lookup(&self, host: &str) -> Lookup {
+        let answer = if host != "rebind.example" {
+            Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host}: unknown to the test")))
+        } else if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            Ok(vec![self.first])
+        } else {
+            Ok(vec![self.later])
+        };
+        Box::pin(async move { answer })
+    }
+}
+
+/// DNS rebinding: a callback host that resolved to a public address when the
+/// partner gave it and resolves to 127.0.0.1 when the callback is sent is
+/// refused at delivery, every attempt saying why, and nothing arrives.
+async fn a_host_rebound_to_loopback_is_refused_at_delivery(kind: Kind) {
+    let receiver = Receiver::start().await;
+    let port = receiver.base.rsplit(':').next().unwrap().to_owned();
+    let lookup = Rebinding::new([93, 184, 215, 14], [127, 0, 0, 1]);
+    let env = [
+        ("HANDSET__CALLBACKS__ALLOW_PRIVATE_NETWORKS", "false"),
+        ("HANDSET__CALLBACKS__RETRY_SCHEDULE", "100ms,100ms"),
+        ("HANDSET__WORKERS__POLL_INTERVAL", "25ms"),
+    ];
+    let app = TestApp::spawn_with_lookup(kind, &env, lookup.clone()).await;
+    let hook = format!("http://rebind.example:{port}/hook");
+    let id = identity_with_callback(&app, "8885551234", &hook).await;
+    let record = wait_state(&app, &id, "failed").await;
+    let attempts = record["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 3, "{record}");
+    for attempt in attempts {
+        let error = attempt["error"].as_str().unwrap_or_default();
+        assert!(error.contains("rebind.example resolves only to internal addresses"), "{record}");
+    }
+    assert!(lookup.calls.load(Ordering::SeqCst) >= 4, "the request and each delivery asked the resolver");
+    assert!(receiver.received().is_empty(), "nothing reached the loopback address");
+}
+
+/// The other half: the delivery connects to the address the guard resolved
+/// (here, allowed because private networks are), not to one of its own lookup.
+async fn deliveries_connect_where_the_guard_resolved(kind: Kind) {
+    let receiver = Receiver::start().await;
+    let port = receiver.base.rsplit(':').next().unwrap().to_owned();
+    let app = TestApp::spawn_with_lookup(
+        kind,
+        &[("HANDSET__CALLBACKS__ALLOW_PRIVATE_NETWORKS", "true"), ("HANDSET__WORKERS__POLL_INTERVAL", "25ms")],
+        Rebinding::new([127, 0, 0, 1], [127, 0, 0, 1]),
+    )
+    .await;
+    let id = identity_with_callback(&app, "8885551234", &format!("http://rebind.example:{port}/hook")).await;
+    let got = receiver.wait_for(1, WAIT).await;
+    assert_eq!(got[0].json()["transaction_id"], id.as_str());
+    assert_eq!(got[0].header("host"), format!("rebind.example:{port}"));
+}
+
 async fn expired_checks_fire_their_callback(kind: Kind) {
     let receiver = Receiver::start().await;
     let app = app(kind, &[("HANDSET__POSSESSION__CODE_TTL", "200ms")]).await;
@@ -258,6 +334,8 @@ crate::on_both_kinds!(
     retry_endpoint_queues_the_current_state,
     retries_are_capped_per_transaction,
     internal_addresses_are_refused_at_delivery,
+    a_host_rebound_to_loopback_is_refused_at_delivery,
+    deliveries_connect_where_the_guard_resolved,
     expired_checks_fire_their_callback,
     retention_purges_personal_data,
     delivery_metrics,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use handset_core::model::{Partner, Product};
 use handset_core::secret::api_key_hash;
 use handset_core::store::{NewPartner, Store};
+use handset_server::dns::{HostLookup, SystemLookup};
 use handset_server::{Application, Settings};
 use handset_testkit::{Kind, TestDatabase};
 use reqwest::{Client, Response, StatusCode};
@@ -92,7 +93,12 @@ impl TestApp {
     }
 
     pub async fn spawn_on(db: TestDatabase, env: &[(&str, &str)], migrate: bool) -> TestApp {
-        Self::spawn_configured(db, None, env, migrate).await
+        Self::spawn_configured(db, None, env, migrate, None).await
+    }
+
+    /// As `spawn_with`, resolving callback hosts with `lookup` instead of the system's resolver.
+    pub async fn spawn_with_lookup(kind: Kind, env: &[(&str, &str)], lookup: Arc<dyn HostLookup>) -> TestApp {
+        Self::spawn_configured(TestDatabase::new(kind).await, None, env, true, Some(lookup)).await
     }
 
     /// Starts the app with a configuration file (TOML text) layered under `env`.
@@ -104,7 +110,7 @@ impl TestApp {
     pub async fn spawn_on_config(db: TestDatabase, toml: &str, env: &[(&str, &str)]) -> TestApp {
         let file = std::env::temp_dir().join(format!("handset-test-{}.toml", Uuid::new_v4().simple()));
         std::fs::write(&file, toml).unwrap();
-        let app = Self::spawn_configured(db, Some(&file), env, true).await;
+        let app = Self::spawn_configured(db, Some(&file), env, true, None).await;
         let _ = std::fs::remove_file(file);
         app
     }
@@ -114,6 +120,7 @@ impl TestApp {
         file: Option<&std::path::Path>,
         env: &[(&str, &str)],
         migrate: bool,
+        lookup: Option<Arc<dyn HostLookup>>,
     ) -> TestApp {
         let mut vars: Vec<(String, String)> = vec![
             ("HANDSET__SERVER__BIND".into(), "127.0.0.1:0".into()),
@@ -124,7 +131,8 @@ impl TestApp {
         ];
         vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let settings = Settings::load_with(file, Some(vars)).expect("test settings");
-        let app = Application::build(settings).await.expect("build the app");
+        let lookup = lookup.unwrap_or_else(|| Arc::new(SystemLookup));
+        let app = Application::build_with_lookup(settings, lookup).await.expect("build the app");
         let address = format!("http://{}", app.local_addr());
         let server = tokio::spawn(async move {
             let _ = app.run_until(std::future::pending()).await;
