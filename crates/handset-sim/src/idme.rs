@@ -71,6 +71,8 @@ pub struct SimTransaction {
     pub callback_url: Option<String>,
     /// Webhook pushes made for this transaction.
     pub pushes: u32,
+    /// `GET /api/v2/telecom/:id` reads of it (a gateway polling).
+    pub reads: u32,
     #[serde(skip)]
     created_at: std::time::Instant,
 }
@@ -247,6 +249,7 @@ impl IdmeSim {
             result: None,
             callback_url,
             pushes: 0,
+            reads: 0,
             created_at: std::time::Instant::now(),
         };
         self.lock().transactions.insert(tx.transaction_id.clone(), tx.clone());
@@ -407,8 +410,12 @@ async fn status(State(sim): State<IdmeSim>, headers: HeaderMap, Path(id): Path<S
     if !sim.authorized(&headers) {
         return error(ErrorCode::CredentialsUnknown);
     }
-    match sim.transaction(&id) {
-        Some(tx) => Json(tx.to_json()).into_response(),
+    let read = sim.lock().transactions.get_mut(&id).map(|tx| {
+        tx.reads += 1;
+        tx.to_json()
+    });
+    match read {
+        Some(answer) => Json(answer).into_response(),
         None => error(ErrorCode::NotFound),
     }
 }

@@ -1,8 +1,11 @@
 //! The README quick start, end to end.
 
+use handset_core::secret::DEVELOPMENT_CODE_PEPPER;
+use hmac::{Hmac, Mac};
 use serde_json::json;
+use sha2::{Digest, Sha256};
 
-use crate::helpers::TestApp;
+use crate::helpers::{DEV_KEY, TestApp};
 use crate::on_both_stores;
 
 on_both_stores!(
@@ -140,14 +143,83 @@ async fn final_transactions_owe_their_callback(app: TestApp) {
     assert!(app.store.callbacks_of_transaction(silent.id().parse().unwrap()).await.unwrap().is_empty());
 }
 
+/// After a start and a confirm (with an `Idempotency-Key`, and a callback
+/// owed), a dump of every table holds neither the code nor the API key, in
+/// plain or in a common encoding; the webhook secret only in the one column
+/// that signs with it; and the code's hash is the HMAC keyed by the pepper.
 async fn codes_and_keys_are_stored_hashed(app: TestApp) {
-    let (_, key) = app.partner(&[handset_core::Product::PossessionSms]).await;
-    let started = app.post_as(&key, "/v1/possession", json!({ "phone": "4155550123" })).await;
-    assert_eq!(started.status, 201);
-    let stored = app.dump("transactions", "code_hash").await;
-    assert!(!stored.is_empty(), "the code's hash is kept");
-    assert!(!stored.contains("123123"));
-    let partners = app.dump("partners", "api_key_hash").await;
-    assert!(!partners.contains(&key));
-    assert!(!partners.contains(crate::helpers::DEV_KEY));
+    let (_, key, webhook_secret) = app.partner_with_secret(&[handset_core::Product::PossessionSms]).await;
+    let start = json!({ "phone": "4155550123", "callback_url": "https://partner.example/hook" });
+    let started = app.post_as(&key, "/v1/possession", start).await;
+    assert_eq!(started.status, 201, "{}", started.text);
+    let id = started.id();
+    let confirmed = app
+        .send(
+            app.client
+                .post(app.url(&format!("/v1/possession/{id}/confirm")))
+                .bearer_auth(&key)
+                .header("idempotency-key", "confirm-once")
+                .json(&json!({ "code": "123123" })),
+        )
+        .await;
+    assert_eq!(confirmed.status, 200, "{}", confirmed.text);
+
+    let tx_id = uuid::Uuid::parse_str(&id).unwrap();
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(DEVELOPMENT_CODE_PEPPER.as_bytes()).unwrap();
+    mac.update(tx_id.as_bytes());
+    mac.update(b":123123");
+    let expected = hex::encode(mac.finalize().into_bytes());
+    let row = app.store.transaction(tx_id).await.unwrap().unwrap();
+    assert_eq!(row.code_hash.as_deref(), Some(expected.as_str()), "HMAC-SHA256 keyed by the pepper");
+
+    let dump = app.dump_all().await;
+    let tables: Vec<&str> = dump.iter().map(|(t, _)| t.as_str()).collect();
+    for expected in ["partners", "transactions", "outbox", "idempotency_keys"] {
+        assert!(tables.iter().any(|t| t.starts_with(expected)), "{expected} dumped: {tables:?}");
+    }
+    assert!(dump.iter().map(|(_, rows)| rows.len()).sum::<usize>() > 5, "rows were dumped: {dump:?}");
+    // Keys are kept as their SHA-256 (256-bit random keys need no stretching).
+    let key_hash = hex::encode(Sha256::digest(key.as_bytes()));
+    assert!(dump.iter().any(|(t, rows)| t == "partners" && rows.iter().any(|r| r.contains(&key_hash))));
+    // Neither the code's unkeyed hash nor that of what its HMAC covers is stored.
+    let unkeyed_code = [
+        hex::encode(Sha256::digest(b"123123")),
+        hex::encode(Sha256::digest([tx_id.as_bytes().as_slice(), b":123123"].concat())),
+    ];
+    for (table, rows) in &dump {
+        for row in rows {
+            let row = row.to_lowercase();
+            for (what, secret) in [("code", "123123"), ("API key", key.as_str()), ("API key", DEV_KEY)] {
+                for form in encodings(secret) {
+                    assert!(!row.contains(&form.to_lowercase()), "{what} ({form}) in {table}: {row}");
+                }
+            }
+            for form in &unkeyed_code {
+                assert!(!row.contains(form), "the code's unkeyed hash in {table}: {row}");
+            }
+            // The webhook secret must be kept to sign callbacks: once, in its partner's row.
+            let allowed = usize::from(table == "partners" && row.contains(&webhook_secret.to_lowercase()));
+            for form in encodings(&webhook_secret) {
+                let found = row.matches(&form.to_lowercase()).count();
+                let expected = if form == webhook_secret { allowed } else { 0 };
+                assert!(found <= expected, "webhook secret ({form}) in {table}: {row}");
+            }
+        }
+    }
+}
+
+/// A secret as it might be written down: plain, hex, base64 (standard and
+/// URL-safe, with and without padding).
+fn encodings(secret: &str) -> Vec<String> {
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    let bytes = secret.as_bytes();
+    vec![
+        secret.to_owned(),
+        hex::encode(bytes),
+        STANDARD.encode(bytes),
+        STANDARD_NO_PAD.encode(bytes),
+        URL_SAFE.encode(bytes),
+        URL_SAFE_NO_PAD.encode(bytes),
+    ]
 }

@@ -182,18 +182,73 @@ impl TestApp {
 
     /// A partner created in the real store; returns its id and API key.
     pub async fn partner(&self, products: &[Product]) -> (Uuid, String) {
+        let (id, key, _) = self.partner_with_secret(products).await;
+        (id, key)
+    }
+
+    /// As `partner`, also returning its webhook secret (random, `whsec_...`).
+    pub async fn partner_with_secret(&self, products: &[Product]) -> (Uuid, String, String) {
+        use base64::Engine;
         let key = format!("hs_test_{}", Uuid::new_v4().simple());
+        let secret_bytes: [u8; 24] = rand::random();
+        let webhook_secret = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(secret_bytes));
         let partner = Partner {
             id: Uuid::new_v4(),
             name: "test partner".into(),
             products: products.to_vec(),
             active: true,
-            webhook_secret: "whsec_dGVzdA==".into(),
+            webhook_secret: webhook_secret.clone().into(),
             created_at: chrono::Utc::now(),
         };
         let id = partner.id;
         self.store.insert_partner(&NewPartner { partner, api_key_hash: api_key_hash(&key) }).await.unwrap();
-        (id, key)
+        (id, key, webhook_secret)
+    }
+
+    /// Every row of every table, each rendered whole as text (blobs as hex),
+    /// by table name: what a dump of the database would show.
+    pub async fn dump_all(&self) -> Vec<(String, Vec<String>)> {
+        let mut dump = Vec::new();
+        match self.kind {
+            Kind::Sqlite => {
+                let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&self.db.url).await.unwrap();
+                let tables: Vec<String> =
+                    sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+                        .fetch_all(&mut conn)
+                        .await
+                        .unwrap();
+                for table in tables {
+                    let columns: Vec<String> =
+                        sqlx::query_scalar(&format!(r#"SELECT name FROM pragma_table_info('{table}')"#))
+                            .fetch_all(&mut conn)
+                            .await
+                            .unwrap();
+                    let row =
+                        columns.iter().map(|c| format!(r#"quote("{c}")"#)).collect::<Vec<_>>().join(" || '|' || ");
+                    let rows: Vec<String> = sqlx::query_scalar(&format!(r#"SELECT {row} FROM "{table}""#))
+                        .fetch_all(&mut conn)
+                        .await
+                        .unwrap();
+                    dump.push((table, rows));
+                }
+            }
+            Kind::Postgres => {
+                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&self.db.url).await.unwrap();
+                let tables: Vec<String> =
+                    sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")
+                        .fetch_all(&mut conn)
+                        .await
+                        .unwrap();
+                for table in tables {
+                    let rows: Vec<String> = sqlx::query_scalar(&format!(r#"SELECT CAST(t AS text) FROM "{table}" t"#))
+                        .fetch_all(&mut conn)
+                        .await
+                        .unwrap();
+                    dump.push((table, rows));
+                }
+            }
+        }
+        dump
     }
 
     /// Row count of a table, read straight from the database.

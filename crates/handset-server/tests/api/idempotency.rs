@@ -4,6 +4,9 @@
 
 use handset_core::store::{IdempotencyBegin, IdempotencyClaim};
 use handset_server::idempotency::{REPLAYED_HEADER, request_hash};
+use handset_sim::faults::Faults;
+use handset_sim::{Sim, SimConfig};
+use handset_testkit::Kind;
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -161,4 +164,76 @@ async fn answers_that_record_nothing_are_not_kept(app: TestApp) {
     let replayed = post_with_key(&app, DEV_KEY, "after-422", "/v1/possession", &json!({"phone": "4155550124"})).await;
     assert_eq!(replayed.headers.get(REPLAYED_HEADER).map(|v| v.to_str().unwrap()), Some("true"));
     assert_eq!(replayed.id(), fixed.id());
+
+    // A 500 is not kept either: the retry runs again, and the key is not
+    // bound to the failed request's body.
+    let failing = json!({"phone": "9995555000"});
+    post_with_key(&app, DEV_KEY, "after-500", "/v1/possession", &failing).await.assert_error(500, 5000);
+    let retried = post_with_key(&app, DEV_KEY, "after-500", "/v1/possession", &failing).await;
+    retried.assert_error(500, 5000);
+    assert!(!retried.headers.contains_key(REPLAYED_HEADER), "a 500 is never replayed");
+    let after = post_with_key(&app, DEV_KEY, "after-500", "/v1/possession", &json!({"phone": "4155550125"})).await;
+    assert_eq!(after.status, 201, "the key ran again with another body: {}", after.text);
+}
+
+/// The same key fired at once, many times, while the first request is held
+/// open by a slow provider (ID.me on the sim, 400 ms): one transaction, one
+/// send at the provider, and every other answer is 409 3907 or the first
+/// answer replayed byte for byte.
+async fn one_key_fired_concurrently_sends_once(kind: Kind) {
+    let sim = Sim::start("127.0.0.1:0", SimConfig::default()).await.unwrap();
+    let base = sim.base_url();
+    let env = [
+        ("HANDSET__PROVIDERS__IDME__BASE_URL", base.as_str()),
+        ("HANDSET__PROVIDERS__IDME__SECRET", "sim-secret"),
+        ("HANDSET__PROVIDERS__IDME__TIMEOUT", "5s"),
+    ];
+    let app = TestApp::spawn_with(kind, &env).await;
+    sim.set_faults(Faults { latency_ms: 400, ..Faults::default() });
+    let sent_before = sim.requests();
+    let body = json!({"phone": "4155550123", "provider": "idme"});
+    let mut requests = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let request = app
+            .client
+            .post(app.url("/v1/possession"))
+            .bearer_auth(DEV_KEY)
+            .header("idempotency-key", "one-send")
+            .json(&body);
+        requests.spawn(async move {
+            let response = request.send().await.unwrap();
+            let (status, replayed) = (response.status().as_u16(), response.headers().contains_key(REPLAYED_HEADER));
+            (status, replayed, response.text().await.unwrap())
+        });
+    }
+    let answers = requests.join_all().await;
+    let firsts: Vec<_> = answers.iter().filter(|(status, replayed, _)| *status == 201 && !replayed).collect();
+    assert_eq!(firsts.len(), 1, "one request did the work: {answers:?}");
+    let first = &firsts[0].2;
+    let mut in_flight = 0;
+    for (status, replayed, text) in &answers {
+        match (status, replayed) {
+            (201, false) => {}
+            (201, true) => assert_eq!(text, first, "a replay is the first answer, byte for byte"),
+            (409, _) => {
+                assert!(text.contains("3907"), "{text}");
+                in_flight += 1;
+            }
+            other => panic!("unexpected answer {other:?}: {text}"),
+        }
+    }
+    assert!(in_flight > 0, "the others arrived while the first was held open: {answers:?}");
+    assert_eq!(app.count("transactions").await, 1, "one transaction");
+    assert_eq!(sim.requests() - sent_before, 1, "one send reached ID.me");
+    let again = post_with_key(&app, DEV_KEY, "one-send", "/v1/possession", &body).await;
+    assert_eq!(&again.text, first);
+    assert_eq!(again.headers[REPLAYED_HEADER], "true");
+}
+
+mod concurrent {
+    use handset_testkit::Kind;
+    crate::on_both_kinds!(one_key_fired_concurrently_sends_once);
+    async fn one_key_fired_concurrently_sends_once(kind: Kind) {
+        super::one_key_fired_concurrently_sends_once(kind).await
+    }
 }
