@@ -80,7 +80,17 @@ struct Local {
     global: i64,
     /// This process's hits since then.
     unsynced: i64,
+    /// Hits on their way to the database (a reconciliation not yet
+    /// answered): still counted, or concurrent requests would be admitted
+    /// in their place.
+    reconciling: i64,
     synced_at: Option<Instant>,
+}
+
+impl Local {
+    fn new(window_start: DateTime<Utc>) -> Self {
+        Local { window_start, global: 0, unsynced: 0, reconciling: 0, synced_at: None }
+    }
 }
 
 /// Reconcile a window with the database after this many local hits...
@@ -129,23 +139,20 @@ impl RateLimiter {
         }
         let due = {
             let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
-            let entry = local.entry(key.clone()).or_insert(Local {
-                window_start: start,
-                global: 0,
-                unsynced: 0,
-                synced_at: None,
-            });
+            let entry = local.entry(key.clone()).or_insert_with(|| Local::new(start));
             if entry.window_start != start {
-                *entry = Local { window_start: start, global: 0, unsynced: 0, synced_at: None };
+                *entry = Local::new(start);
             }
-            if entry.global + entry.unsynced + 1 > limit {
+            if entry.global + entry.reconciling + entry.unsynced + 1 > limit {
                 return Err(RateLimits::refusal(&scope, start, now));
             }
             entry.unsynced += 1;
             let due = entry.unsynced >= SYNC_EVERY || entry.synced_at.is_none_or(|at| at.elapsed() >= SYNC_INTERVAL);
             due.then(|| {
                 entry.synced_at = Some(Instant::now());
-                std::mem::take(&mut entry.unsynced)
+                let hits = std::mem::take(&mut entry.unsynced);
+                entry.reconciling += hits;
+                hits
             })
         };
         if let Some(hits) = due {
@@ -160,7 +167,9 @@ impl RateLimiter {
         let total = store.add_rate_hits(key, start, hits).await;
         let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
         let Some(entry) = local.get_mut(key).filter(|e| e.window_start == start) else { return };
+        entry.reconciling -= hits;
         match total {
+            // The total includes these hits and every replica's reconciled ones.
             Ok(total) => entry.global = entry.global.max(total),
             Err(error) => {
                 tracing::warn!(%error, "rate counters could not be reconciled; counting on locally");

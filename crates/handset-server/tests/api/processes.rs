@@ -133,21 +133,43 @@ async fn crash_loses_no_callback(kind: Kind) {
     drop(second);
 }
 
+/// Callbacks queued while no worker runs are delivered once each by two
+/// replicas started afterwards, and both replicas take part (each one's own
+/// delivery counter is above zero; together they count every callback).
 async fn replicas_share_the_work_once(kind: Kind) {
+    const CALLBACKS: usize = 100;
     let db = TestDatabase::new(kind).await;
     let receiver = Receiver::start().await;
-    let a = Server::start(&db, &[]).await;
-    let b = Server::start(&db, &[]).await;
-    let ids = final_transactions(&[&a, &b], 200, &receiver.url("/hook")).await;
+    // Slow answers keep the queue long enough for the second replica to join.
+    receiver.default_reply(Reply::Slow(Duration::from_millis(150), 200));
+    let filler = Server::start(&db, &[("HANDSET__WORKERS__ENABLED", "false")]).await;
+    let ids = final_transactions(&[&filler], CALLBACKS, &receiver.url("/hook")).await;
+    drop(filler);
+    assert!(receiver.received().is_empty(), "nothing delivered before the replicas start");
+
+    let small_batches = [("HANDSET__WORKERS__BATCH_SIZE", "4")];
+    let a = Server::start(&db, &small_batches).await;
+    let b = Server::start(&db, &small_batches).await;
     let store = handset_store::connect(&db.url, &Default::default()).unwrap();
     wait_until_delivered(store.as_ref(), &ids).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let received = receiver.received();
     let mut webhook_ids: Vec<String> = received.iter().map(|r| r.header("webhook-id")).collect();
-    assert_eq!(webhook_ids.len(), 200, "one delivery per callback");
+    assert_eq!(webhook_ids.len(), CALLBACKS, "one delivery per callback");
     webhook_ids.sort();
     webhook_ids.dedup();
-    assert_eq!(webhook_ids.len(), 200, "every webhook-id, none twice");
+    assert_eq!(webhook_ids.len(), CALLBACKS, "every webhook-id, none twice");
+    let (by_a, by_b) = (delivered_by(&a).await, delivered_by(&b).await);
+    assert!(by_a > 0 && by_b > 0, "both replicas delivered: {by_a} and {by_b}");
+    assert_eq!(by_a + by_b, CALLBACKS as u64, "each delivery counted by the replica that made it");
+}
+
+/// `callback_deliveries_total{outcome="delivered"}` of one process.
+async fn delivered_by(server: &Server) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", server.base)).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(r#"callback_deliveries_total{outcome="delivered"} "#))
+        .map_or(0, |n| n.trim().parse().unwrap())
 }
 
 async fn sigterm_finishes_deliveries_in_flight(kind: Kind) {

@@ -67,7 +67,14 @@ async fn per_partner(kind: Kind) {
     assert_eq!(theirs.status, 201, "each partner has its own count");
 }
 
-crate::on_both_kinds!(sends_per_phone, per_product, per_partner, replicas_share_the_partner_window);
+crate::on_both_kinds!(
+    sends_per_phone,
+    per_product,
+    per_partner,
+    replicas_share_the_partner_window,
+    concurrent_requests_admit_exactly_the_limit,
+    concurrent_requests_across_two_replicas,
+);
 
 /// Two replicas on one database share a partner's window: each counts in
 /// memory and reconciles with the database every 20 hits or 200 ms, so the
@@ -100,3 +107,81 @@ async fn replicas_share_the_partner_window(kind: Kind) {
     }
     assert!(admitted >= 1, "the window still had room");
 }
+
+/// Sends `count` requests at once (`request(i)` builds the i-th on one of
+/// `apps`, round robin, as the development partner); how many were admitted
+/// (answered anything but a 429, and not a 5xx). Every 429 must carry `code`.
+async fn admitted_of_concurrent(
+    apps: &[&TestApp],
+    count: usize,
+    code: u64,
+    request: impl Fn(&TestApp, usize) -> reqwest::RequestBuilder,
+) -> usize {
+    let mut requests = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let request = request(apps[i % apps.len()], i).bearer_auth(crate::helpers::DEV_KEY);
+        requests.spawn(async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap())
+        });
+    }
+    let mut admitted = 0;
+    for (status, text) in requests.join_all().await {
+        match status {
+            429 => assert!(text.contains(&format!(r#""code":{code}"#)), "{text}"),
+            200..=499 => admitted += 1,
+            other => panic!("unexpected {other}: {text}"),
+        }
+    }
+    admitted
+}
+
+fn start(app: &TestApp, phone: String) -> reqwest::RequestBuilder {
+    app.client.post(app.url("/v1/possession")).json(&json!({ "phone": phone }))
+}
+
+/// N concurrent requests against a limit of K admit exactly K on one
+/// replica, for each window.
+async fn concurrent_requests_admit_exactly_the_limit(kind: Kind) {
+    fresh_minute().await;
+    let app = TestApp::spawn_with(kind, &[("HANDSET__RATE_LIMITS__PER_PHONE_PER_HOUR", "4")]).await;
+    let admitted = admitted_of_concurrent(&[&app], 20, 5300, |app, _| start(app, "4155550123".into())).await;
+    assert_eq!(admitted, 4, "per phone");
+
+    let app = TestApp::spawn_with(kind, &[("HANDSET__RATE_LIMITS__PER_PRODUCT_PER_MINUTE", "7")]).await;
+    let admitted = admitted_of_concurrent(&[&app], 20, 5100, |app, i| start(app, format!("41555501{i:02}"))).await;
+    assert_eq!(admitted, 7, "per product");
+
+    let app = TestApp::spawn_with(kind, &[("HANDSET__RATE_LIMITS__PER_PARTNER_PER_MINUTE", "9")]).await;
+    let admitted = admitted_of_concurrent(&[&app], 20, 5200, |app, _| app.client.get(app.url(UNKNOWN))).await;
+    assert_eq!(admitted, 9, "per partner (every /v1 request counts, a 404 too)");
+}
+
+/// The same across two replicas on one database: the per-phone window is
+/// exact; the per-product and per-partner windows admit at least the limit
+/// and at most the documented bound, limit + (replicas - 1) x 20.
+async fn concurrent_requests_across_two_replicas(kind: Kind) {
+    fresh_minute().await;
+    let pair = |limit: &'static str, value: &'static str| async move {
+        let first = TestApp::spawn_with(kind, &[(limit, value)]).await;
+        let url = first.db.url.clone();
+        let shared = [(limit, value), ("HANDSET__DATABASE__URL", url.as_str())];
+        let second = TestApp::spawn_on(handset_testkit::TestDatabase::new(kind).await, &shared, false).await;
+        (first, second)
+    };
+
+    let (a, b) = pair("HANDSET__RATE_LIMITS__PER_PHONE_PER_HOUR", "5").await;
+    let admitted = admitted_of_concurrent(&[&a, &b], 24, 5300, |app, _| start(app, "4155550123".into())).await;
+    assert_eq!(admitted, 5, "per phone, exact across replicas");
+
+    let (a, b) = pair("HANDSET__RATE_LIMITS__PER_PRODUCT_PER_MINUTE", "10").await;
+    let admitted = admitted_of_concurrent(&[&a, &b], 40, 5100, |app, i| start(app, format!("41555502{i:02}"))).await;
+    assert!((10..=30).contains(&admitted), "per product: {admitted} admitted of 40 against 10");
+
+    let (a, b) = pair("HANDSET__RATE_LIMITS__PER_PARTNER_PER_MINUTE", "10").await;
+    let admitted = admitted_of_concurrent(&[&a, &b], 40, 5200, |app, _| app.client.get(app.url(UNKNOWN))).await;
+    assert!((10..=30).contains(&admitted), "per partner: {admitted} admitted of 40 against 10");
+}
+
+const UNKNOWN: &str = "/v1/verifications/00000000-0000-4000-8000-000000000000";
