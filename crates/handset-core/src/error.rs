@@ -1,6 +1,8 @@
 //! The error catalogue: ID.me's codes (`idme-overview-errors.txt`) plus handset's
 //! own 39xx/5001/5300 codes from DESIGN §9, in one enum so that every rejection
 //! and every result error carries a code, a message and (for API errors) an HTTP status.
+//! Every code here is answered by some request (the API tests produce each
+//! over HTTP), except ID.me's document errors, which are only passed through.
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -43,10 +45,9 @@ catalogue! {
     // 401: handset's own credentials check of the partner.
     CredentialsUnknown = 1100, Some(401), "Credentials used are not associated with any account";
     AccountInactive = 1200, Some(401), "Credentials used are associated with an inactive account";
-    OrganizationInactive = 1300, Some(401), "Credentials used are associated with an inactive organization";
-    // 403
-    ProductNotFound = 2100, Some(403), "Referenced product cannot be found";
-    ProductNotActive = 2200, Some(403), "Referenced product is not active";
+    // 403 (ID.me's 1300, 2100 and 2200 are about an account's organisation and
+    // product records, which handset's partners do not have; when ID.me answers
+    // them to handset they are refused credentials, never a partner's error.)
     ProductNotEnabled = 2300, Some(403), "Referenced product is not enabled for this account";
     TransactionNotOwned = 3200, Some(403), "Transaction is not owned by this account";
     VerificationNotOwned = 3300, Some(403), "Verification is not owned by this account";
@@ -97,7 +98,8 @@ catalogue! {
     SignInCodeFailedAgain = 1012, None, "Something went wrong when attempting to deliver the sign in code";
     InvalidNameAttribute = 1013, None, "Name attribute is invalid";
     UserNotFound = 1014, None, "Could not find the user";
-    // Transaction result errors (document)
+    // Transaction result errors (document): handset never makes these; an
+    // ID.me result carrying one is passed through as it comes.
     DocumentMinor = 2001, None, "Cannot verify users under 18 years old";
     DocumentExpired = 2002, None, "The document provided is expired. Please upload a valid document";
     DocumentMismatch = 2003, None, "The front of the document does not match to the back of the document";

@@ -221,6 +221,15 @@ async fn transaction_statuses_and_result_errors() {
             Outcome::Failed(expected)
         );
     }
+    // ID.me's document errors are passed through as they come (handset never makes them).
+    for code in 2001..=2005u16 {
+        let body = json!({"transaction_id": "t", "result": {"errors": [{"code": code, "message": "upstream words"}]}});
+        let expected = ResultError::new(ErrorCode::from_code(code).unwrap()).provider_code(code.to_string());
+        assert_eq!(
+            handset_idme::outcome_of(&serde_json::from_value(body).unwrap()).unwrap(),
+            Outcome::Failed(expected)
+        );
+    }
     let unknown = json!({"transaction_id": "t", "result": {"errors": [{"code": 1099, "message": "New failure"}]}});
     match handset_idme::outcome_of(&serde_json::from_value(unknown).unwrap()).unwrap() {
         Outcome::Failed(error) => {

@@ -5,6 +5,7 @@ mod receiver;
 
 mod browser;
 mod callbacks;
+mod catalogue;
 mod confirm;
 mod dqe;
 mod errors;
