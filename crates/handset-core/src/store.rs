@@ -6,7 +6,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::model::{
-    CallbackAttempt, CallbackRecord, ClaimedCallback, OutboxMessage, Partner, ProviderName, Transaction, Verification,
+    CallbackAttempt, CallbackRecord, ClaimedCallback, OutboxMessage, Partner, ProviderName, Status, Transaction,
+    TransactionResult, Verification,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,24 @@ pub struct NewPartner {
 pub struct Finalization<'a> {
     pub transaction: &'a Transaction,
     pub outbox: Option<&'a OutboxMessage>,
+}
+
+/// One code that handset checked itself, applied in one statement: the
+/// attempt counted and, when the code decides the check, the final state
+/// (and its callback, in the same database transaction).
+#[derive(Debug, Clone)]
+pub struct LocalCodeAttempt<'a> {
+    pub id: Uuid,
+    pub now: DateTime<Utc>,
+    /// The code matched the stored hash: the check succeeds.
+    pub matched: bool,
+    /// The result of a match.
+    pub success: &'a TransactionResult,
+    /// The result when a wrong code uses the last attempt.
+    pub exhausted: &'a TransactionResult,
+    /// The callbacks each final state owes (the transaction has a `callback_url`).
+    pub on_success: Option<&'a OutboxMessage>,
+    pub on_exhausted: Option<&'a OutboxMessage>,
 }
 
 #[async_trait]
@@ -75,6 +94,13 @@ pub trait Store: Send + Sync {
     /// is not pending, is past `now`'s expiry, or has no attempt left: the
     /// database, not the caller, guarantees the limit under concurrency.
     async fn use_attempt(&self, id: Uuid, now: DateTime<Utc>) -> Result<Option<i32>, StoreError>;
+
+    /// Uses one attempt of a pending, unexpired transaction and applies what
+    /// the code decides, as one conditional write: success, the last wrong
+    /// code (final 300), or a wrong code with attempts left (still pending).
+    /// Returns the status and attempts used after it, or `None` (nothing
+    /// written) under the same conditions as `use_attempt`.
+    async fn attempt_local_code(&self, attempt: LocalCodeAttempt<'_>) -> Result<Option<(Status, i32)>, StoreError>;
 
     /// Moves a *pending* transaction to its final status and result (with its
     /// `provider_ref`, which the provider may have renewed), and writes its

@@ -64,6 +64,10 @@ pub fn connect(url: &str, settings: &PoolSettings) -> Result<Arc<dyn Store>, Sto
             let pool = PgPoolOptions::new()
                 .max_connections(settings.max_connections)
                 .acquire_timeout(settings.acquire_timeout)
+                // sqlx pings every connection before handing it out: a round
+                // trip per statement. A connection that died is found by the
+                // statement itself, and `/ready` pings on its own.
+                .test_before_acquire(false)
                 .connect_lazy_with(options);
             Ok(Arc::new(PgStore::new(pool)))
         }
@@ -85,6 +89,7 @@ fn sqlite_pool(url: &str, settings: &PoolSettings) -> Result<SqlitePool, sqlx::E
     Ok(SqlitePoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(settings.acquire_timeout)
+        .test_before_acquire(false)
         .connect_lazy_with(options))
 }
 

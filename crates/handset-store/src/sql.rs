@@ -5,11 +5,12 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use handset_core::model::{
-    CallbackAttempt, CallbackRecord, CallbackState, ClaimedCallback, OutboxMessage, Partner, ProviderName, Transaction,
-    TransactionResult, Verification,
+    CallbackAttempt, CallbackRecord, CallbackState, ClaimedCallback, OutboxMessage, Partner, ProviderName, Status,
+    Transaction, TransactionResult, Verification,
 };
 use handset_core::store::{
-    AfterAttempt, Claim, Finalization, IdempotencyBegin, IdempotencyClaim, NewPartner, Store, StoreError,
+    AfterAttempt, Claim, Finalization, IdempotencyBegin, IdempotencyClaim, LocalCodeAttempt, NewPartner, Store,
+    StoreError,
 };
 use sqlx::types::Json;
 use sqlx::{PgPool, SqlitePool};
@@ -58,6 +59,10 @@ impl SqliteStore {
         }
         Err(StoreError::Database(format!("the SQLite file {} is gone", file.display()).into()))
     }
+}
+
+fn status_of(code: i32) -> Result<Status, StoreError> {
+    Status::from_code(code).ok_or_else(|| StoreError::Corrupt(format!("status_code {code}")))
 }
 
 pub(crate) fn db(error: sqlx::Error) -> StoreError {
@@ -273,6 +278,46 @@ macro_rules! portable_store {
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(db)
+            }
+
+            async fn attempt_local_code(
+                &self,
+                a: LocalCodeAttempt<'_>,
+            ) -> Result<Option<(Status, i32)>, StoreError> {
+                // The attempt and the verdict in one conditional statement: the
+                // row lock (Postgres) or the single writer (SQLite) makes them
+                // indivisible, and `RETURNING` says which state it left.
+                const SQL: &str = "UPDATE transactions SET attempts_used = attempts_used + 1, updated_at = $2, \
+                     status_code = CASE WHEN $3 THEN 200 WHEN attempts_used + 1 >= max_attempts THEN 300 \
+                     ELSE status_code END, \
+                     result = CASE WHEN $3 THEN $4 WHEN attempts_used + 1 >= max_attempts THEN $5 ELSE result END \
+                     WHERE id = $1 AND status_code = 210 AND attempts_used < max_attempts \
+                     AND (expires_at IS NULL OR expires_at > $2) RETURNING status_code, attempts_used";
+                let query = sqlx::query_as::<_, (i32, i32)>(SQL)
+                    .bind(a.id)
+                    .bind(a.now)
+                    .bind(a.matched)
+                    .bind(Json(a.success))
+                    .bind(Json(a.exhausted));
+                if a.on_success.is_none() && a.on_exhausted.is_none() {
+                    let row = query.fetch_optional(&self.pool).await.map_err(db)?;
+                    return row.map(|(code, used)| Ok((status_of(code)?, used))).transpose();
+                }
+                let mut db_tx = self.pool.begin().await.map_err(db)?;
+                let Some((code, used)) = query.fetch_optional(&mut *db_tx).await.map_err(db)? else {
+                    return Ok(None);
+                };
+                let status = status_of(code)?;
+                let owed = match status {
+                    Status::Succeeded => a.on_success,
+                    Status::Failed => a.on_exhausted,
+                    Status::Pending => None,
+                };
+                if let Some(message) = owed {
+                    Self::insert_outbox(&mut *db_tx, message).await?;
+                }
+                db_tx.commit().await.map_err(db)?;
+                Ok(Some((status, used)))
             }
 
             async fn finalize(&self, f: Finalization<'_>) -> Result<bool, StoreError> {

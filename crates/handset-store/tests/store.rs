@@ -8,7 +8,7 @@ use handset_core::model::{CallbackAttempt, CallbackState};
 use handset_core::model::{
     OutboxMessage, Partner, Product, ProviderName, ResultError, Status, Transaction, TransactionResult, Verification,
 };
-use handset_core::store::{AfterAttempt, Claim, Finalization, NewPartner, Store, StoreError};
+use handset_core::store::{AfterAttempt, Claim, Finalization, LocalCodeAttempt, NewPartner, Store, StoreError};
 use handset_core::{ErrorCode, secret};
 use handset_store::PoolSettings;
 use handset_testkit::{Kind, TestDatabase};
@@ -114,6 +114,7 @@ on_both_stores!(
     transactions_round_trip,
     attempts_stop_at_the_limit,
     concurrent_attempts_never_exceed_the_limit,
+    local_code_attempts_decide_in_one_write,
     expired_transactions_take_no_attempt,
     finalize_writes_state_and_outbox_once,
     final_insert_and_its_outbox_are_one_transaction,
@@ -218,6 +219,92 @@ async fn concurrent_attempts_never_exceed_the_limit(f: Fixture) {
     }
     granted.sort();
     assert_eq!(granted, vec![1, 2, 3, 4, 5]);
+}
+
+async fn ids_and_payloads(f: &Fixture, transaction_id: Uuid) -> Vec<(Uuid, String)> {
+    outbox_of(f, transaction_id).await.into_iter().map(|m| (m.id, m.payload)).collect()
+}
+
+fn local_attempt<'a>(
+    tx: &Transaction,
+    matched: bool,
+    results: &'a (TransactionResult, TransactionResult),
+    messages: &'a (OutboxMessage, OutboxMessage),
+) -> LocalCodeAttempt<'a> {
+    LocalCodeAttempt {
+        id: tx.id,
+        now: Utc::now(),
+        matched,
+        success: &results.0,
+        exhausted: &results.1,
+        on_success: Some(&messages.0),
+        on_exhausted: Some(&messages.1),
+    }
+}
+
+fn local_outcomes(tx: &Transaction) -> ((TransactionResult, TransactionResult), (OutboxMessage, OutboxMessage)) {
+    let success = TransactionResult::Phone { phone: "+18885551234".into() };
+    let exhausted = TransactionResult::failure(ResultError::new(ErrorCode::RetryLimitExceeded));
+    let done = succeeded(tx);
+    let failed = Transaction { status: Status::Failed, result: Some(exhausted.clone()), ..tx.clone() };
+    ((success, exhausted), (outbox(&done), outbox(&failed)))
+}
+
+/// A code checked by handset: wrong codes count and stay pending until the
+/// last one ends the check (with its callback); a match succeeds (with its
+/// callback); each in one write, exactly the limit under concurrency.
+async fn local_code_attempts_decide_in_one_write(f: Fixture) {
+    let tx = insert_pending(&f).await;
+    let (results, messages) = local_outcomes(&tx);
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (store, tx, results, messages) = (f.store.clone(), tx.clone(), results.clone(), messages.clone());
+            tokio::spawn(async move {
+                store.attempt_local_code(local_attempt(&tx, false, &results, &messages)).await.unwrap()
+            })
+        })
+        .collect();
+    let mut granted = Vec::new();
+    for task in tasks {
+        granted.extend(task.await.unwrap());
+    }
+    granted.sort_by_key(|(_, used)| *used);
+    let expected: Vec<(Status, i32)> = vec![
+        (Status::Pending, 1),
+        (Status::Pending, 2),
+        (Status::Pending, 3),
+        (Status::Pending, 4),
+        (Status::Failed, 5),
+    ];
+    assert_eq!(granted, expected);
+    let read = f.store.transaction(tx.id).await.unwrap().unwrap();
+    assert_eq!((read.status, read.attempts_used), (Status::Failed, 5));
+    assert_eq!(read.result, Some(results.1.clone()));
+    assert_eq!(ids_and_payloads(&f, tx.id).await, [(messages.1.id, messages.1.payload.clone())], "once");
+    assert_eq!(f.store.attempt_local_code(local_attempt(&tx, true, &results, &messages)).await.unwrap(), None);
+
+    let tx = insert_pending(&f).await;
+    let (results, messages) = local_outcomes(&tx);
+    assert_eq!(
+        f.store.attempt_local_code(local_attempt(&tx, false, &results, &messages)).await.unwrap(),
+        Some((Status::Pending, 1))
+    );
+    assert!(outbox_of(&f, tx.id).await.is_empty(), "a wrong code owes no callback");
+    assert_eq!(
+        f.store.attempt_local_code(local_attempt(&tx, true, &results, &messages)).await.unwrap(),
+        Some((Status::Succeeded, 2))
+    );
+    let read = f.store.transaction(tx.id).await.unwrap().unwrap();
+    assert_eq!((read.status, read.result), (Status::Succeeded, Some(results.0.clone())));
+    assert_eq!(ids_and_payloads(&f, tx.id).await, [(messages.0.id, messages.0.payload.clone())]);
+    assert_eq!(f.store.attempt_local_code(local_attempt(&tx, true, &results, &messages)).await.unwrap(), None);
+
+    // Past the deadline nothing is written.
+    let tx = insert_pending(&f).await;
+    let (results, messages) = local_outcomes(&tx);
+    let late = LocalCodeAttempt { now: tx.expires_at.unwrap(), ..local_attempt(&tx, true, &results, &messages) };
+    assert_eq!(f.store.attempt_local_code(late).await.unwrap(), None);
+    assert_eq!(f.store.transaction(tx.id).await.unwrap().unwrap().status, Status::Pending);
 }
 
 async fn expired_transactions_take_no_attempt(f: Fixture) {

@@ -46,21 +46,18 @@ impl Gateway {
                 return Err(ApiError::new(ErrorCode::RetryLimitExceeded).into());
             }
             let code = code.filter(|c| code_is_well_formed(c)).ok_or_else(|| ApiError::new(ErrorCode::InvalidCode))?;
+            if let Some(hash) = &tx.code_hash {
+                let matched = constant_time_eq(hash, &self.code_hash(tx.id, code));
+                match self.apply_local_code(tx, matched, now).await? {
+                    Some(decided) => return decided,
+                    None => continue,
+                }
+            }
             let Some(used) = self.store.use_attempt(tx.id, now).await? else {
                 continue;
             };
-            let checked = match &tx.code_hash {
-                Some(hash) => Renewed::same_ref(if constant_time_eq(hash, &self.code_hash(tx.id, code)) {
-                    CodeCheck::Matched(TransactionResult::Phone { phone: tx.phone.clone().unwrap_or_default() })
-                } else {
-                    CodeCheck::Mismatched
-                }),
-                None => {
-                    let (checked, reference) = self.provider_check(&tx, code).await?;
-                    tx.provider_ref = reference;
-                    checked
-                }
-            };
+            let (checked, reference) = self.provider_check(&tx, code).await?;
+            tx.provider_ref = reference;
             let mut tx = Transaction { attempts_used: used, ..tx };
             if let Some(renewed) = checked.provider_ref {
                 // Written with the final state below, or on its own while the
@@ -96,6 +93,48 @@ impl Gateway {
             }
         }
         Err(GatewayError::Internal("confirm did not settle after 3 reads".into()))
+    }
+
+    /// Applies a code handset checked itself (`matched` against the stored
+    /// hash) in one conditional write: the attempt, and the final state with
+    /// its callback when the code decides the check. `None` when the
+    /// transaction changed since it was read (decide again on a fresh read).
+    async fn apply_local_code(
+        &self,
+        tx: Transaction,
+        matched: bool,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Result<Transaction, GatewayError>>, GatewayError> {
+        let phone = TransactionResult::Phone { phone: tx.phone.clone().unwrap_or_default() };
+        let success = possession_result(&tx, phone);
+        let exhausted = TransactionResult::failure(ResultError::new(ErrorCode::RetryLimitExceeded));
+        let ended = |status: Status, result: &TransactionResult| Transaction {
+            status,
+            result: Some(result.clone()),
+            updated_at: now,
+            attempts_used: tx.attempts_used + 1,
+            ..tx.clone()
+        };
+        let on_success = outbox_for(&ended(Status::Succeeded, &success));
+        let on_exhausted = outbox_for(&ended(Status::Failed, &exhausted));
+        let attempt = LocalCodeAttempt {
+            id: tx.id,
+            now,
+            matched,
+            success: &success,
+            exhausted: &exhausted,
+            on_success: on_success.as_ref().filter(|_| matched),
+            on_exhausted: on_exhausted.as_ref().filter(|_| !matched),
+        };
+        let Some((status, used)) = self.store.attempt_local_code(attempt).await? else {
+            return Ok(None);
+        };
+        let decided = match status {
+            Status::Succeeded => Ok(Transaction { attempts_used: used, ..ended(Status::Succeeded, &success) }),
+            Status::Failed => Err(ApiError::new(ErrorCode::RetryLimitExceeded).recorded().into()),
+            Status::Pending => Err(ApiError::new(ErrorCode::InvalidCode).recorded().into()),
+        };
+        Ok(Some(decided))
     }
 
     /// Asks the provider that sent the code to check it. A reference the

@@ -30,7 +30,7 @@ use crate::provider::{CodeCheck, Outcome, Provider, ProviderError, Renewed, Star
 use crate::rate_limit::{RateLimiter, RateLimits, Scope};
 use crate::routing::Routing;
 use crate::secret::{Secret, api_key_hash, code_hash, constant_time_eq};
-use crate::store::{Finalization, Store, StoreError};
+use crate::store::{Finalization, LocalCodeAttempt, Store, StoreError};
 
 pub use start::{StartIdentity, StartPossession};
 // Shared by the flows' files (they `use super::*`).
