@@ -1,30 +1,42 @@
 //! `handset-bench`: start+confirm flows per second and their p50/p99 latency
 //! through the whole gateway (HTTP, auth, parsing, service, store) on SQLite
-//! and Postgres, next to the ceiling of the same SQL statements run bare
-//! against the same database, as a ratio. A measurement, not a test: run it
-//! with `cargo run --release -p handset-bench` (see the README).
+//! and Postgres, next to the database's own ceiling: the minimal SQL of one
+//! flow (one transaction inserting the verification and the transaction; one
+//! transaction locking it, writing the final state and its callback row), as
+//! prepared statements with nothing in front. Then the gateway's latency at
+//! half its measured rate, and a run with thousands of flows in flight
+//! against a provider (`handset-sim` as ID.me) that answers slowly, with the
+//! peak memory of the `handset serve` process.
+//!
+//! A measurement, not a test: nothing asserts a speed (see the README).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use clap::Parser;
-use handset_core::model::{Product, ProviderName, Status, Transaction, TransactionResult, Verification};
-use handset_core::secret::{DEVELOPMENT_CODE_PEPPER, api_key_hash, code_hash};
-use handset_core::store::{Finalization, Store};
+use handset_core::secret::{DEVELOPMENT_CODE_PEPPER, code_hash};
 use handset_server::app::DEV_PARTNER_ID;
 use handset_server::{Application, Settings};
+use handset_sim::faults::Faults;
+use handset_sim::{Sim, SimConfig};
 use handset_testkit::{Kind, TestDatabase};
 use serde_json::{Value, json};
+use sqlx::types::Json;
+use uuid::Uuid;
 
 const DEV_KEY: &str = "hs_dev_sandbox_key";
+/// A public address: the gateway writes the callback row a partner would
+/// be owed (workers are off, so nothing is sent).
+const CALLBACK_URL: &str = "https://93.184.215.14/hook";
 
 #[derive(Debug, Parser)]
-#[command(name = "handset-bench", about = "start+confirm flows through handset vs the bare SQL ceiling")]
+#[command(name = "handset-bench", about = "start+confirm flows through handset vs the database's own ceiling")]
 struct Args {
     /// Flows per measurement.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 3000)]
     flows: usize,
     /// Flows in flight at once.
     #[arg(long, default_value_t = 16)]
@@ -32,12 +44,19 @@ struct Args {
     /// Databases to measure: sqlite, postgres (Postgres from HANDSET_TEST_POSTGRES_URL).
     #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
     stores: Vec<String>,
+    /// Flows all in flight at once against the slow provider (0 skips that run).
+    #[arg(long, default_value_t = 5000)]
+    in_flight: usize,
+    /// How long the simulated provider takes to answer each call.
+    #[arg(long, default_value_t = 200)]
+    provider_latency_ms: u64,
 }
 
-/// One measurement: wall time and each flow's latency.
+/// One measurement: wall time, each flow's latency, and flows that failed.
 struct Run {
     wall: Duration,
     latencies: Vec<Duration>,
+    failures: usize,
 }
 
 impl Run {
@@ -53,11 +72,13 @@ impl Run {
     }
 }
 
-/// Runs `flows` calls of `flow` with `concurrency` in flight.
+type FlowResult = Result<(), String>;
+
+/// Runs `flows` calls of `flow` with `concurrency` in flight (closed loop).
 async fn measure<F, Fut>(flows: usize, concurrency: usize, flow: F) -> Run
 where
     F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
+    Fut: std::future::Future<Output = FlowResult> + Send,
 {
     let flow = Arc::new(flow);
     let next = Arc::new(AtomicUsize::new(0));
@@ -66,25 +87,121 @@ where
         .map(|_| {
             let (flow, next) = (flow.clone(), next.clone());
             tokio::spawn(async move {
-                let mut latencies = Vec::new();
+                let (mut latencies, mut failures) = (Vec::new(), 0);
                 while next.fetch_add(1, Ordering::Relaxed) < flows {
                     let one = Instant::now();
-                    flow().await;
-                    latencies.push(one.elapsed());
+                    match flow().await {
+                        Ok(()) => latencies.push(one.elapsed()),
+                        Err(error) => {
+                            failures += 1;
+                            eprintln!("flow failed: {error}");
+                        }
+                    }
                 }
-                latencies
+                (latencies, failures)
             })
         })
         .collect();
-    let mut latencies = Vec::with_capacity(flows);
+    let (mut latencies, mut failures) = (Vec::with_capacity(flows), 0);
     for worker in workers {
-        latencies.extend(worker.await.expect("a flow panicked"));
+        let (done, failed) = worker.await.expect("a flow panicked");
+        latencies.extend(done);
+        failures += failed;
     }
-    Run { wall: started.elapsed(), latencies }
+    Run { wall: started.elapsed(), latencies, failures }
 }
 
-/// The whole gateway: POST /v1/possession, then POST .../confirm with the code.
-async fn through_handset(db: &TestDatabase, args: &Args) -> Run {
+/// Starts `flows` flows at a steady `rate` per second (open loop), each on
+/// its own, so a slow answer does not slow the arrivals.
+async fn measure_paced<F, Fut>(flows: usize, rate: f64, flow: F) -> Run
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = FlowResult> + Send + 'static,
+{
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1.0)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut running = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    for _ in 0..flows {
+        ticker.tick().await;
+        let one = flow();
+        running.spawn(async move {
+            let at = Instant::now();
+            one.await.map(|()| at.elapsed())
+        });
+    }
+    collect(running, started).await
+}
+
+/// Starts every flow at once and waits for all of them.
+async fn measure_all_at_once<F, Fut>(flows: usize, flow: F) -> Run
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = FlowResult> + Send + 'static,
+{
+    let mut running = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    for _ in 0..flows {
+        let one = flow();
+        running.spawn(async move {
+            let at = Instant::now();
+            one.await.map(|()| at.elapsed())
+        });
+    }
+    collect(running, started).await
+}
+
+async fn collect(mut running: tokio::task::JoinSet<Result<Duration, String>>, started: Instant) -> Run {
+    let (mut latencies, mut failures) = (Vec::new(), 0);
+    let mut first_errors = Vec::new();
+    while let Some(done) = running.join_next().await {
+        match done.expect("a flow panicked") {
+            Ok(latency) => latencies.push(latency),
+            Err(error) => {
+                failures += 1;
+                if first_errors.len() < 5 {
+                    first_errors.push(error);
+                }
+            }
+        }
+    }
+    for error in first_errors {
+        eprintln!("flow failed: {error}");
+    }
+    Run { wall: started.elapsed(), latencies, failures }
+}
+
+/// One start+confirm through handset's HTTP API at `base`.
+async fn gateway_flow(client: reqwest::Client, base: String, start: Value) -> FlowResult {
+    let answer = client
+        .post(format!("{base}/v1/possession"))
+        .bearer_auth(DEV_KEY)
+        .json(&start)
+        .send()
+        .await
+        .map_err(|e| format!("start: {e}"))?;
+    let status = answer.status();
+    let started: Value = answer.json().await.map_err(|e| format!("start body: {e}"))?;
+    let id = started["transaction_id"].as_str().ok_or_else(|| format!("start answered {status}: {started}"))?;
+    let confirmed = client
+        .post(format!("{base}/v1/possession/{id}/confirm"))
+        .bearer_auth(DEV_KEY)
+        .json(&json!({"code": "123123"}))
+        .send()
+        .await
+        .map_err(|e| format!("confirm: {e}"))?;
+    match confirmed.status().as_u16() {
+        200 => Ok(()),
+        other => Err(format!("confirm answered {other}: {}", confirmed.text().await.unwrap_or_default())),
+    }
+}
+
+fn sandbox_start() -> Value {
+    json!({"phone": "4155550123", "callback_url": CALLBACK_URL})
+}
+
+/// The whole gateway in this process (sandbox provider), on `db`.
+async fn start_gateway(db: &TestDatabase, args: &Args) -> String {
     let vars = vec![
         ("HANDSET__SERVER__BIND".to_string(), "127.0.0.1:0".to_string()),
         ("HANDSET__DATABASE__URL".to_string(), db.url.clone()),
@@ -98,87 +215,199 @@ async fn through_handset(db: &TestDatabase, args: &Args) -> Run {
     let app = Application::build(settings).await.expect("start handset");
     let base = format!("http://{}", app.local_addr());
     tokio::spawn(app.run_until(std::future::pending()));
-    let client = reqwest::Client::new();
-    measure(args.flows, args.concurrency, move || {
-        let (client, base) = (client.clone(), base.clone());
-        async move {
-            let started: Value = client
-                .post(format!("{base}/v1/possession"))
-                .bearer_auth(DEV_KEY)
-                .json(&json!({"phone": "4155550123"}))
-                .send()
-                .await
-                .expect("start")
-                .json()
-                .await
-                .expect("start body");
-            let id = started["transaction_id"].as_str().expect("a transaction id");
-            let confirmed = client
-                .post(format!("{base}/v1/possession/{id}/confirm"))
-                .bearer_auth(DEV_KEY)
-                .json(&json!({"code": "123123"}))
-                .send()
-                .await
-                .expect("confirm");
-            assert_eq!(confirmed.status(), 200, "confirm failed");
-        }
-    })
-    .await
+    base
 }
 
-/// The same SQL statements a flow makes, through the store with nothing in
-/// front: two key lookups, the insert, one read, the attempt and the final
-/// write. (Partner and product rate windows are counted in memory and
-/// reconciled every 20 hits, so they add no statement per request.)
-async fn bare_sql(db: &TestDatabase, args: &Args) -> Run {
-    let pool = handset_store::PoolSettings { max_connections: args.concurrency.max(2) as u32, ..Default::default() };
-    let store: Arc<dyn Store> = handset_store::connect(&db.url, &pool).expect("store");
-    let key_hash = Arc::new(api_key_hash(DEV_KEY));
-    measure(args.flows, args.concurrency, move || {
-        let (store, key_hash) = (store.clone(), key_hash.clone());
-        async move {
-            let now = Utc::now();
-            store.partner_by_key_hash(&key_hash).await.expect("partner").expect("the dev partner");
-            let verification = Verification { id: uuid::Uuid::new_v4(), partner_id: DEV_PARTNER_ID, created_at: now };
-            let tx = pending(&verification);
-            store.insert_transaction(&tx, Some(&verification), None).await.expect("insert");
-            store.partner_by_key_hash(&key_hash).await.expect("partner");
-            let read = store.transaction(tx.id).await.expect("read").expect("the transaction");
-            store.use_attempt(read.id, Utc::now()).await.expect("attempt");
-            let done = Transaction {
-                status: Status::Succeeded,
-                result: Some(TransactionResult::Phone { phone: "+14155550123".into() }),
-                updated_at: Utc::now(),
-                ..read
-            };
-            store.finalize(Finalization { transaction: &done, outbox: None }).await.expect("finalize");
-        }
-    })
-    .await
+/// The minimal SQL of one flow, prepared, on `pool`: a start is one
+/// transaction (the verification and the transaction), a confirm is one
+/// (lock the row, write the final state and the callback row).
+macro_rules! minimal_flow {
+    ($pool:expr, $begin:literal, $lock:literal) => {{
+        // `$begin` opens each transaction: SQLite takes its write lock at once
+        // (a deferred one could not upgrade after another writer committed).
+        let pool = $pool;
+        let now = Utc::now();
+        let (verification, id) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut start = pool.begin_with($begin).await.map_err(|e| e.to_string())?;
+        sqlx::query("INSERT INTO verifications (id, partner_id, created_at) VALUES ($1, $2, $3)")
+            .bind(verification)
+            .bind(DEV_PARTNER_ID)
+            .bind(now)
+            .execute(&mut *start)
+            .await
+            .map_err(|e| e.to_string())?;
+        sqlx::query(
+            "INSERT INTO transactions (id, verification_id, partner_id, product, provider, phone, status_code, \
+             created_at, updated_at, expires_at, max_attempts, code_hash, callback_url, metadata) \
+             VALUES ($1, $2, $3, 'possession.sms', 'sandbox', '+14155550123', 210, $4, $4, $5, 5, $6, $7, $8)",
+        )
+        .bind(id)
+        .bind(verification)
+        .bind(DEV_PARTNER_ID)
+        .bind(now)
+        .bind(now + chrono::Duration::minutes(10))
+        .bind(code_hash(DEVELOPMENT_CODE_PEPPER.as_bytes(), id, "123123"))
+        .bind(CALLBACK_URL)
+        .bind(Json(json!({})))
+        .execute(&mut *start)
+        .await
+        .map_err(|e| e.to_string())?;
+        start.commit().await.map_err(|e| e.to_string())?;
+
+        let now = Utc::now();
+        let mut confirm = pool.begin_with($begin).await.map_err(|e| e.to_string())?;
+        let (_hash, _used): (Option<String>, i32) =
+            sqlx::query_as(concat!("SELECT code_hash, attempts_used FROM transactions WHERE id = $1 ", $lock))
+                .bind(id)
+                .fetch_one(&mut *confirm)
+                .await
+                .map_err(|e| e.to_string())?;
+        sqlx::query(
+            "UPDATE transactions SET status_code = 200, attempts_used = attempts_used + 1, result = $2, \
+             updated_at = $3 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(Json(json!({"phone": "+14155550123"})))
+        .bind(now)
+        .execute(&mut *confirm)
+        .await
+        .map_err(|e| e.to_string())?;
+        sqlx::query(
+            "INSERT INTO outbox (id, transaction_id, partner_id, callback_url, payload, created_at, next_attempt_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $6)",
+        )
+        .bind(Uuid::new_v4())
+        .bind(id)
+        .bind(DEV_PARTNER_ID)
+        .bind(CALLBACK_URL)
+        .bind(r#"{"status":{"code":200}}"#)
+        .bind(now)
+        .execute(&mut *confirm)
+        .await
+        .map_err(|e| e.to_string())?;
+        confirm.commit().await.map_err(|e| e.to_string())
+    }};
 }
 
-fn pending(verification: &Verification) -> Transaction {
-    let now = Utc::now();
-    let tx = Transaction::pending(
-        verification.partner_id,
-        verification.id,
-        Product::PossessionSms,
-        ProviderName::Sandbox,
-        "+14155550123",
-        now,
-    );
-    Transaction {
-        expires_at: Some(now + chrono::Duration::minutes(10)),
-        max_attempts: 5,
-        code_hash: Some(code_hash(DEVELOPMENT_CODE_PEPPER.as_bytes(), tx.id, "123123")),
-        ..tx
+/// The database's ceiling: the minimal SQL of a flow, `concurrency` at a time.
+async fn minimal_sql(db: &TestDatabase, args: &Args) -> Run {
+    // The schema and the development partner, as the app creates them at start.
+    let setup = Settings::load_with(
+        None,
+        Some(vec![
+            ("HANDSET__SERVER__BIND".into(), "127.0.0.1:0".into()),
+            ("HANDSET__DATABASE__URL".into(), db.url.clone()),
+            ("HANDSET__WORKERS__ENABLED".into(), "false".into()),
+        ]),
+    )
+    .expect("settings");
+    drop(Application::build(setup).await.expect("prepare the database"));
+    let connections = args.concurrency.max(2) as u32;
+    match db.kind {
+        Kind::Postgres => {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(connections)
+                .test_before_acquire(false)
+                .connect(&db.url)
+                .await
+                .expect("connect");
+            measure(args.flows, args.concurrency, move || {
+                let pool = pool.clone();
+                async move { minimal_flow!(&pool, "BEGIN", "FOR UPDATE") }
+            })
+            .await
+        }
+        Kind::Sqlite => {
+            use std::str::FromStr;
+            let options = sqlx::sqlite::SqliteConnectOptions::from_str(&db.url)
+                .expect("url")
+                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(10));
+            let pool = sqlx::sqlite::SqlitePoolOptions::new()
+                .max_connections(connections)
+                .test_before_acquire(false)
+                .connect_with(options)
+                .await
+                .expect("connect");
+            measure(args.flows, args.concurrency, move || {
+                let pool = pool.clone();
+                async move { minimal_flow!(&pool, "BEGIN IMMEDIATE", "") }
+            })
+            .await
+        }
     }
+}
+
+/// `handset serve` as a process of its own (its memory is measured), with
+/// ID.me on `sim` as the SMS provider.
+fn spawn_serve(db: &TestDatabase, sim: &Sim, port: u16) -> std::process::Child {
+    let binary = handset_binary();
+    std::process::Command::new(&binary)
+        .arg("serve")
+        .env("HANDSET__SERVER__BIND", format!("127.0.0.1:{port}"))
+        .env("HANDSET__SERVER__MAX_CONNECTIONS", "20000")
+        .env("HANDSET__DATABASE__URL", &db.url)
+        .env("HANDSET__DATABASE__MAX_CONNECTIONS", "16")
+        .env("HANDSET__DATABASE__ACQUIRE_TIMEOUT", "60s")
+        .env("HANDSET__WORKERS__ENABLED", "false")
+        .env("HANDSET__PROVIDERS__IDME__BASE_URL", sim.base_url())
+        .env("HANDSET__PROVIDERS__IDME__SECRET", "sim-secret")
+        .env("HANDSET__PROVIDERS__IDME__TIMEOUT", "30s")
+        .env("HANDSET__RATE_LIMITS__PER_PARTNER_PER_MINUTE", "100000000")
+        .env("HANDSET__RATE_LIMITS__PER_PRODUCT_PER_MINUTE", "100000000")
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {}: {e} (build it: cargo build --release --bins)", binary.display()))
+}
+
+/// The `handset` binary built beside this one.
+fn handset_binary() -> PathBuf {
+    let me = std::env::current_exe().expect("this binary's path");
+    me.with_file_name("handset")
+}
+
+/// Peak resident memory of a process (`VmHWM`), in MiB.
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Every flow in flight at once against ID.me on the sim answering after
+/// `provider_latency_ms`: how many complete, how fast, and the peak memory.
+async fn in_flight_run(kind: Kind, args: &Args) -> (Run, Option<f64>) {
+    let sim = Sim::start("127.0.0.1:0", SimConfig::default()).await.expect("start handset-sim");
+    sim.set_faults(Faults { latency_ms: args.provider_latency_ms, ..Faults::default() });
+    let db = TestDatabase::new(kind).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().unwrap().port();
+    let mut child = spawn_serve(&db, &sim, port);
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::builder().pool_max_idle_per_host(usize::MAX).build().expect("client");
+    let mut ready = false;
+    for _ in 0..200 {
+        if client.get(format!("{base}/health")).send().await.is_ok_and(|r| r.status() == 200) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "handset serve did not start");
+    let start = json!({"phone": "4155550123", "provider": "idme", "callback_url": CALLBACK_URL});
+    let run = measure_all_at_once(args.in_flight, || gateway_flow(client.clone(), base.clone(), start.clone())).await;
+    let peak = peak_rss_mib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    (run, peak)
 }
 
 fn row(store: &str, path: &str, run: &Run) {
     println!(
-        "{store:<9} {path:<9} {:>7} {:>10.0} {:>9.2} {:>9.2}",
+        "{store:<9} {path:<22} {:>7} {:>6} {:>10.0} {:>9.2} {:>9.2}",
         run.latencies.len(),
+        run.failures,
         run.per_second(),
         run.percentile(0.50),
         run.percentile(0.99)
@@ -188,8 +417,14 @@ fn row(store: &str, path: &str, run: &Run) {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    println!("start+confirm flows, {} per run, {} in flight", args.flows, args.concurrency);
-    println!("{:<9} {:<9} {:>7} {:>10} {:>9} {:>9}", "store", "path", "flows", "flows/s", "p50 ms", "p99 ms");
+    println!(
+        "start+confirm flows: {} per run, {} in flight; the ceiling is the minimal SQL of a flow run bare",
+        args.flows, args.concurrency
+    );
+    println!(
+        "{:<9} {:<22} {:>7} {:>6} {:>10} {:>9} {:>9}",
+        "store", "path", "flows", "failed", "flows/s", "p50 ms", "p99 ms"
+    );
     for name in &args.stores {
         let kind = match name.as_str() {
             "sqlite" => Kind::Sqlite,
@@ -198,25 +433,25 @@ async fn main() {
         };
         // One database per path, so neither measures the other's rows.
         let gateway_db = TestDatabase::new(kind).await;
-        let gateway = through_handset(&gateway_db, &args).await;
-        let bare_db = TestDatabase::new(kind).await;
-        // The bare path needs the schema and the dev partner the app creates at start.
-        let setup = Settings::load_with(
-            None,
-            Some(vec![
-                ("HANDSET__SERVER__BIND".into(), "127.0.0.1:0".into()),
-                ("HANDSET__DATABASE__URL".into(), bare_db.url.clone()),
-                ("HANDSET__WORKERS__ENABLED".into(), "false".into()),
-            ]),
-        )
-        .expect("settings");
-        drop(Application::build(setup).await.expect("prepare the bare database"));
-        let bare = bare_sql(&bare_db, &args).await;
+        let base = start_gateway(&gateway_db, &args).await;
+        let client = reqwest::Client::new();
+        let flow = {
+            let (client, base) = (client.clone(), base.clone());
+            move || gateway_flow(client.clone(), base.clone(), sandbox_start())
+        };
+        let gateway = measure(args.flows, args.concurrency, flow.clone()).await;
+        let ceiling = minimal_sql(&TestDatabase::new(kind).await, &args).await;
+        let half = gateway.per_second() / 2.0;
+        let paced = measure_paced(args.flows, half, flow).await;
         row(name, "handset", &gateway);
-        row(name, "bare SQL", &bare);
-        println!(
-            "{name:<9} handset reaches {:.0}% of the bare SQL ceiling",
-            100.0 * gateway.per_second() / bare.per_second()
-        );
+        row(name, "minimal SQL (ceiling)", &ceiling);
+        row(name, &format!("handset at {half:.0}/s"), &paced);
+        println!("{name:<9} handset reaches {:.2}x of the ceiling", gateway.per_second() / ceiling.per_second());
+        if args.in_flight > 0 {
+            let (run, peak) = in_flight_run(kind, &args).await;
+            row(name, &format!("{} at once, ID.me {}ms", args.in_flight, args.provider_latency_ms), &run);
+            let peak = peak.map_or("unknown".to_owned(), |mib| format!("{mib:.0} MiB"));
+            println!("{name:<9} handset serve peak RSS {peak}; {} of {} flows failed", run.failures, args.in_flight);
+        }
     }
 }

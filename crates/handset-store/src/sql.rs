@@ -93,7 +93,41 @@ fn product_names(partner: &Partner) -> Json<Vec<&'static str>> {
 macro_rules! portable_store {
     // `$claim_lock`: how a claim skips rows another process is claiming
     // (Postgres row locks); SQLite's single writer needs nothing.
-    ($store:ty, $migrations:literal, $claim_lock:literal) => {
+    // `$start_with_verification`: a prefix that inserts the verification
+    // ($25-$27) in the transaction's own INSERT, where the dialect has one.
+    ($store:ty, $migrations:literal, $claim_lock:literal, $start_with_verification:expr) => {
+        /// The transaction's 24 columns bound as $1-$24, in `TRANSACTION_COLUMNS` order.
+        fn bind_transaction<'q>(
+            query: sqlx::query::Query<'q, <$store as StoreDb>::Db, <<$store as StoreDb>::Db as sqlx::Database>::Arguments<'q>>,
+            t: &'q Transaction,
+        ) -> sqlx::query::Query<'q, <$store as StoreDb>::Db, <<$store as StoreDb>::Db as sqlx::Database>::Arguments<'q>> {
+            query
+                .bind(t.id)
+                .bind(t.verification_id)
+                .bind(t.partner_id)
+                .bind(t.product.as_str())
+                .bind(t.provider.as_str())
+                .bind(&t.phone)
+                .bind(&t.birth_date)
+                .bind(t.status.code())
+                .bind(t.created_at)
+                .bind(t.updated_at)
+                .bind(t.expires_at)
+                .bind(t.attempts_used)
+                .bind(t.max_attempts)
+                .bind(&t.code_hash)
+                .bind(&t.provider_ref)
+                .bind(&t.redirect_url)
+                .bind(&t.redirect_uri)
+                .bind(&t.callback_url)
+                .bind(t.name.as_ref().map(Json))
+                .bind(Json(&t.metadata))
+                .bind(t.result.as_ref().map(Json))
+                .bind(&t.provider_verification)
+                .bind(t.next_poll_at)
+                .bind(t.poll_attempts)
+        }
+
         impl $store {
             async fn write_partner(&self, new: &NewPartner, on_conflict: &str) -> Result<(), StoreError> {
                 let p = &new.partner;
@@ -196,6 +230,19 @@ macro_rules! portable_store {
                 new_verification: Option<&Verification>,
                 outbox: Option<&OutboxMessage>,
             ) -> Result<(), StoreError> {
+                let insert = format!(
+                    "INSERT INTO transactions ({TRANSACTION_COLUMNS}) VALUES \
+                     ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, \
+                     $22, $23, $24)"
+                );
+                // A start (a new verification, nothing owed yet) is one statement
+                // where the database can insert both rows in one (Postgres).
+                if let (Some(v), None, Some(with_verification)) = (new_verification, outbox, $start_with_verification) {
+                    let sql = format!("{with_verification} {insert}");
+                    let query = bind_transaction(sqlx::query(&sql), t).bind(v.id).bind(v.partner_id).bind(v.created_at);
+                    query.execute(&self.pool).await.map_err(db)?;
+                    return Ok(());
+                }
                 let mut db_tx = self.pool.begin().await.map_err(db)?;
                 if let Some(v) = new_verification {
                     sqlx::query("INSERT INTO verifications (id, partner_id, created_at) VALUES ($1, $2, $3)")
@@ -206,38 +253,7 @@ macro_rules! portable_store {
                         .await
                         .map_err(db)?;
                 }
-                sqlx::query(&format!(
-                    "INSERT INTO transactions ({TRANSACTION_COLUMNS}) VALUES \
-                     ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, \
-                     $22, $23, $24)"
-                ))
-                .bind(t.id)
-                .bind(t.verification_id)
-                .bind(t.partner_id)
-                .bind(t.product.as_str())
-                .bind(t.provider.as_str())
-                .bind(&t.phone)
-                .bind(&t.birth_date)
-                .bind(t.status.code())
-                .bind(t.created_at)
-                .bind(t.updated_at)
-                .bind(t.expires_at)
-                .bind(t.attempts_used)
-                .bind(t.max_attempts)
-                .bind(&t.code_hash)
-                .bind(&t.provider_ref)
-                .bind(&t.redirect_url)
-                .bind(&t.redirect_uri)
-                .bind(&t.callback_url)
-                .bind(t.name.as_ref().map(Json))
-                .bind(Json(&t.metadata))
-                .bind(t.result.as_ref().map(Json))
-                .bind(&t.provider_verification)
-                .bind(t.next_poll_at)
-                .bind(t.poll_attempts)
-                .execute(&mut *db_tx)
-                .await
-                .map_err(db)?;
+                bind_transaction(sqlx::query(&insert), t).execute(&mut *db_tx).await.map_err(db)?;
                 if let Some(message) = outbox {
                     Self::insert_outbox(&mut *db_tx, message).await?;
                 }
@@ -723,5 +739,16 @@ impl StoreDb for SqliteStore {
     type Db = sqlx::Sqlite;
 }
 
-portable_store!(PgStore, "../../migrations/postgres", "FOR UPDATE SKIP LOCKED");
-portable_store!(SqliteStore, "../../migrations/sqlite", "");
+mod pg {
+    use super::*;
+    portable_store!(
+        PgStore,
+        "../../migrations/postgres",
+        "FOR UPDATE SKIP LOCKED",
+        Some("WITH verification AS (INSERT INTO verifications (id, partner_id, created_at) VALUES ($25, $26, $27))")
+    );
+}
+mod sqlite {
+    use super::*;
+    portable_store!(SqliteStore, "../../migrations/sqlite", "", None::<&str>);
+}

@@ -372,10 +372,7 @@ async fn failed_outbox_write_rolls_back_the_state_change(f: Fixture) {
 async fn ping_fails_when_the_database_is_gone(f: Fixture) {
     f.store.ping().await.unwrap();
     f.db.destroy().await;
-    let error = f.store.ping().await.expect_err("ping after the database is gone");
-    if f.db.kind == Kind::Sqlite {
-        assert!(error.to_string().contains("is gone"), "{error}");
-    }
+    f.store.ping().await.expect_err("ping after the database is gone");
 }
 
 async fn insert_final_with_callback(f: &Fixture) -> (Transaction, OutboxMessage) {
