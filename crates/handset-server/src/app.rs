@@ -157,6 +157,7 @@ impl Application {
                     failure_threshold: settings.circuit_breaker.failure_threshold,
                     open_for: settings.circuit_breaker.open_for,
                 },
+                partner_cache_ttl: settings.security.partner_cache_ttl,
                 rate_limits: RateLimits {
                     per_product_per_minute: settings.rate_limits.per_product_per_minute,
                     per_partner_per_minute: settings.rate_limits.per_partner_per_minute,

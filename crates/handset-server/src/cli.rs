@@ -50,7 +50,8 @@ pub enum PartnerCommand {
         #[arg(long, value_delimiter = ',', default_value = "possession.sms,possession.network,identity")]
         products: Vec<String>,
     },
-    /// Deactivate a partner: its key then answers 401 1200.
+    /// Deactivate a partner: its key then answers 401 1200 (within
+    /// `security.partner_cache_ttl` when that is set).
     Deactivate {
         #[arg(long)]
         id: Uuid,

@@ -175,6 +175,9 @@ pub struct SecuritySettings {
     /// Keys the hashes of one-time codes handset checks itself. Required in
     /// production; development uses `DEVELOPMENT_CODE_PEPPER`.
     pub code_pepper: Secret,
+    /// How long a partner read by its API key is reused; 0 reads it on every request.
+    #[serde(with = "humantime_serde")]
+    pub partner_cache_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -268,7 +271,8 @@ impl Settings {
             return invalid("server.max_connections must be at least 1".into());
         }
         for (key, value, max) in self.bounded_durations() {
-            if value.is_zero() && key != "retention.personal_data" {
+            // Zero turns these two off.
+            if value.is_zero() && !matches!(key.as_str(), "retention.personal_data" | "security.partner_cache_ttl") {
                 return invalid(format!("{key} must be more than zero"));
             }
             if value > max {
@@ -319,6 +323,7 @@ impl Settings {
             ("workers.provider_poll_max".to_owned(), self.workers.provider_poll_max, max(DAY)),
             ("retention.personal_data".to_owned(), self.retention.personal_data, max(100 * 365 * DAY)),
             ("circuit_breaker.open_for".to_owned(), self.circuit_breaker.open_for, max(DAY)),
+            ("security.partner_cache_ttl".to_owned(), self.security.partner_cache_ttl, max(HOUR)),
             ("providers.idme.timeout".to_owned(), self.providers.idme.timeout, max(5 * MINUTE)),
             ("providers.veratad.timeout".to_owned(), self.providers.veratad.timeout, max(5 * MINUTE)),
             ("providers.dqe.timeout".to_owned(), self.providers.dqe.timeout, max(5 * MINUTE)),

@@ -64,33 +64,49 @@ pub fn connect(url: &str, settings: &PoolSettings) -> Result<Arc<dyn Store>, Sto
             let pool = PgPoolOptions::new()
                 .max_connections(settings.max_connections)
                 .acquire_timeout(settings.acquire_timeout)
-                // sqlx pings every connection before handing it out: a round
-                // trip per statement. A connection that died is found by the
-                // statement itself, and `/ready` pings on its own.
-                .test_before_acquire(false)
+                // Each connection is pinged before use (a round trip), so one
+                // that a database restart closed is replaced instead of
+                // failing a partner's request.
+                .test_before_acquire(true)
                 .connect_lazy_with(options);
             Ok(Arc::new(PgStore::new(pool)))
         }
-        Some(Backend::Sqlite) => Ok(Arc::new(SqliteStore::new(sqlite_pool(url, settings).map_err(invalid)?))),
+        Some(Backend::Sqlite) => {
+            let (writer, readers) = sqlite_pools(url, settings).map_err(invalid)?;
+            Ok(Arc::new(SqliteStore::new(writer, readers)))
+        }
         None => Err(StoreError::Database(
             format!("database.url must start with postgres:// or sqlite: (got {:?})", redact(url)).into(),
         )),
     }
 }
 
-fn sqlite_pool(url: &str, settings: &PoolSettings) -> Result<SqlitePool, sqlx::Error> {
+/// The writer (one connection) and the readers of a SQLite database.
+fn sqlite_pools(url: &str, settings: &PoolSettings) -> Result<(SqlitePool, SqlitePool), sqlx::Error> {
     let options = SqliteConnectOptions::from_str(url)?
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
         .foreign_keys(true)
-        // SQLite has one writer at a time; writers queue instead of failing.
+        // Other processes (replicas, the CLI) write the same file: their
+        // writes wait for each other instead of failing.
         .busy_timeout(Duration::from_secs(10));
-    Ok(SqlitePoolOptions::new()
+    let writer = SqlitePoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(settings.acquire_timeout)
+        .test_before_acquire(false)
+        .connect_lazy_with(options.clone());
+    let in_memory = options.get_filename().as_os_str().is_empty() || url.contains(":memory:");
+    if in_memory {
+        // Each connection to `:memory:` is a database of its own.
+        return Ok((writer.clone(), writer));
+    }
+    let readers = SqlitePoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(settings.acquire_timeout)
         .test_before_acquire(false)
-        .connect_lazy_with(options))
+        .connect_lazy_with(options.create_if_missing(false).pragma("query_only", "ON"));
+    Ok((writer, readers))
 }
 
 /// A database URL with its password masked, for messages and logs.

@@ -29,21 +29,34 @@ impl PgStore {
         PgStore { pool }
     }
 
+    /// Postgres serves reads and writes from one pool.
+    fn readers(&self) -> &PgPool {
+        &self.pool
+    }
+
     /// Postgres answering `SELECT 1` is all readiness needs.
     fn still_in_place(&self) -> Result<(), StoreError> {
         Ok(())
     }
 }
 
-/// SQLite, the embedded default.
+/// SQLite, the embedded default. SQLite has one writer at a time: every
+/// write goes through `pool`, a single connection whose queue is fair, so
+/// writers take turns instead of retrying against the file lock; reads use
+/// `readers`, any number at once (WAL lets them run beside the writer).
 #[derive(Clone)]
 pub struct SqliteStore {
     pub(crate) pool: SqlitePool,
+    readers: SqlitePool,
 }
 
 impl SqliteStore {
-    pub fn new(pool: SqlitePool) -> Self {
-        SqliteStore { pool }
+    pub fn new(writer: SqlitePool, readers: SqlitePool) -> Self {
+        SqliteStore { pool: writer, readers }
+    }
+
+    fn readers(&self) -> &SqlitePool {
+        &self.readers
     }
 
     /// The database file is still where the pool opens it. An open SQLite
@@ -177,7 +190,7 @@ macro_rules! portable_store {
             }
 
             async fn ping(&self) -> Result<(), StoreError> {
-                sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db)?;
+                sqlx::query("SELECT 1").execute(self.readers()).await.map_err(db)?;
                 self.still_in_place()
             }
 
@@ -198,7 +211,7 @@ macro_rules! portable_store {
                 let row: Option<PartnerRow> =
                     sqlx::query_as(&format!("SELECT {PARTNER_COLUMNS} FROM partners WHERE api_key_hash = $1"))
                         .bind(api_key_hash)
-                        .fetch_optional(&self.pool)
+                        .fetch_optional(self.readers())
                         .await
                         .map_err(db)?;
                 row.map(Partner::try_from).transpose()
@@ -218,7 +231,7 @@ macro_rules! portable_store {
                 let row: Option<VerificationRow> =
                     sqlx::query_as("SELECT id, partner_id, created_at FROM verifications WHERE id = $1")
                         .bind(id)
-                        .fetch_optional(&self.pool)
+                        .fetch_optional(self.readers())
                         .await
                         .map_err(db)?;
                 Ok(row.map(Verification::from))
@@ -264,7 +277,7 @@ macro_rules! portable_store {
                 let row: Option<TransactionRow> =
                     sqlx::query_as(&format!("SELECT {TRANSACTION_COLUMNS} FROM transactions WHERE id = $1"))
                         .bind(id)
-                        .fetch_optional(&self.pool)
+                        .fetch_optional(self.readers())
                         .await
                         .map_err(db)?;
                 row.map(Transaction::try_from).transpose()
@@ -275,7 +288,7 @@ macro_rules! portable_store {
                     "SELECT {TRANSACTION_COLUMNS} FROM transactions WHERE verification_id = $1 ORDER BY created_at, id"
                 ))
                 .bind(verification_id)
-                .fetch_all(&self.pool)
+                .fetch_all(self.readers())
                 .await
                 .map_err(db)?;
                 rows.into_iter().map(Transaction::try_from).collect()
@@ -408,7 +421,7 @@ macro_rules! portable_store {
                     "SELECT {OUTBOX_SELECT} FROM outbox WHERE transaction_id = $1 ORDER BY created_at, id"
                 ))
                 .bind(transaction_id)
-                .fetch_all(&self.pool)
+                .fetch_all(self.readers())
                 .await
                 .map_err(db)?;
                 let attempts: Vec<AttemptRow> = sqlx::query_as(
@@ -417,7 +430,7 @@ macro_rules! portable_store {
                      WHERE o.transaction_id = $1 ORDER BY a.id",
                 )
                 .bind(transaction_id)
-                .fetch_all(&self.pool)
+                .fetch_all(self.readers())
                 .await
                 .map_err(db)?;
                 rows.into_iter()
@@ -514,7 +527,7 @@ macro_rules! portable_store {
             async fn due_callbacks(&self, now: DateTime<Utc>) -> Result<i64, StoreError> {
                 sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE state = 'pending' AND next_attempt_at <= $1")
                     .bind(now)
-                    .fetch_one(&self.pool)
+                    .fetch_one(self.readers())
                     .await
                     .map_err(db)
             }
@@ -529,7 +542,7 @@ macro_rules! portable_store {
                 ))
                 .bind(provider.as_str())
                 .bind(provider_ref)
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.readers())
                 .await
                 .map_err(db)?;
                 row.map(Transaction::try_from).transpose()
@@ -692,7 +705,7 @@ macro_rules! portable_store {
                 ))
                 .bind(now)
                 .bind(limit)
-                .fetch_all(&self.pool)
+                .fetch_all(self.readers())
                 .await
                 .map_err(db)?;
                 rows.into_iter().map(Transaction::try_from).collect()

@@ -25,6 +25,7 @@ use crate::model::{
     CallbackOut, CallbackRecord, CallbackState, OutboxMessage, Partner, PersonName, Product, ProviderName, ResultError,
     Status, Transaction, TransactionResult, Verification, VerificationOut,
 };
+use crate::partner_cache::PartnerCache;
 use crate::phone::Phone;
 use crate::provider::{CodeCheck, Outcome, Provider, ProviderError, Renewed, StartRequest, Started};
 use crate::rate_limit::{RateLimiter, RateLimits, Scope};
@@ -58,6 +59,8 @@ pub struct GatewaySettings {
     pub poll_max: std::time::Duration,
     pub breaker: BreakerSettings,
     pub rate_limits: RateLimits,
+    /// How long a partner read by its key is reused (`security.partner_cache_ttl`).
+    pub partner_cache_ttl: std::time::Duration,
 }
 
 /// Where the gateway reads the time: rules compare against one `now`, and
@@ -82,6 +85,7 @@ pub struct Gateway {
     routing: Routing,
     settings: GatewaySettings,
     limiter: RateLimiter,
+    partners: PartnerCache,
     clock: Arc<dyn Clock>,
 }
 
@@ -98,6 +102,7 @@ impl Gateway {
             providers: providers.into_iter().map(|p| (p.name(), p)).collect(),
             routing,
             limiter: RateLimiter::new(settings.rate_limits),
+            partners: PartnerCache::new(settings.partner_cache_ttl),
             settings,
             clock: Arc::new(SystemClock),
         }

@@ -5,11 +5,20 @@ use super::*;
 impl Gateway {
     /// The partner behind a bearer key: unknown (or refused) -> 401 1100,
     /// inactive -> 401 1200.
+    /// The partner may come from the cache (`security.partner_cache_ttl`).
     pub async fn authenticate(&self, api_key: &str) -> Result<Partner, GatewayError> {
-        let partner = self
-            .store
-            .partner_by_key_hash(&api_key_hash(api_key))
-            .await?
+        let key_hash = api_key_hash(api_key);
+        let found = match self.partners.get(&key_hash) {
+            Some(partner) => Some(partner),
+            None => {
+                let read = self.store.partner_by_key_hash(&key_hash).await?;
+                if let Some(partner) = &read {
+                    self.partners.put(&key_hash, partner);
+                }
+                read
+            }
+        };
+        let partner = found
             .filter(|partner| Some(partner.id) != self.settings.refused_partner)
             .ok_or_else(|| ApiError::new(ErrorCode::CredentialsUnknown))?;
         if !partner.active {

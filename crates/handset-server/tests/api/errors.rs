@@ -164,3 +164,48 @@ async fn unknown_routes_and_methods(app: TestApp) {
     assert_eq!(wrong_method.status, 405);
     assert!(wrong_method.body["errors"][0]["code"].is_u64(), "{}", wrong_method.text);
 }
+
+/// With `security.partner_cache_ttl`, a partner is read once per TTL: a
+/// deactivation (here straight in the database, as another replica or the
+/// CLI would do it) is seen once the cached read has expired, never later.
+mod partner_cache {
+    use std::time::Duration;
+
+    use handset_core::Product;
+    use handset_testkit::Kind;
+    use serde_json::json;
+
+    use crate::helpers::TestApp;
+
+    async fn deactivation_is_seen_within_the_ttl(kind: Kind) {
+        let app = TestApp::spawn_with(kind, &[("HANDSET__SECURITY__PARTNER_CACHE_TTL", "1s")]).await;
+        let (partner, key) = app.partner(Product::ALL).await;
+        let start = || app.post_as(&key, "/v1/possession", json!({"phone": "4155550123"}));
+        assert_eq!(start().await.status, 201);
+        let deactivated_at = tokio::time::Instant::now();
+        assert!(app.store.set_partner_active(partner, false).await.unwrap());
+        let cached = start().await;
+        if deactivated_at.elapsed() < Duration::from_millis(800) {
+            assert_eq!(cached.status, 201, "the cached read is used within its TTL: {}", cached.text);
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        start().await.assert_error(401, 1200);
+        // An unknown key is never cached: a key given to a partner just after
+        // it was refused works at once.
+        let fresh = "hs_test_issued_later";
+        app.post_as(fresh, "/v1/possession", json!({"phone": "4155550124"})).await.assert_error(401, 1100);
+        let partner = handset_core::Partner {
+            id: uuid::Uuid::new_v4(),
+            name: "issued later".into(),
+            products: Product::ALL.to_vec(),
+            active: true,
+            webhook_secret: "whsec_dGVzdA==".into(),
+            created_at: chrono::Utc::now(),
+        };
+        let api_key_hash = handset_core::secret::api_key_hash(fresh);
+        app.store.insert_partner(&handset_core::store::NewPartner { partner, api_key_hash }).await.unwrap();
+        assert_eq!(app.post_as(fresh, "/v1/possession", json!({"phone": "4155550124"})).await.status, 201);
+    }
+
+    crate::on_both_kinds!(deactivation_is_seen_within_the_ttl);
+}
