@@ -106,9 +106,7 @@ fn product_names(partner: &Partner) -> Json<Vec<&'static str>> {
 macro_rules! portable_store {
     // `$claim_lock`: how a claim skips rows another process is claiming
     // (Postgres row locks); SQLite's single writer needs nothing.
-    // `$start_with_verification`: a prefix that inserts the verification
-    // ($25-$27) in the transaction's own INSERT, where the dialect has one.
-    ($store:ty, $migrations:literal, $claim_lock:literal, $start_with_verification:expr) => {
+    ($store:ty, $migrations:literal, $claim_lock:literal) => {
         /// The transaction's 24 columns bound as $1-$24, in `TRANSACTION_COLUMNS` order.
         fn bind_transaction<'q>(
             query: sqlx::query::Query<'q, <$store as StoreDb>::Db, <<$store as StoreDb>::Db as sqlx::Database>::Arguments<'q>>,
@@ -248,13 +246,9 @@ macro_rules! portable_store {
                      ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, \
                      $22, $23, $24)"
                 );
-                // A start (a new verification, nothing owed yet) is one statement
-                // where the database can insert both rows in one (Postgres).
-                if let (Some(v), None, Some(with_verification)) = (new_verification, outbox, $start_with_verification) {
-                    let sql = format!("{with_verification} {insert}");
-                    let query = bind_transaction(sqlx::query(&sql), t).bind(v.id).bind(v.partner_id).bind(v.created_at);
-                    query.execute(&self.pool).await.map_err(db)?;
-                    return Ok(());
+                // A start (a new verification, nothing owed yet): one round trip.
+                if let (Some(v), None) = (new_verification, outbox) {
+                    return self.insert_start(&insert, t, v).await;
                 }
                 let mut db_tx = self.pool.begin().await.map_err(db)?;
                 if let Some(v) = new_verification {
@@ -313,40 +307,14 @@ macro_rules! portable_store {
                 &self,
                 a: LocalCodeAttempt<'_>,
             ) -> Result<Option<(Status, i32)>, StoreError> {
-                // The attempt and the verdict in one conditional statement: the
-                // row lock (Postgres) or the single writer (SQLite) makes them
-                // indivisible, and `RETURNING` says which state it left.
-                const SQL: &str = "UPDATE transactions SET attempts_used = attempts_used + 1, updated_at = $2, \
-                     status_code = CASE WHEN $3 THEN 200 WHEN attempts_used + 1 >= max_attempts THEN 300 \
-                     ELSE status_code END, \
-                     result = CASE WHEN $3 THEN $4 WHEN attempts_used + 1 >= max_attempts THEN $5 ELSE result END \
-                     WHERE id = $1 AND status_code = 210 AND attempts_used < max_attempts \
-                     AND (expires_at IS NULL OR expires_at > $2) RETURNING status_code, attempts_used";
-                let query = sqlx::query_as::<_, (i32, i32)>(SQL)
-                    .bind(a.id)
-                    .bind(a.now)
-                    .bind(a.matched)
-                    .bind(Json(a.success))
-                    .bind(Json(a.exhausted));
                 if a.on_success.is_none() && a.on_exhausted.is_none() {
-                    let row = query.fetch_optional(&self.pool).await.map_err(db)?;
+                    let row = local_code_update(sqlx::query_as::<_, (i32, i32)>(LOCAL_CODE_UPDATE), &a)
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(db)?;
                     return row.map(|(code, used)| Ok((status_of(code)?, used))).transpose();
                 }
-                let mut db_tx = self.pool.begin().await.map_err(db)?;
-                let Some((code, used)) = query.fetch_optional(&mut *db_tx).await.map_err(db)? else {
-                    return Ok(None);
-                };
-                let status = status_of(code)?;
-                let owed = match status {
-                    Status::Succeeded => a.on_success,
-                    Status::Failed => a.on_exhausted,
-                    Status::Pending => None,
-                };
-                if let Some(message) = owed {
-                    Self::insert_outbox(&mut *db_tx, message).await?;
-                }
-                db_tx.commit().await.map_err(db)?;
-                Ok(Some((status, used)))
+                self.local_code_with_callback(&a).await
             }
 
             async fn finalize(&self, f: Finalization<'_>) -> Result<bool, StoreError> {
@@ -752,16 +720,151 @@ impl StoreDb for SqliteStore {
     type Db = sqlx::Sqlite;
 }
 
+/// A code handset checked itself: the attempt and the verdict in one
+/// conditional statement (the row lock on Postgres, the single writer on
+/// SQLite make them indivisible); `RETURNING` says which state it left.
+const LOCAL_CODE_UPDATE: &str = "UPDATE transactions SET attempts_used = attempts_used + 1, updated_at = $2, \
+     status_code = CASE WHEN $3 THEN 200 WHEN attempts_used + 1 >= max_attempts THEN 300 ELSE status_code END, \
+     result = CASE WHEN $3 THEN $4 WHEN attempts_used + 1 >= max_attempts THEN $5 ELSE result END \
+     WHERE id = $1 AND status_code = 210 AND attempts_used < max_attempts \
+     AND (expires_at IS NULL OR expires_at > $2) RETURNING status_code, attempts_used";
+
+/// `LOCAL_CODE_UPDATE`'s parameters $1-$5.
+fn local_code_update<'q, DB, O>(
+    query: sqlx::query::QueryAs<'q, DB, O, <DB as sqlx::Database>::Arguments<'q>>,
+    a: &LocalCodeAttempt<'q>,
+) -> sqlx::query::QueryAs<'q, DB, O, <DB as sqlx::Database>::Arguments<'q>>
+where
+    DB: sqlx::Database,
+    Uuid: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    DateTime<Utc>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    bool: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Json<&'q TransactionResult>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    query.bind(a.id).bind(a.now).bind(a.matched).bind(Json(a.success)).bind(Json(a.exhausted))
+}
+
+/// The callback a local code's verdict owes, by the status it left.
+fn owed<'a>(a: &LocalCodeAttempt<'a>, status: Status) -> Option<&'a OutboxMessage> {
+    match status {
+        Status::Succeeded => a.on_success,
+        Status::Failed => a.on_exhausted,
+        Status::Pending => None,
+    }
+}
+
 mod pg {
     use super::*;
-    portable_store!(
-        PgStore,
-        "../../migrations/postgres",
-        "FOR UPDATE SKIP LOCKED",
-        Some("WITH verification AS (INSERT INTO verifications (id, partner_id, created_at) VALUES ($25, $26, $27))")
-    );
+    portable_store!(PgStore, "../../migrations/postgres", "FOR UPDATE SKIP LOCKED");
+
+    impl PgStore {
+        /// The verification and the transaction in one statement.
+        async fn insert_start(&self, insert: &str, t: &Transaction, v: &Verification) -> Result<(), StoreError> {
+            let sql = format!(
+                "WITH verification AS (INSERT INTO verifications (id, partner_id, created_at) VALUES ($25, $26, $27)) \
+                 {insert}"
+            );
+            let query = bind_transaction(sqlx::query(&sql), t).bind(v.id).bind(v.partner_id).bind(v.created_at);
+            query.execute(&self.pool).await.map_err(db)?;
+            Ok(())
+        }
+
+        /// The attempt, the verdict and the callback it owes in one statement:
+        /// the outbox row is inserted only for the status the update left.
+        async fn local_code_with_callback(
+            &self,
+            a: &LocalCodeAttempt<'_>,
+        ) -> Result<Option<(Status, i32)>, StoreError> {
+            let message = a.on_success.or(a.on_exhausted).expect("a callback is owed");
+            let sql = format!(
+                "WITH t AS ({LOCAL_CODE_UPDATE}), owed AS (INSERT INTO outbox ({OUTBOX_COLUMNS}, next_attempt_at) \
+                 SELECT m.id, $1, $6, $7, m.payload, m.created_at, m.created_at FROM t JOIN (VALUES \
+                 ($8::uuid, 200, $9::text, $10::timestamptz), ($11::uuid, 300, $12::text, $13::timestamptz)) \
+                 AS m (id, status_code, payload, created_at) ON m.status_code = t.status_code WHERE m.id IS NOT NULL) \
+                 SELECT status_code, attempts_used FROM t"
+            );
+            let row = local_code_update(sqlx::query_as::<_, (i32, i32)>(&sql), a)
+                .bind(message.partner_id)
+                .bind(&message.callback_url)
+                .bind(a.on_success.map(|m| m.id))
+                .bind(a.on_success.map(|m| m.payload.as_str()))
+                .bind(a.on_success.map(|m| m.created_at))
+                .bind(a.on_exhausted.map(|m| m.id))
+                .bind(a.on_exhausted.map(|m| m.payload.as_str()))
+                .bind(a.on_exhausted.map(|m| m.created_at))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+            row.map(|(code, used)| Ok((status_of(code)?, used))).transpose()
+        }
+    }
 }
+
 mod sqlite {
+    use sqlx::SqliteConnection;
+
     use super::*;
-    portable_store!(SqliteStore, "../../migrations/sqlite", "", None::<&str>);
+    portable_store!(SqliteStore, "../../migrations/sqlite", "");
+
+    /// Rolls back what a multi-statement write left open when it failed
+    /// (the writer connection goes back to the pool clean).
+    async fn rolled_back<T>(conn: &mut SqliteConnection, error: sqlx::Error) -> Result<T, StoreError> {
+        if let Err(rollback) = sqlx::query("ROLLBACK").execute(&mut *conn).await {
+            tracing::debug!(%rollback, "nothing to roll back");
+        }
+        Err(db(error))
+    }
+
+    impl SqliteStore {
+        /// The verification and the transaction in one transaction, sent as
+        /// one batch: each statement is a hop to the connection's thread.
+        async fn insert_start(&self, insert: &str, t: &Transaction, v: &Verification) -> Result<(), StoreError> {
+            let sql = format!(
+                "BEGIN; INSERT INTO verifications (id, partner_id, created_at) VALUES ($25, $26, $27); {insert}; COMMIT"
+            );
+            let mut conn = self.pool.acquire().await.map_err(db)?;
+            let query = bind_transaction(sqlx::query(&sql), t).bind(v.id).bind(v.partner_id).bind(v.created_at);
+            match query.execute(&mut *conn).await {
+                Ok(_) => Ok(()),
+                Err(error) => rolled_back(&mut conn, error).await,
+            }
+        }
+
+        /// The attempt and the verdict, then the callback it owes and the
+        /// commit: one transaction sent as two batches.
+        async fn local_code_with_callback(
+            &self,
+            a: &LocalCodeAttempt<'_>,
+        ) -> Result<Option<(Status, i32)>, StoreError> {
+            let mut conn = self.pool.acquire().await.map_err(db)?;
+            let sql = format!("BEGIN; {LOCAL_CODE_UPDATE}");
+            let rows = match local_code_update(sqlx::query_as::<_, (i32, i32)>(&sql), a).fetch_all(&mut *conn).await {
+                Ok(rows) => rows,
+                Err(error) => return rolled_back(&mut conn, error).await,
+            };
+            let Some(&(code, used)) = rows.first() else {
+                sqlx::query("COMMIT").execute(&mut *conn).await.map_err(db)?;
+                return Ok(None);
+            };
+            let status = status_of(code)?;
+            let written = match owed(a, status) {
+                Some(m) => sqlx::query(&format!(
+                    "INSERT INTO outbox ({OUTBOX_COLUMNS}, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $6); COMMIT"
+                ))
+                .bind(m.id)
+                .bind(m.transaction_id)
+                .bind(m.partner_id)
+                .bind(&m.callback_url)
+                .bind(&m.payload)
+                .bind(m.created_at)
+                .execute(&mut *conn)
+                .await,
+                None => sqlx::query("COMMIT").execute(&mut *conn).await,
+            };
+            match written {
+                Ok(_) => Ok(Some((status, used))),
+                Err(error) => rolled_back(&mut conn, error).await,
+            }
+        }
+    }
 }

@@ -115,6 +115,7 @@ on_both_stores!(
     attempts_stop_at_the_limit,
     concurrent_attempts_never_exceed_the_limit,
     local_code_attempts_decide_in_one_write,
+    a_failed_start_writes_nothing,
     expired_transactions_take_no_attempt,
     finalize_writes_state_and_outbox_once,
     final_insert_and_its_outbox_are_one_transaction,
@@ -305,6 +306,20 @@ async fn local_code_attempts_decide_in_one_write(f: Fixture) {
     let late = LocalCodeAttempt { now: tx.expires_at.unwrap(), ..local_attempt(&tx, true, &results, &messages) };
     assert_eq!(f.store.attempt_local_code(late).await.unwrap(), None);
     assert_eq!(f.store.transaction(tx.id).await.unwrap().unwrap().status, Status::Pending);
+}
+
+/// A start whose transaction cannot be written leaves nothing behind (not
+/// its verification either), and the next write works (on SQLite, the
+/// writer connection went back to the pool with no transaction open).
+async fn a_failed_start_writes_nothing(f: Fixture) {
+    let tx = insert_pending(&f).await;
+    let v = verification(&f.partner);
+    let clash = Transaction { verification_id: v.id, ..tx.clone() };
+    assert!(f.store.insert_transaction(&clash, Some(&v), None).await.is_err(), "the id is taken");
+    assert!(f.store.verification(v.id).await.unwrap().is_none(), "the verification was rolled back");
+    let next = insert_pending(&f).await;
+    assert_eq!(f.store.use_attempt(next.id, Utc::now()).await.unwrap(), Some(1));
+    assert!(f.store.verification(next.verification_id).await.unwrap().is_some());
 }
 
 async fn expired_transactions_take_no_attempt(f: Fixture) {
