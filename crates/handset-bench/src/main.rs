@@ -50,6 +50,9 @@ struct Args {
     /// How long the simulated provider takes to answer each call.
     #[arg(long, default_value_t = 200)]
     provider_latency_ms: u64,
+    /// `security.partner_cache_ttl` of the second gateway row (the first runs the shipped `0s`, off).
+    #[arg(long, default_value = "5s")]
+    partner_cache_ttl: String,
 }
 
 /// One measurement: wall time, each flow's latency, and flows that failed.
@@ -201,12 +204,13 @@ fn sandbox_start() -> Value {
 }
 
 /// The whole gateway in this process (sandbox provider), on `db`.
-async fn start_gateway(db: &TestDatabase, args: &Args) -> String {
+async fn start_gateway(db: &TestDatabase, args: &Args, partner_cache_ttl: &str) -> String {
     let vars = vec![
         ("HANDSET__SERVER__BIND".to_string(), "127.0.0.1:0".to_string()),
         ("HANDSET__DATABASE__URL".to_string(), db.url.clone()),
         ("HANDSET__DATABASE__MAX_CONNECTIONS".to_string(), args.concurrency.max(2).to_string()),
         ("HANDSET__WORKERS__ENABLED".to_string(), "false".to_string()),
+        ("HANDSET__SECURITY__PARTNER_CACHE_TTL".to_string(), partner_cache_ttl.to_string()),
         // Measure the flow, not the limiter's refusals (its counting still runs).
         ("HANDSET__RATE_LIMITS__PER_PARTNER_PER_MINUTE".to_string(), "100000000".to_string()),
         ("HANDSET__RATE_LIMITS__PER_PRODUCT_PER_MINUTE".to_string(), "100000000".to_string()),
@@ -417,6 +421,7 @@ fn row(store: &str, path: &str, run: &Run) {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    handset_server::install_crypto_provider();
     println!(
         "start+confirm flows: {} per run, {} in flight; the ceiling is the minimal SQL of a flow run bare",
         args.flows, args.concurrency
@@ -432,21 +437,28 @@ async fn main() {
             other => panic!("unknown store {other:?}: sqlite or postgres"),
         };
         // One database per path, so neither measures the other's rows.
-        let gateway_db = TestDatabase::new(kind).await;
-        let base = start_gateway(&gateway_db, &args).await;
         let client = reqwest::Client::new();
-        let flow = {
-            let (client, base) = (client.clone(), base.clone());
+        let flow_on = |base: String| {
+            let client = client.clone();
             move || gateway_flow(client.clone(), base.clone(), sandbox_start())
         };
-        let gateway = measure(args.flows, args.concurrency, flow.clone()).await;
+        let (shipped_db, cached_db) = (TestDatabase::new(kind).await, TestDatabase::new(kind).await);
+        let shipped = flow_on(start_gateway(&shipped_db, &args, "0s").await);
+        let gateway = measure(args.flows, args.concurrency, shipped.clone()).await;
+        let cached_flow = flow_on(start_gateway(&cached_db, &args, &args.partner_cache_ttl).await);
+        let cached = measure(args.flows, args.concurrency, cached_flow).await;
         let ceiling = minimal_sql(&TestDatabase::new(kind).await, &args).await;
         let half = gateway.per_second() / 2.0;
-        let paced = measure_paced(args.flows, half, flow).await;
+        let paced = measure_paced(args.flows, half, shipped).await;
         row(name, "handset", &gateway);
+        row(name, &format!("handset, cache {}", args.partner_cache_ttl), &cached);
         row(name, "minimal SQL (ceiling)", &ceiling);
         row(name, &format!("handset at {half:.0}/s"), &paced);
-        println!("{name:<9} handset reaches {:.2}x of the ceiling", gateway.per_second() / ceiling.per_second());
+        println!(
+            "{name:<9} handset reaches {:.2}x of the ceiling ({:.2}x with the partner cache)",
+            gateway.per_second() / ceiling.per_second(),
+            cached.per_second() / ceiling.per_second()
+        );
         if args.in_flight > 0 {
             let (run, peak) = in_flight_run(kind, &args).await;
             row(name, &format!("{} at once, ID.me {}ms", args.in_flight, args.provider_latency_ms), &run);
