@@ -131,11 +131,11 @@ impl RateLimiter {
         let start = now.duration_trunc(scope.window()).unwrap_or(now);
         let key = scope.key();
         if let Scope::Phone(_) = scope {
-            let hits = store.add_rate_hits(&key, start, 1).await.map_err(|error| {
+            let taken = store.take_rate_hit(&key, start, limit).await.map_err(|error| {
                 tracing::error!(%error, "rate counter unavailable");
                 ApiError::new(ErrorCode::Internal)
             })?;
-            return if hits <= limit { Ok(()) } else { Err(RateLimits::refusal(&scope, start, now)) };
+            return if taken { Ok(()) } else { Err(RateLimits::refusal(&scope, start, now)) };
         }
         let due = {
             let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());

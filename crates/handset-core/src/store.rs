@@ -176,6 +176,11 @@ pub trait Store: Send + Sync {
     /// the window's hits so far (atomic across replicas).
     async fn add_rate_hits(&self, scope: &str, window_start: DateTime<Utc>, hits: i64) -> Result<i64, StoreError>;
 
+    /// Counts one hit in `scope`'s window if it holds fewer than `limit`;
+    /// false (nothing counted) once it is full. One conditional statement,
+    /// exact across replicas.
+    async fn take_rate_hit(&self, scope: &str, window_start: DateTime<Utc>, limit: i64) -> Result<bool, StoreError>;
+
     /// Deletes rate windows that started before `before`.
     async fn purge_rate_counters(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
 

@@ -656,6 +656,26 @@ macro_rules! portable_store {
                 Ok(i64::from(hits))
             }
 
+            async fn take_rate_hit(
+                &self,
+                scope: &str,
+                window_start: DateTime<Utc>,
+                limit: i64,
+            ) -> Result<bool, StoreError> {
+                let taken: Option<i32> = sqlx::query_scalar(
+                    "INSERT INTO rate_counters (scope, window_start, hits) VALUES ($1, $2, 1) \
+                     ON CONFLICT (scope, window_start) DO UPDATE SET hits = rate_counters.hits + 1 \
+                     WHERE rate_counters.hits < $3 RETURNING hits",
+                )
+                .bind(scope)
+                .bind(window_start)
+                .bind(i32::try_from(limit).unwrap_or(i32::MAX))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(taken.is_some())
+            }
+
             async fn purge_rate_counters(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
                 let done = sqlx::query("DELETE FROM rate_counters WHERE window_start < $1")
                     .bind(before)

@@ -116,6 +116,7 @@ on_both_stores!(
     concurrent_attempts_never_exceed_the_limit,
     local_code_attempts_decide_in_one_write,
     a_failed_start_writes_nothing,
+    rate_hits_stop_at_the_limit,
     expired_transactions_take_no_attempt,
     finalize_writes_state_and_outbox_once,
     final_insert_and_its_outbox_are_one_transaction,
@@ -320,6 +321,25 @@ async fn a_failed_start_writes_nothing(f: Fixture) {
     let next = insert_pending(&f).await;
     assert_eq!(f.store.use_attempt(next.id, Utc::now()).await.unwrap(), Some(1));
     assert!(f.store.verification(next.verification_id).await.unwrap().is_some());
+}
+
+/// The per-phone window: concurrent hits against a limit take exactly the
+/// limit, and refused ones are not counted (a full window stays at its limit).
+async fn rate_hits_stop_at_the_limit(f: Fixture) {
+    let window = Utc::now();
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let store = f.store.clone();
+            tokio::spawn(async move { store.take_rate_hit("phone:x", window, 5).await.unwrap() })
+        })
+        .collect();
+    let mut taken = 0;
+    for task in tasks {
+        taken += usize::from(task.await.unwrap());
+    }
+    assert_eq!(taken, 5);
+    assert_eq!(f.store.add_rate_hits("phone:x", window, 0).await.unwrap(), 5, "refusals were not counted");
+    assert!(f.store.take_rate_hit("phone:y", window, 1).await.unwrap(), "another scope has its own window");
 }
 
 async fn expired_transactions_take_no_attempt(f: Fixture) {
