@@ -107,6 +107,14 @@ macro_rules! portable_store {
     // `$claim_lock`: how a claim skips rows another process is claiming
     // (Postgres row locks); SQLite's single writer needs nothing.
     ($store:ty, $migrations:literal, $claim_lock:literal) => {
+        /// An outbox row's six values bound as $1-$6 (`outbox_insert`).
+        fn bind_outbox<'q>(
+            query: sqlx::query::Query<'q, <$store as StoreDb>::Db, <<$store as StoreDb>::Db as sqlx::Database>::Arguments<'q>>,
+            m: &'q OutboxMessage,
+        ) -> sqlx::query::Query<'q, <$store as StoreDb>::Db, <<$store as StoreDb>::Db as sqlx::Database>::Arguments<'q>> {
+            query.bind(m.id).bind(m.transaction_id).bind(m.partner_id).bind(&m.callback_url).bind(&m.payload).bind(m.created_at)
+        }
+
         /// The transaction's 24 columns bound as $1-$24, in `TRANSACTION_COLUMNS` order.
         fn bind_transaction<'q>(
             query: sqlx::query::Query<'q, <$store as StoreDb>::Db, <<$store as StoreDb>::Db as sqlx::Database>::Arguments<'q>>,
@@ -162,18 +170,7 @@ macro_rules! portable_store {
             where
                 E: sqlx::Executor<'c, Database = <$store as StoreDb>::Db>,
             {
-                sqlx::query(&format!(
-                    "INSERT INTO outbox ({OUTBOX_COLUMNS}, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $6)"
-                ))
-                .bind(message.id)
-                .bind(message.transaction_id)
-                .bind(message.partner_id)
-                .bind(&message.callback_url)
-                .bind(&message.payload)
-                .bind(message.created_at)
-                .execute(executor)
-                .await
-                .map_err(db)?;
+                bind_outbox(sqlx::query(&outbox_insert()), message).execute(executor).await.map_err(db)?;
                 Ok(())
             }
         }
@@ -740,6 +737,11 @@ impl StoreDb for SqliteStore {
     type Db = sqlx::Sqlite;
 }
 
+/// A callback row, due at once (see `bind_outbox`).
+fn outbox_insert() -> String {
+    format!("INSERT INTO outbox ({OUTBOX_COLUMNS}, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $6)")
+}
+
 /// A code handset checked itself: the attempt and the verdict in one
 /// conditional statement (the row lock on Postgres, the single writer on
 /// SQLite make them indivisible); `RETURNING` says which state it left.
@@ -868,17 +870,10 @@ mod sqlite {
             };
             let status = status_of(code)?;
             let written = match owed(a, status) {
-                Some(m) => sqlx::query(&format!(
-                    "INSERT INTO outbox ({OUTBOX_COLUMNS}, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $6); COMMIT"
-                ))
-                .bind(m.id)
-                .bind(m.transaction_id)
-                .bind(m.partner_id)
-                .bind(&m.callback_url)
-                .bind(&m.payload)
-                .bind(m.created_at)
-                .execute(&mut *conn)
-                .await,
+                Some(m) => {
+                    let sql = format!("{}; COMMIT", outbox_insert());
+                    bind_outbox(sqlx::query(&sql), m).execute(&mut *conn).await
+                }
                 None => sqlx::query("COMMIT").execute(&mut *conn).await,
             };
             match written {

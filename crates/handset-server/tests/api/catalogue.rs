@@ -10,10 +10,7 @@ use std::time::Duration;
 
 use handset_core::ErrorCode;
 use handset_core::model::Product;
-use handset_core::store::{IdempotencyBegin, IdempotencyClaim};
-use handset_server::idempotency::{request_hash, scope};
 use handset_testkit::Kind;
-use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -218,18 +215,7 @@ async fn every_code_is_answered_over_http(kind: Kind) {
     assert_eq!(post_keyed(&app, "k", &json!({"phone": "4155550109"})).await.status, 201);
     refused(&post_keyed(&app, "k", &json!({"phone": "4155550110"})).await, seen, "key reused");
     let busy_body = json!({"phone": "4155550111"});
-    let hash = request_hash(&Method::POST, "/v1/possession", &serde_json::to_vec(&busy_body).unwrap());
-    let now = chrono::Utc::now();
-    let partner_scope = scope(handset_server::app::DEV_PARTNER_ID);
-    let claim = IdempotencyClaim {
-        scope: &partner_scope,
-        key: "busy",
-        request_hash: &hash,
-        now,
-        expired_before: now - chrono::Duration::hours(24),
-        lock_until: now + chrono::Duration::minutes(2),
-    };
-    assert_eq!(app.store.begin_idempotent(claim).await.unwrap(), IdempotencyBegin::Proceed);
+    app.hold_idempotency_key("busy", "/v1/possession", &busy_body).await;
     refused(&post_keyed(&app, "busy", &busy_body).await, seen, "key in flight");
 
     // Limits and providers.

@@ -205,6 +205,25 @@ impl TestApp {
         (id, key, webhook_secret)
     }
 
+    /// Takes an `Idempotency-Key` of the development partner for a POST of
+    /// `body` to `path`, as another replica answering it right now would.
+    pub async fn hold_idempotency_key(&self, key: &str, path: &str, body: &Value) {
+        use handset_core::store::{IdempotencyBegin, IdempotencyClaim};
+        use handset_server::idempotency::{request_hash, scope};
+        let hash = request_hash(&reqwest::Method::POST, path, &serde_json::to_vec(body).unwrap());
+        let partner_scope = scope(handset_server::app::DEV_PARTNER_ID);
+        let now = chrono::Utc::now();
+        let claim = IdempotencyClaim {
+            scope: &partner_scope,
+            key,
+            request_hash: &hash,
+            now,
+            expired_before: now - chrono::Duration::hours(24),
+            lock_until: now + chrono::Duration::minutes(2),
+        };
+        assert_eq!(self.store.begin_idempotent(claim).await.unwrap(), IdempotencyBegin::Proceed);
+    }
+
     /// Every row of every table, each rendered whole as text (blobs as hex),
     /// by table name: what a dump of the database would show.
     pub async fn dump_all(&self) -> Vec<(String, Vec<String>)> {
