@@ -328,8 +328,10 @@ async fn minimal_sql(db: &TestDatabase, args: &Args) -> Run {
                 .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
                 .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(10));
+            // One writer at a time is all SQLite allows; one connection
+            // taking turns beats several contending for the file lock.
             let pool = sqlx::sqlite::SqlitePoolOptions::new()
-                .max_connections(connections)
+                .max_connections(1)
                 .test_before_acquire(false)
                 .connect_with(options)
                 .await
@@ -352,8 +354,6 @@ fn spawn_serve(db: &TestDatabase, sim: &Sim, port: u16) -> std::process::Child {
         .env("HANDSET__SERVER__BIND", format!("127.0.0.1:{port}"))
         .env("HANDSET__SERVER__MAX_CONNECTIONS", "20000")
         .env("HANDSET__DATABASE__URL", &db.url)
-        .env("HANDSET__DATABASE__MAX_CONNECTIONS", "16")
-        .env("HANDSET__DATABASE__ACQUIRE_TIMEOUT", "60s")
         .env("HANDSET__WORKERS__ENABLED", "false")
         .env("HANDSET__PROVIDERS__IDME__BASE_URL", sim.base_url())
         .env("HANDSET__PROVIDERS__IDME__SECRET", "sim-secret")

@@ -72,8 +72,9 @@ pub fn connect(url: &str, settings: &PoolSettings) -> Result<Arc<dyn Store>, Sto
             Ok(Arc::new(PgStore::new(pool)))
         }
         Some(Backend::Sqlite) => {
-            let (writer, readers) = sqlite_pools(url, settings).map_err(invalid)?;
-            Ok(Arc::new(SqliteStore::new(writer, readers)))
+            let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+            let (writer, readers) = sqlite_pools(url, settings, in_memory).map_err(invalid)?;
+            Ok(Arc::new(SqliteStore::new(writer, readers, in_memory)))
         }
         None => Err(StoreError::Database(
             format!("database.url must start with postgres:// or sqlite: (got {:?})", redact(url)).into(),
@@ -82,7 +83,7 @@ pub fn connect(url: &str, settings: &PoolSettings) -> Result<Arc<dyn Store>, Sto
 }
 
 /// The writer (one connection) and the readers of a SQLite database.
-fn sqlite_pools(url: &str, settings: &PoolSettings) -> Result<(SqlitePool, SqlitePool), sqlx::Error> {
+fn sqlite_pools(url: &str, settings: &PoolSettings, in_memory: bool) -> Result<(SqlitePool, SqlitePool), sqlx::Error> {
     let options = SqliteConnectOptions::from_str(url)?
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
@@ -96,7 +97,6 @@ fn sqlite_pools(url: &str, settings: &PoolSettings) -> Result<(SqlitePool, Sqlit
         .acquire_timeout(settings.acquire_timeout)
         .test_before_acquire(false)
         .connect_lazy_with(options.clone());
-    let in_memory = options.get_filename().as_os_str().is_empty() || url.contains(":memory:");
     if in_memory {
         // Each connection to `:memory:` is a database of its own.
         return Ok((writer.clone(), writer));

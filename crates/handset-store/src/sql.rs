@@ -44,15 +44,23 @@ impl PgStore {
 /// write goes through `pool`, a single connection whose queue is fair, so
 /// writers take turns instead of retrying against the file lock; reads use
 /// `readers`, any number at once (WAL lets them run beside the writer).
+///
+/// Starts and local-code confirms send a transaction as batches of
+/// statements (each statement is a hop to the connection's thread); a batch
+/// cut short by cancelling its future would leave the transaction open on
+/// the writer, so callers must not cancel them (handset runs each request's
+/// work in a task of its own, which a client hanging up does not cancel).
 #[derive(Clone)]
 pub struct SqliteStore {
     pub(crate) pool: SqlitePool,
     readers: SqlitePool,
+    /// `sqlite::memory:`: no file to check for readiness.
+    in_memory: bool,
 }
 
 impl SqliteStore {
-    pub fn new(writer: SqlitePool, readers: SqlitePool) -> Self {
-        SqliteStore { pool: writer, readers }
+    pub fn new(writer: SqlitePool, readers: SqlitePool, in_memory: bool) -> Self {
+        SqliteStore { pool: writer, readers, in_memory }
     }
 
     fn readers(&self) -> &SqlitePool {
@@ -66,8 +74,7 @@ impl SqliteStore {
     fn still_in_place(&self) -> Result<(), StoreError> {
         let options = self.pool.connect_options();
         let file = options.get_filename();
-        let in_memory = file.as_os_str().is_empty() || file.to_string_lossy().contains(":memory:");
-        if in_memory || file.exists() {
+        if self.in_memory || file.exists() {
             return Ok(());
         }
         Err(StoreError::Database(format!("the SQLite file {} is gone", file.display()).into()))
@@ -865,10 +872,18 @@ mod sqlite {
                 Err(error) => return rolled_back(&mut conn, error).await,
             };
             let Some(&(code, used)) = rows.first() else {
-                sqlx::query("COMMIT").execute(&mut *conn).await.map_err(db)?;
-                return Ok(None);
+                return match sqlx::query("COMMIT").execute(&mut *conn).await {
+                    Ok(_) => Ok(None),
+                    Err(error) => rolled_back(&mut conn, error).await,
+                };
             };
-            let status = status_of(code)?;
+            let status = match status_of(code) {
+                Ok(status) => status,
+                Err(corrupt) => {
+                    let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+                    return Err(corrupt);
+                }
+            };
             let written = match owed(a, status) {
                 Some(m) => {
                     let sql = format!("{}; COMMIT", outbox_insert());

@@ -147,9 +147,10 @@ async fn replicas_share_the_work_once(kind: Kind) {
     drop(filler);
     assert!(receiver.received().is_empty(), "nothing delivered before the replicas start");
 
-    let small_batches = [("HANDSET__WORKERS__BATCH_SIZE", "4")];
-    let a = Server::start(&db, &small_batches).await;
-    let b = Server::start(&db, &small_batches).await;
+    // Small batches, and a timeout far above the receiver's delay (an attempt
+    // that timed out after reaching it would be delivered twice).
+    let replica = [("HANDSET__WORKERS__BATCH_SIZE", "4"), ("HANDSET__CALLBACKS__TIMEOUT", "5s")];
+    let (a, b) = tokio::join!(Server::start(&db, &replica), Server::start(&db, &replica));
     let store = handset_store::connect(&db.url, &Default::default()).unwrap();
     wait_until_delivered(store.as_ref(), &ids).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
