@@ -12,8 +12,23 @@ on_both_stores!(
     sms_possession_then_identity_on_one_verification,
     network_possession_through_the_sandbox_operator,
     final_transactions_owe_their_callback,
-    codes_and_keys_are_stored_hashed,
 );
+
+mod at_rest {
+    use handset_testkit::Kind;
+
+    use crate::helpers::TestApp;
+    use crate::receiver::Receiver;
+
+    async fn codes_and_keys_are_stored_hashed(kind: Kind) {
+        let receiver = Receiver::start().await;
+        let env = [("HANDSET__CALLBACKS__ALLOW_PRIVATE_NETWORKS", "true"), ("HANDSET__WORKERS__POLL_INTERVAL", "25ms")];
+        let app = TestApp::spawn_with(kind, &env).await;
+        super::codes_and_keys_are_stored_hashed(app, receiver).await
+    }
+
+    crate::on_both_kinds!(codes_and_keys_are_stored_hashed);
+}
 
 async fn sms_possession_then_identity_on_one_verification(app: TestApp) {
     let started = app.start_sms("8885551234").await;
@@ -144,12 +159,12 @@ async fn final_transactions_owe_their_callback(app: TestApp) {
 }
 
 /// After a start and a confirm (with an `Idempotency-Key`, and a callback
-/// owed), a dump of every table holds neither the code nor the API key, in
-/// plain or in a common encoding; the webhook secret only in the one column
-/// that signs with it; and the code's hash is the HMAC keyed by the pepper.
-async fn codes_and_keys_are_stored_hashed(app: TestApp) {
+/// delivered), a dump of every table holds neither the code nor the API key,
+/// in plain or in a common encoding; the webhook secret only in the one
+/// column that signs with it; and the code's hash is the HMAC keyed by the pepper.
+async fn codes_and_keys_are_stored_hashed(app: TestApp, receiver: crate::receiver::Receiver) {
     let (_, key, webhook_secret) = app.partner_with_secret(&[handset_core::Product::PossessionSms]).await;
-    let start = json!({ "phone": "4155550123", "callback_url": "https://partner.example/hook" });
+    let start = json!({ "phone": "4155550123", "callback_url": receiver.url("/hook") });
     let started = app.post_as(&key, "/v1/possession", start).await;
     assert_eq!(started.status, 201, "{}", started.text);
     let id = started.id();
@@ -163,6 +178,8 @@ async fn codes_and_keys_are_stored_hashed(app: TestApp) {
         )
         .await;
     assert_eq!(confirmed.status, 200, "{}", confirmed.text);
+    receiver.wait_for(1, std::time::Duration::from_secs(10)).await; // its attempt is logged too
+    receiver.wait_for(1, std::time::Duration::from_secs(10)).await; // its attempt is logged too
 
     let tx_id = uuid::Uuid::parse_str(&id).unwrap();
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(DEVELOPMENT_CODE_PEPPER.as_bytes()).unwrap();
@@ -174,7 +191,7 @@ async fn codes_and_keys_are_stored_hashed(app: TestApp) {
 
     let dump = app.dump_all().await;
     let tables: Vec<&str> = dump.iter().map(|(t, _)| t.as_str()).collect();
-    for expected in ["partners", "transactions", "outbox", "idempotency_keys"] {
+    for expected in ["partners", "transactions", "outbox", "callback_attempts", "idempotency_keys"] {
         assert!(tables.iter().any(|t| t.starts_with(expected)), "{expected} dumped: {tables:?}");
     }
     assert!(dump.iter().map(|(_, rows)| rows.len()).sum::<usize>() > 5, "rows were dumped: {dump:?}");
