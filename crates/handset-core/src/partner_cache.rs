@@ -24,7 +24,7 @@ impl PartnerCache {
         PartnerCache { ttl, entries: Mutex::new(HashMap::new()) }
     }
 
-    pub fn enabled(&self) -> bool {
+    fn enabled(&self) -> bool {
         !self.ttl.is_zero()
     }
 

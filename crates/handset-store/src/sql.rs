@@ -311,14 +311,15 @@ macro_rules! portable_store {
                 &self,
                 a: LocalCodeAttempt<'_>,
             ) -> Result<Option<(Status, i32)>, StoreError> {
-                if a.on_success.is_none() && a.on_exhausted.is_none() {
-                    let row = local_code_update(sqlx::query_as::<_, (i32, i32)>(LOCAL_CODE_UPDATE), &a)
-                        .fetch_optional(&self.pool)
-                        .await
-                        .map_err(db)?;
-                    return row.map(|(code, used)| Ok((status_of(code)?, used))).transpose();
+                // Both messages share the transaction's partner and callback URL.
+                if let Some(message) = a.on_success.or(a.on_exhausted) {
+                    return self.local_code_with_callback(&a, message).await;
                 }
-                self.local_code_with_callback(&a).await
+                let row = local_code_update(sqlx::query_as::<_, (i32, i32)>(LOCAL_CODE_UPDATE), &a)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db)?;
+                row.map(|(code, used)| Ok((status_of(code)?, used))).transpose()
             }
 
             async fn finalize(&self, f: Finalization<'_>) -> Result<bool, StoreError> {
@@ -803,8 +804,8 @@ mod pg {
         async fn local_code_with_callback(
             &self,
             a: &LocalCodeAttempt<'_>,
+            message: &OutboxMessage,
         ) -> Result<Option<(Status, i32)>, StoreError> {
-            let message = a.on_success.or(a.on_exhausted).expect("a callback is owed");
             let sql = format!(
                 "WITH t AS ({LOCAL_CODE_UPDATE}), owed AS (INSERT INTO outbox ({OUTBOX_COLUMNS}, next_attempt_at) \
                  SELECT m.id, $1, $6, $7, m.payload, m.created_at, m.created_at FROM t JOIN (VALUES \
@@ -836,12 +837,12 @@ mod sqlite {
     portable_store!(SqliteStore, "../../migrations/sqlite", "");
 
     /// Rolls back what a multi-statement write left open when it failed
-    /// (the writer connection goes back to the pool clean).
-    async fn rolled_back<T>(conn: &mut SqliteConnection, error: sqlx::Error) -> Result<T, StoreError> {
+    /// (the writer connection goes back to the pool clean), then fails with `error`.
+    async fn rolled_back<T>(conn: &mut SqliteConnection, error: StoreError) -> Result<T, StoreError> {
         if let Err(rollback) = sqlx::query("ROLLBACK").execute(&mut *conn).await {
             tracing::debug!(%rollback, "nothing to roll back");
         }
-        Err(db(error))
+        Err(error)
     }
 
     impl SqliteStore {
@@ -855,7 +856,7 @@ mod sqlite {
             let query = bind_transaction(sqlx::query(&sql), t).bind(v.id).bind(v.partner_id).bind(v.created_at);
             match query.execute(&mut *conn).await {
                 Ok(_) => Ok(()),
-                Err(error) => rolled_back(&mut conn, error).await,
+                Err(error) => rolled_back(&mut conn, db(error)).await,
             }
         }
 
@@ -864,27 +865,20 @@ mod sqlite {
         async fn local_code_with_callback(
             &self,
             a: &LocalCodeAttempt<'_>,
+            _message: &OutboxMessage,
         ) -> Result<Option<(Status, i32)>, StoreError> {
             let mut conn = self.pool.acquire().await.map_err(db)?;
             let sql = format!("BEGIN; {LOCAL_CODE_UPDATE}");
-            let rows = match local_code_update(sqlx::query_as::<_, (i32, i32)>(&sql), a).fetch_all(&mut *conn).await {
-                Ok(rows) => rows,
+            let decided = match local_code_update(sqlx::query_as::<_, (i32, i32)>(&sql), a).fetch_all(&mut *conn).await
+            {
+                Ok(rows) => rows.first().map(|&(code, used)| status_of(code).map(|status| (status, used))).transpose(),
+                Err(error) => Err(db(error)),
+            };
+            let decided = match decided {
+                Ok(decided) => decided,
                 Err(error) => return rolled_back(&mut conn, error).await,
             };
-            let Some(&(code, used)) = rows.first() else {
-                return match sqlx::query("COMMIT").execute(&mut *conn).await {
-                    Ok(_) => Ok(None),
-                    Err(error) => rolled_back(&mut conn, error).await,
-                };
-            };
-            let status = match status_of(code) {
-                Ok(status) => status,
-                Err(corrupt) => {
-                    let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-                    return Err(corrupt);
-                }
-            };
-            let written = match owed(a, status) {
+            let written = match decided.and_then(|(status, _)| owed(a, status)) {
                 Some(m) => {
                     let sql = format!("{}; COMMIT", outbox_insert());
                     bind_outbox(sqlx::query(&sql), m).execute(&mut *conn).await
@@ -892,8 +886,8 @@ mod sqlite {
                 None => sqlx::query("COMMIT").execute(&mut *conn).await,
             };
             match written {
-                Ok(_) => Ok(Some((status, used))),
-                Err(error) => rolled_back(&mut conn, error).await,
+                Ok(_) => Ok(decided),
+                Err(error) => rolled_back(&mut conn, db(error)).await,
             }
         }
     }

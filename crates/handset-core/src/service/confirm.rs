@@ -49,7 +49,7 @@ impl Gateway {
             if let Some(hash) = &tx.code_hash {
                 let matched = constant_time_eq(hash, &self.code_hash(tx.id, code));
                 match self.apply_local_code(tx, matched, now).await? {
-                    Some(decided) => return decided,
+                    Some(succeeded) => return Ok(succeeded),
                     None => continue,
                 }
             }
@@ -97,14 +97,16 @@ impl Gateway {
 
     /// Applies a code handset checked itself (`matched` against the stored
     /// hash) in one conditional write: the attempt, and the final state with
-    /// its callback when the code decides the check. `None` when the
-    /// transaction changed since it was read (decide again on a fresh read).
+    /// its callback when the code decides the check. The succeeded
+    /// transaction, or the refusal a wrong code earns (3102, or 3104 for the
+    /// last one); `None` when the transaction changed since it was read
+    /// (decide again on a fresh read).
     async fn apply_local_code(
         &self,
         tx: Transaction,
         matched: bool,
         now: DateTime<Utc>,
-    ) -> Result<Option<Result<Transaction, GatewayError>>, GatewayError> {
+    ) -> Result<Option<Transaction>, GatewayError> {
         let phone = TransactionResult::Phone { phone: tx.phone.clone().unwrap_or_default() };
         let success = possession_result(&tx, phone);
         let exhausted = TransactionResult::failure(ResultError::new(ErrorCode::RetryLimitExceeded));
@@ -129,12 +131,11 @@ impl Gateway {
         let Some((status, used)) = self.store.attempt_local_code(attempt).await? else {
             return Ok(None);
         };
-        let decided = match status {
-            Status::Succeeded => Ok(Transaction { attempts_used: used, ..ended(Status::Succeeded, &success) }),
+        match status {
+            Status::Succeeded => Ok(Some(Transaction { attempts_used: used, ..ended(Status::Succeeded, &success) })),
             Status::Failed => Err(ApiError::new(ErrorCode::RetryLimitExceeded).recorded().into()),
             Status::Pending => Err(ApiError::new(ErrorCode::InvalidCode).recorded().into()),
-        };
-        Ok(Some(decided))
+        }
     }
 
     /// Asks the provider that sent the code to check it. A reference the
