@@ -1,7 +1,16 @@
-//! Partners by API key hash, kept in memory for a short time so a request
-//! does not read the partner row every time (`security.partner_cache_ttl`;
-//! zero turns it off). A partner deactivated, reactivated or given a new key
-//! is seen within that time; a key the cache does not hold is always read.
+//! Partners by API key hash, kept in memory so a request does not read the
+//! partner row every time.
+//!
+//! The cache serves entries only while the store announces every change to
+//! partners, made by any process (`Store::follow_partner_changes`: Postgres
+//! notifies through a trigger): each announcement empties it, so a partner
+//! deactivated, reactivated or given a new key is refused or accepted as soon
+//! as the announcement arrives. While the announcements are not being
+//! received (SQLite, which cannot announce across processes; a Postgres
+//! listener reconnecting) nothing is served from it and every request reads
+//! the partner. `security.partner_cache_ttl` bounds an entry's life (a
+//! listener that died silently misses changes for at most that long); zero
+//! turns the cache off. A key the cache does not hold is always read.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -16,36 +25,83 @@ const MAX_ENTRIES: usize = 10_000;
 #[derive(Debug)]
 pub struct PartnerCache {
     ttl: Duration,
-    entries: Mutex<HashMap<String, (Instant, Partner)>>,
+    state: Mutex<State>,
 }
+
+#[derive(Debug, Default)]
+struct State {
+    /// Changes are being announced: entries may be served.
+    following: bool,
+    /// Bumped by every announcement, so a read that began before a change
+    /// cannot put what it read after the change emptied the cache.
+    generation: u64,
+    entries: HashMap<String, (Instant, Partner)>,
+}
+
+/// What `PartnerCache::before_read` hands the reader: the cache's generation
+/// when the read began.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadTicket(u64);
 
 impl PartnerCache {
     pub fn new(ttl: Duration) -> Self {
-        PartnerCache { ttl, entries: Mutex::new(HashMap::new()) }
+        PartnerCache { ttl, state: Mutex::new(State::default()) }
     }
 
-    fn enabled(&self) -> bool {
+    /// The cache can serve at all (a non-zero TTL).
+    pub fn enabled(&self) -> bool {
         !self.ttl.is_zero()
     }
 
-    /// The partner read for this key hash less than the TTL ago.
-    pub fn get(&self, key_hash: &str) -> Option<Partner> {
-        if !self.enabled() {
-            return None;
-        }
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.get(key_hash).filter(|(read_at, _)| read_at.elapsed() < self.ttl).map(|(_, partner)| partner.clone())
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn put(&self, key_hash: &str, partner: &Partner) {
+    /// The partner read for this key hash less than the TTL ago, with no
+    /// change announced since.
+    pub fn get(&self, key_hash: &str) -> Option<Partner> {
+        let state = self.state();
+        if !state.following {
+            return None;
+        }
+        state.entries.get(key_hash).filter(|(read_at, _)| read_at.elapsed() < self.ttl).map(|(_, p)| p.clone())
+    }
+
+    /// Taken before reading a partner from the store, and given back to `put`.
+    pub fn before_read(&self) -> ReadTicket {
+        ReadTicket(self.state().generation)
+    }
+
+    /// Keeps what was read, unless a change was announced since the ticket
+    /// was taken (the read may predate it) or changes are not being followed.
+    pub fn put(&self, key_hash: &str, partner: &Partner, ticket: ReadTicket) {
         if !self.enabled() {
             return;
         }
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= MAX_ENTRIES {
-            entries.clear();
+        let mut state = self.state();
+        if !state.following || state.generation != ticket.0 {
+            return;
         }
-        entries.insert(key_hash.to_owned(), (Instant::now(), partner.clone()));
+        if state.entries.len() >= MAX_ENTRIES {
+            state.entries.clear();
+        }
+        state.entries.insert(key_hash.to_owned(), (Instant::now(), partner.clone()));
+    }
+
+    /// A partner changed somewhere: forget everything read so far.
+    pub fn changed(&self) {
+        let mut state = self.state();
+        state.generation += 1;
+        state.entries.clear();
+    }
+
+    /// Changes are (or are no longer) being announced. Either way the
+    /// entries go: any change made while not following was missed.
+    pub fn set_following(&self, following: bool) {
+        let mut state = self.state();
+        state.following = following;
+        state.generation += 1;
+        state.entries.clear();
     }
 }
 
@@ -65,12 +121,18 @@ mod tests {
         }
     }
 
+    fn following(ttl: Duration) -> PartnerCache {
+        let cache = PartnerCache::new(ttl);
+        cache.set_following(true);
+        cache
+    }
+
     #[test]
     fn entries_expire_and_zero_keeps_nothing() {
-        let cache = PartnerCache::new(Duration::from_millis(1000));
+        let cache = following(Duration::from_millis(1000));
         let p = partner();
         let put_at = Instant::now();
-        cache.put("h", &p);
+        cache.put("h", &p, cache.before_read());
         let hit = cache.get("h").map(|c| c.id);
         if put_at.elapsed() < Duration::from_millis(900) {
             assert_eq!(hit, Some(p.id));
@@ -78,8 +140,35 @@ mod tests {
         assert!(cache.get("other").is_none());
         std::thread::sleep(Duration::from_millis(1000).saturating_sub(put_at.elapsed()) + Duration::from_millis(10));
         assert!(cache.get("h").is_none(), "expired");
-        let off = PartnerCache::new(Duration::ZERO);
-        off.put("h", &p);
+        let off = following(Duration::ZERO);
+        off.put("h", &p, off.before_read());
         assert!(off.get("h").is_none());
+    }
+
+    #[test]
+    fn nothing_is_served_unless_changes_are_followed() {
+        let cache = PartnerCache::new(Duration::from_secs(60));
+        cache.put("h", &partner(), cache.before_read());
+        assert!(cache.get("h").is_none(), "not following: nothing kept");
+        cache.set_following(true);
+        cache.put("h", &partner(), cache.before_read());
+        assert!(cache.get("h").is_some());
+        cache.set_following(false);
+        assert!(cache.get("h").is_none(), "the listener was lost: entries go");
+        cache.set_following(true);
+        assert!(cache.get("h").is_none(), "and do not come back");
+    }
+
+    #[test]
+    fn a_change_empties_the_cache_and_refuses_reads_that_began_before_it() {
+        let cache = following(Duration::from_secs(60));
+        cache.put("h", &partner(), cache.before_read());
+        let ticket = cache.before_read();
+        cache.changed();
+        assert!(cache.get("h").is_none(), "emptied");
+        cache.put("h", &partner(), ticket);
+        assert!(cache.get("h").is_none(), "a read older than the change is not kept");
+        cache.put("h", &partner(), cache.before_read());
+        assert!(cache.get("h").is_some(), "a read after it is");
     }
 }

@@ -71,6 +71,13 @@ pub trait Store: Send + Sync {
 
     async fn partner_by_key_hash(&self, api_key_hash: &str) -> Result<Option<Partner>, StoreError>;
 
+    /// Keeps `cache` told of every change to partners made by any process
+    /// (`PartnerCache::changed`) and of whether changes are being followed
+    /// at all (`set_following`), until the store is closed. A store that
+    /// cannot announce changes across processes returns at once, so the
+    /// cache serves nothing.
+    async fn follow_partner_changes(&self, _cache: &crate::partner_cache::PartnerCache) {}
+
     /// Returns false when no such partner exists.
     async fn set_partner_active(&self, id: Uuid, active: bool) -> Result<bool, StoreError>;
 

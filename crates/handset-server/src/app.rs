@@ -88,6 +88,7 @@ pub struct Application {
     limits: ConnectionLimits,
     /// Requests' work, which outlives its connection (see `deadline`).
     in_flight: TaskTracker,
+    gateway: Arc<Gateway>,
 }
 
 impl Application {
@@ -176,7 +177,7 @@ impl Application {
         };
         let in_flight = TaskTracker::new();
         let state = AppState {
-            gateway,
+            gateway: gateway.clone(),
             default_region: settings.default_region(),
             callbacks,
             metrics: telemetry::metrics_handle(),
@@ -191,7 +192,7 @@ impl Application {
             max_connections: settings.server.max_connections as usize,
             shutdown_timeout: settings.server.shutdown_timeout,
         };
-        Ok(Application { listener, router: router(state), addr, runner, limits, in_flight })
+        Ok(Application { listener, router: router(state), addr, runner, limits, in_flight, gateway })
     }
 
     pub fn port(&self) -> u16 {
@@ -213,6 +214,8 @@ impl Application {
         tracing::info!(addr = %self.addr, "handset listening");
         let (stop, stopped) = watch::channel(false);
         let runner = self.runner.map(|runner| tokio::spawn(runner.run(stopped)));
+        let gateway = self.gateway;
+        let partner_changes = tokio::spawn(async move { gateway.follow_partner_changes().await });
         let signal = async move {
             shutdown.await;
             let _ = stop.send(true);
@@ -229,6 +232,7 @@ impl Application {
                 "background work did not finish in time; unfinished callbacks are retried after their lease"
             );
         }
+        partner_changes.abort();
         Ok(())
     }
 }

@@ -50,8 +50,8 @@ pub enum PartnerCommand {
         #[arg(long, value_delimiter = ',', default_value = "possession.sms,possession.network,identity")]
         products: Vec<String>,
     },
-    /// Deactivate a partner: its key then answers 401 1200 (within
-    /// `security.partner_cache_ttl` when that is set).
+    /// Deactivate a partner: its key then answers 401 1200 on every replica
+    /// (on Postgres, once the change's announcement reaches it: milliseconds).
     Deactivate {
         #[arg(long)]
         id: Uuid,

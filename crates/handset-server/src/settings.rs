@@ -175,7 +175,9 @@ pub struct SecuritySettings {
     /// Keys the hashes of one-time codes handset checks itself. Required in
     /// production; development uses `DEVELOPMENT_CODE_PEPPER`.
     pub code_pepper: Secret,
-    /// How long a partner read by its API key is reused; 0 reads it on every request.
+    /// The longest a partner read by its API key is reused; 0 reads it on
+    /// every request. Used on Postgres only, where every partner change is
+    /// announced to every replica (`handset_core::partner_cache`).
     #[serde(with = "humantime_serde")]
     pub partner_cache_ttl: Duration,
 }

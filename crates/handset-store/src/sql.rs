@@ -8,6 +8,7 @@ use handset_core::model::{
     CallbackAttempt, CallbackRecord, CallbackState, ClaimedCallback, OutboxMessage, Partner, ProviderName, Status,
     Transaction, TransactionResult, Verification,
 };
+use handset_core::partner_cache::PartnerCache;
 use handset_core::store::{
     AfterAttempt, Claim, Finalization, IdempotencyBegin, IdempotencyClaim, LocalCodeAttempt, NewPartner, Store,
     StoreError,
@@ -194,6 +195,10 @@ macro_rules! portable_store {
             async fn ping(&self) -> Result<(), StoreError> {
                 sqlx::query("SELECT 1").execute(self.readers()).await.map_err(db)?;
                 self.still_in_place()
+            }
+
+            async fn follow_partner_changes(&self, cache: &PartnerCache) {
+                self.follow_changes(cache).await
             }
 
             async fn insert_partner(&self, new: &NewPartner) -> Result<(), StoreError> {
@@ -787,7 +792,50 @@ mod pg {
     use super::*;
     portable_store!(PgStore, "../../migrations/postgres", "FOR UPDATE SKIP LOCKED");
 
+    async fn listen(pool: &PgPool) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+        listener.eager_reconnect(false);
+        listener.listen(PARTNER_CHANNEL).await?;
+        Ok(listener)
+    }
+
+    /// The channel the `partners` table's trigger notifies (migration 0006).
+    const PARTNER_CHANNEL: &str = "handset_partners";
+
     impl PgStore {
+        /// Listens on `PARTNER_CHANNEL` over a connection of its own (outside
+        /// the request pool). The cache is followed only while the listener
+        /// is connected and listening; a lost connection stops that at once
+        /// and is re-opened after a pause.
+        pub(crate) async fn follow_changes(&self, cache: &PartnerCache) {
+            let options = (*self.pool.connect_options()).clone();
+            let own = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(std::time::Duration::from_secs(5))
+                .connect_lazy_with(options);
+            while !self.pool.is_closed() {
+                match listen(&own).await {
+                    Ok(mut listener) => {
+                        cache.set_following(true);
+                        tracing::debug!("following partner changes");
+                        // `Ok(None)`: the connection was lost (the listener is
+                        // set not to reconnect by itself, so nothing is missed unseen).
+                        while let Ok(Some(_)) = listener.try_recv().await {
+                            cache.changed();
+                        }
+                        cache.set_following(false);
+                        tracing::warn!(
+                            "lost the partner-change listener; partners are read from the database until it is back"
+                        );
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot listen for partner changes yet; partners are read from the database")
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+
         /// The verification and the transaction in one statement.
         async fn insert_start(&self, insert: &str, t: &Transaction, v: &Verification) -> Result<(), StoreError> {
             let sql = format!(
@@ -846,6 +894,10 @@ mod sqlite {
     }
 
     impl SqliteStore {
+        /// SQLite cannot tell another process's writes as they happen, so the
+        /// partner cache is never followed: every request reads its partner.
+        pub(crate) async fn follow_changes(&self, _cache: &PartnerCache) {}
+
         /// The verification and the transaction in one transaction, sent as
         /// one batch: each statement is a hop to the connection's thread.
         async fn insert_start(&self, insert: &str, t: &Transaction, v: &Verification) -> Result<(), StoreError> {

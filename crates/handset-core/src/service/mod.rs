@@ -112,6 +112,14 @@ impl Gateway {
         &self.store
     }
 
+    /// Follows partner changes for the cache until the store closes (see
+    /// `crate::partner_cache`); returns at once when the cache is off.
+    pub async fn follow_partner_changes(&self) {
+        if self.partners.enabled() {
+            self.store.follow_partner_changes(&self.partners).await;
+        }
+    }
+
     /// A configured provider, by name.
     pub fn provider_named(&self, name: ProviderName) -> Option<&Arc<dyn Provider>> {
         self.providers.get(&name)

@@ -5,15 +5,16 @@ use super::*;
 impl Gateway {
     /// The partner behind a bearer key: unknown (or refused) -> 401 1100,
     /// inactive -> 401 1200.
-    /// The partner may come from the cache (`security.partner_cache_ttl`).
+    /// The partner may come from the cache (`crate::partner_cache`).
     pub async fn authenticate(&self, api_key: &str) -> Result<Partner, GatewayError> {
         let key_hash = api_key_hash(api_key);
         let found = match self.partners.get(&key_hash) {
             Some(partner) => Some(partner),
             None => {
+                let ticket = self.partners.before_read();
                 let read = self.store.partner_by_key_hash(&key_hash).await?;
                 if let Some(partner) = &read {
-                    self.partners.put(&key_hash, partner);
+                    self.partners.put(&key_hash, partner, ticket);
                 }
                 read
             }

@@ -165,34 +165,125 @@ async fn unknown_routes_and_methods(app: TestApp) {
     assert!(wrong_method.body["errors"][0]["code"].is_u64(), "{}", wrong_method.text);
 }
 
-/// With `security.partner_cache_ttl`, a partner is read once per TTL: a
-/// deactivation (here straight in the database, as another replica or the
-/// CLI would do it) is seen once the cached read has expired, never later.
+/// Partners are cached on Postgres, where a trigger announces each change
+/// and every replica forgets what it read; SQLite reads them every time.
+/// Either way a partner deactivated by another process (here straight
+/// through the store, as the CLI does) is refused at once.
 mod partner_cache {
     use std::time::Duration;
 
     use handset_core::Product;
     use handset_testkit::Kind;
     use serde_json::json;
+    use sqlx::Connection;
 
-    use crate::helpers::TestApp;
+    use crate::helpers::{Answer, TestApp};
 
-    async fn deactivation_is_seen_within_the_ttl(kind: Kind) {
-        let app = TestApp::spawn_with(kind, &[("HANDSET__SECURITY__PARTNER_CACHE_TTL", "2s")]).await;
-        let (partner, key) = app.partner(Product::ALL).await;
-        let start = || app.post_as(&key, "/v1/possession", json!({"phone": "4155550123"}));
-        // The partner is read (and cached) during this request: the TTL runs from before it.
-        let read_before = tokio::time::Instant::now();
-        assert_eq!(start().await.status, 201);
-        assert!(app.store.set_partner_active(partner, false).await.unwrap());
-        let cached = start().await;
-        if read_before.elapsed() < Duration::from_millis(1500) {
-            assert_eq!(cached.status, 201, "the cached read is used within its TTL: {}", cached.text);
+    async fn start(app: &TestApp, key: &str) -> Answer {
+        app.post_as(key, "/v1/possession", json!({"phone": "4155550123"})).await
+    }
+
+    /// The next request answers `status`, allowing the few milliseconds a
+    /// change's announcement takes to arrive (never the cache's 60 s).
+    async fn soon_answers(app: &TestApp, key: &str, status: u16) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let answer = start(app, key).await;
+            if answer.status == status {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "still {}: {}", answer.status, answer.text);
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tokio::time::sleep(Duration::from_millis(2100).saturating_sub(read_before.elapsed())).await;
-        start().await.assert_error(401, 1200);
-        // An unknown key is never cached: a key given to a partner just after
-        // it was refused works at once.
+    }
+
+    /// The app's session listening for partner changes, once it is.
+    async fn listener_pid(admin: &mut sqlx::PgConnection) -> i32 {
+        for _ in 0..200 {
+            let pid: Option<i32> = sqlx::query_scalar(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+            )
+            .fetch_optional(&mut *admin)
+            .await
+            .unwrap();
+            if let Some(pid) = pid {
+                // `set_following` runs just after LISTEN returns.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return pid;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the app never listened for partner changes");
+    }
+
+    async fn set_trigger(admin: &mut sqlx::PgConnection, on: bool) {
+        let verb = if on { "ENABLE" } else { "DISABLE" };
+        sqlx::query(&format!("ALTER TABLE partners {verb} TRIGGER partners_changed"))
+            .execute(&mut *admin)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_caches_partners_and_forgets_them_when_announced() {
+        let app = TestApp::spawn(Kind::Postgres).await;
+        let mut admin = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
+        let listener = listener_pid(&mut admin).await;
+        let (partner, key) = app.partner(Product::ALL).await;
+        soon_answers(&app, &key, 201).await;
+
+        // Announced: refused within milliseconds, though the entry had 60 s to live.
+        assert!(app.store.set_partner_active(partner, false).await.unwrap());
+        soon_answers(&app, &key, 401).await;
+        assert!(app.store.set_partner_active(partner, true).await.unwrap());
+        soon_answers(&app, &key, 201).await;
+
+        // Not announced (trigger off): the cached partner keeps being served,
+        // which shows the cache is in use.
+        set_trigger(&mut admin, false).await;
+        assert!(app.store.set_partner_active(partner, false).await.unwrap());
+        for _ in 0..3 {
+            let cached = start(&app, &key).await;
+            assert_eq!(cached.status, 201, "served from the cache: {}", cached.text);
+        }
+
+        // Losing the listener empties the cache and reads partners again,
+        // before a new listener is up (it reconnects after a 1 s pause).
+        let _: (bool,) =
+            sqlx::query_as("SELECT pg_terminate_backend($1)").bind(listener).fetch_one(&mut admin).await.unwrap();
+        soon_answers(&app, &key, 401).await;
+        let listening: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+        )
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        assert_eq!(listening, 0, "the cache was bypassed while no listener was up");
+        set_trigger(&mut admin, true).await;
+        let again = listener_pid(&mut admin).await;
+        assert_ne!(again, listener, "the listener came back on a new session");
+        assert!(app.store.set_partner_active(partner, true).await.unwrap());
+        soon_answers(&app, &key, 201).await;
+        assert!(app.store.set_partner_active(partner, false).await.unwrap());
+        soon_answers(&app, &key, 401).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_reads_partners_every_time() {
+        let app = TestApp::spawn(Kind::Sqlite).await;
+        let (partner, key) = app.partner(Product::ALL).await;
+        for _ in 0..3 {
+            assert_eq!(start(&app, &key).await.status, 201);
+            assert!(app.store.set_partner_active(partner, false).await.unwrap());
+            start(&app, &key).await.assert_error(401, 1200);
+            assert!(app.store.set_partner_active(partner, true).await.unwrap());
+        }
+    }
+
+    /// An unknown key is never cached: a key given to a partner just after
+    /// it was refused works at once.
+    async fn unknown_keys_are_not_cached(kind: Kind) {
+        let app = TestApp::spawn(kind).await;
         let fresh = "hs_test_issued_later";
         app.post_as(fresh, "/v1/possession", json!({"phone": "4155550124"})).await.assert_error(401, 1100);
         let partner = handset_core::Partner {
@@ -208,5 +299,5 @@ mod partner_cache {
         assert_eq!(app.post_as(fresh, "/v1/possession", json!({"phone": "4155550124"})).await.status, 201);
     }
 
-    crate::on_both_kinds!(deactivation_is_seen_within_the_ttl);
+    crate::on_both_kinds!(unknown_keys_are_not_cached);
 }
