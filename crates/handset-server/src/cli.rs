@@ -1,4 +1,4 @@
-//! The `handset` command line: `serve` (default), `migrate`, `partner ...`.
+//! The `handset` command line: `serve` (default), `migrate`, `health`, `partner ...`.
 
 use std::path::PathBuf;
 
@@ -35,6 +35,9 @@ pub enum Command {
     Serve,
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Ask the `handset serve` this configuration describes (`server.bind`)
+    /// for `/health`: exits 0 when it answers 200 (a container's HEALTHCHECK).
+    Health,
     /// Manage partner accounts.
     #[command(subcommand)]
     Partner(PartnerCommand),
@@ -75,8 +78,33 @@ pub async fn run(cli: Cli) -> CliResult {
             tracing::info!("migrations applied");
             Ok(())
         }
+        Command::Health => health(&settings).await,
         Command::Partner(command) => partner(settings, command).await,
     }
+}
+
+async fn health(settings: &Settings) -> CliResult {
+    crate::install_crypto_provider();
+    let bind = &settings.server.bind;
+    // A server bound to every interface is asked on loopback.
+    let host = match bind.parse::<std::net::SocketAddr>() {
+        Ok(addr) if addr.ip().is_unspecified() => {
+            let loopback: std::net::IpAddr = match addr {
+                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            };
+            std::net::SocketAddr::new(loopback, addr.port()).to_string()
+        }
+        _ => bind.clone(),
+    };
+    let url = format!("http://{host}/health");
+    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(3)).build()?;
+    let status = client.get(&url).send().await?.status();
+    if !status.is_success() {
+        return Err(format!("{url} answered {status}").into());
+    }
+    println!("{}", json!({ "url": url, "status": status.as_u16() }));
+    Ok(())
 }
 
 async fn serve(settings: Settings) -> CliResult {

@@ -27,6 +27,9 @@ pub struct SimConfig {
     pub idme: idme::IdmeConfig,
     pub veratad: veratad::VeratadConfig,
     pub dqe: dqe::DqeConfig,
+    /// The sim's address as a browser reaches it, for the operator pages it
+    /// links to (DQE's network check); default `http://` + the bound address.
+    pub public_url: Option<String>,
 }
 
 /// A running simulator.
@@ -77,7 +80,8 @@ impl Sim {
         let faults: SharedFaults = Arc::new(FaultState { faults: RwLock::new(config.faults), ..FaultState::default() });
         let idme = idme::IdmeSim::new(config.idme);
         let veratad = veratad::VeratadSim::new(config.veratad);
-        let dqe = dqe::DqeSim::new(config.dqe, format!("http://{addr}"));
+        let public_url = config.public_url.unwrap_or_else(|| format!("http://{addr}"));
+        let dqe = dqe::DqeSim::new(config.dqe, public_url);
         let providers = Router::new()
             .merge(idme.router())
             .merge(veratad.router())

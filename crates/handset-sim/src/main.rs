@@ -13,6 +13,10 @@ use handset_sim::{Sim, SimConfig};
 struct Args {
     #[arg(long, default_value = "127.0.0.1:9090")]
     bind: String,
+    /// This sim's address as a browser reaches it, used in the operator
+    /// pages' URLs (default: http:// and the bound address).
+    #[arg(long)]
+    public_url: Option<String>,
     /// The ID.me API secret callers must use.
     #[arg(long, default_value = "sim-secret", env = "HANDSET_SIM_IDME_SECRET")]
     idme_secret: String,
@@ -40,6 +44,9 @@ struct Args {
     /// The DQE API token callers must send to `/IDMOBILE/`.
     #[arg(long, default_value = "sim-token", env = "HANDSET_SIM_DQE_TOKEN")]
     dqe_token: String,
+    /// The partner name DQE knows handset by (`providers.dqe.name`).
+    #[arg(long, default_value = "handset", env = "HANDSET_SIM_DQE_NAME")]
+    dqe_name: String,
     /// Latency added to every provider answer.
     #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
     latency: Duration,
@@ -74,7 +81,8 @@ async fn main() -> std::io::Result<()> {
             code_ttl: args.idme_code_ttl,
         },
         veratad: VeratadConfig { user: args.veratad_user, pass: args.veratad_pass, ..VeratadConfig::default() },
-        dqe: DqeConfig { licence: args.dqe_licence, token: args.dqe_token, ..DqeConfig::default() },
+        dqe: DqeConfig { licence: args.dqe_licence, token: args.dqe_token, name: args.dqe_name, ..DqeConfig::default() },
+        public_url: args.public_url,
     };
     Sim::serve(&args.bind, config).await
 }
