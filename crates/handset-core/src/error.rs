@@ -1,5 +1,5 @@
 //! The error catalogue: ID.me's codes (`idme-overview-errors.txt`) plus handset's
-//! own 39xx/5001/5300 codes from DESIGN §9, in one enum so that every rejection
+//! own 39xx/5001/5300 codes, in one enum so that every rejection
 //! and every result error carries a code, a message and (for API errors) an HTTP status.
 //! Every code here is answered by some request (the API tests produce each
 //! over HTTP), except ID.me's document errors, which are only passed through.
@@ -70,7 +70,7 @@ catalogue! {
     AccountRateLimited = 5200, Some(429), "Rate limit exceeded for this account";
     // 500
     Internal = 5000, Some(500), "An error occurred for this account";
-    // handset's own codes (DESIGN §9)
+    // handset's own codes
     MalformedJson = 3900, Some(400), "Request body is not a valid JSON object";
     UnsupportedContentType = 3901, Some(415), "Content-Type must be application/json";
     BodyTooLarge = 3902, Some(413), "Request body is larger than 64 KiB";

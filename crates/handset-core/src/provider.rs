@@ -114,7 +114,7 @@ impl<T> Renewed<T> {
 /// The cause of a provider error, kept for the operator's log.
 pub type Cause = Box<dyn std::error::Error + Send + Sync>;
 
-/// Why a provider call did not produce a decision (DESIGN §9, "four kinds").
+/// Why a provider call did not produce a decision (the "four kinds" of answer in the README).
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
     /// The provider refused the input (e.g. 422 3101); the partner gets that error.

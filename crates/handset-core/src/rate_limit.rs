@@ -1,4 +1,4 @@
-//! Rate limits (DESIGN §3): per partner per product per minute (429 5100),
+//! Rate limits: per partner per product per minute (429 5100),
 //! per partner per minute (5200), and sends per phone number per hour (5300,
 //! against SMS pumping). Fixed windows, shared by every replica through the
 //! database (`RateLimiter` says how exactly). A limit of 0 means none.

@@ -1,4 +1,4 @@
-//! The built-in sandbox provider: ID.me's mock rules, no network (DESIGN §4, §9).
+//! The built-in sandbox provider: ID.me's mock rules, no network.
 //!
 //! - Area code 999: the last four digits pick the error. A 31xx code of the
 //!   catalogue is that 422; 1001-1014 a final 300 carrying that result error;

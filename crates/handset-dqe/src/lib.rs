@@ -1,5 +1,5 @@
 //! handset's adapter for DQE's ID Mobile numVerify
-//! (`shared/providers/dqe-idmobile-numverify.txt`): silent network possession.
+//! (DQE's ID Mobile numVerify document): silent network possession.
 //! The user opens the operator's link on the phone's own mobile data; the
 //! operator recognises the line, sends the browser back to handset, and DQE
 //! says whether the line is the number given.
@@ -14,7 +14,7 @@
 //! - Step 2 (`fetch_result`): `POST {base_url}/GET/` with `Licence`, `token`
 //!   (the session token, else the configured one) and `scope`; `pending` is
 //!   polled by the job runner until final or the deadline.
-//! - The body's `status` decides, never the HTTP status (DESIGN §9). Every
+//! - The body's `status` decides, never the HTTP status. Every
 //!   error id is mapped with the id kept verbatim as `provider_code`
 //!   (`docs/providers/dqe.md`).
 
@@ -156,7 +156,7 @@ impl OperatorCheck for Dqe {
     ) -> Result<Renewed<Outcome>, ProviderError> {
         // The session token kept from the first return wins over any later
         // one (a return is not authenticated); else the one the user brought
-        // back; else the configured token (DESIGN §9).
+        // back; else the configured token.
         let stored = transaction.provider_ref.as_deref();
         let fresh = if stored.is_none() { token } else { None };
         let used = stored.or(fresh).unwrap_or(self.token.expose());

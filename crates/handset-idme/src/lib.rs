@@ -1,5 +1,5 @@
 //! handset's adapter for ID.me's Services API v2 telecom endpoints
-//! (`shared/providers/idme-telecom.txt`, `idme-overview-errors.txt`):
+//! (ID.me's telecom and error-code documents):
 //! SMS possession (send, confirm), identity, transaction status, health.
 //!
 //! - Offers `SmsCheck` and `IdentityMatch`. Phones go out as ID.me's 10 NANP

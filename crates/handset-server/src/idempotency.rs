@@ -1,4 +1,4 @@
-//! `Idempotency-Key` on POST routes (DESIGN §3): the same key with the same
+//! `Idempotency-Key` on POST routes: the same key with the same
 //! request within 24 hours answers the first response again; with a
 //! different request 422 3906; while the first is still being answered 409
 //! 3907.

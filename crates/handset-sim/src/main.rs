@@ -81,7 +81,12 @@ async fn main() -> std::io::Result<()> {
             code_ttl: args.idme_code_ttl,
         },
         veratad: VeratadConfig { user: args.veratad_user, pass: args.veratad_pass, ..VeratadConfig::default() },
-        dqe: DqeConfig { licence: args.dqe_licence, token: args.dqe_token, name: args.dqe_name, ..DqeConfig::default() },
+        dqe: DqeConfig {
+            licence: args.dqe_licence,
+            token: args.dqe_token,
+            name: args.dqe_name,
+            ..DqeConfig::default()
+        },
         public_url: args.public_url,
     };
     Sim::serve(&args.bind, config).await

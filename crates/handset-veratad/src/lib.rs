@@ -1,5 +1,5 @@
 //! handset's adapter for Veratad's PhoneMatch5.0.SMS
-//! (`shared/providers/veratad-phonematch-sms.txt`): an SMS one-time code that
+//! (Veratad's PhoneMatch 5.0 SMS document): an SMS one-time code that
 //! Veratad sends and checks, in two calls.
 //!
 //! - `send_code`: `POST {base_url}/process/comprehensive/gateway` with the
@@ -153,7 +153,7 @@ impl SmsCheck for Veratad {
     /// Numbers whose country the configured lists let a code go to: others
     /// make Veratad ineligible before anything (breaker, per-phone limit,
     /// the call) is spent on them; a start none can take is recorded as a
-    /// final 300 with 3908 (DESIGN §9).
+    /// final 300 with 3908.
     fn accepts(&self, phone: &Phone) -> bool {
         self.country_allowed(phone)
     }

@@ -18,7 +18,7 @@ pub const DATA_CHECK_FAILED: &str = "DATA CHECK FAILED";
 pub const FAILED_CHECK: &str = "FAILED OUT-OF-BAND CHECK";
 
 /// Reads an HTTP answer. `reaches_user`: the call may have sent an SMS, so
-/// a lost or unreadable answer is not safe to retry elsewhere (DESIGN §9).
+/// a lost or unreadable answer is not safe to retry elsewhere.
 pub(crate) async fn read(
     sent: Result<reqwest::Response, reqwest::Error>,
     reaches_user: bool,

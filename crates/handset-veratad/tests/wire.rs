@@ -1,5 +1,5 @@
 //! The adapter against a mock HTTP server on loopback: the request shapes
-//! and every documented action and detail, plus HTTP failures (DESIGN §9).
+//! and every documented action and detail, plus HTTP failures.
 
 mod common;
 

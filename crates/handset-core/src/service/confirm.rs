@@ -1,4 +1,4 @@
-//! Confirming a possession check: the precedence of DESIGN §9, attempts
+//! Confirming a possession check: the documented precedence, attempts
 //! counted by the database, codes checked locally or by the provider.
 
 use super::*;
@@ -10,7 +10,7 @@ pub(super) fn code_is_well_formed(code: &str) -> bool {
 
 impl Gateway {
     /// Checks a code (sms) or refreshes the operator result (network), with
-    /// the precedence of DESIGN §9.
+    /// the documented precedence.
     ///
     /// `loaded` is the transaction as `possession_transaction` just read it.
     pub async fn confirm_possession(

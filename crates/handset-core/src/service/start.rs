@@ -149,7 +149,7 @@ impl Gateway {
         }
     }
 
-    /// Tries each provider in turn (DESIGN §9, "four kinds"): one that cannot
+    /// Tries each provider in turn (the "four kinds" of answer in the README): one that cannot
     /// serve the number, or is unavailable before anything reached the user,
     /// is skipped for the next (only unavailability counts for its breaker);
     /// a decision or an ambiguous send ends the chain. Records on `draft`

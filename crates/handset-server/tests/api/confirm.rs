@@ -1,4 +1,4 @@
-//! Confirm's precedence (DESIGN §9), attempts and expiry, including under concurrency.
+//! Confirm's precedence, attempts and expiry, including under concurrency.
 
 use handset_core::Product;
 use serde_json::json;

@@ -1,4 +1,4 @@
-//! `Idempotency-Key` (DESIGN §3): replays, mismatches, requests in flight,
+//! `Idempotency-Key`: replays, mismatches, requests in flight,
 //! per-partner scope after authentication, no double effect of a retried
 //! confirm, and no replay of answers that recorded nothing.
 

@@ -228,8 +228,8 @@ async fn webhook_is_authenticated(kind: Kind) {
     assert_eq!(app.transaction(&id).await.body["status"]["code"], 300);
 }
 
-/// Refused credentials are unavailability before anything reached the user
-/// (DESIGN §9): the next provider is tried; alone, 503 5001 recorded as a
+/// Refused credentials are unavailability before anything reached the user:
+/// the next provider is tried; alone, 503 5001 recorded as a
 /// final 300. The operator learns why from the error log and the metric.
 async fn rejected_credentials_are_our_error(kind: Kind) {
     let sim = sim(false).await;

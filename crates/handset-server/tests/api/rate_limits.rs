@@ -1,4 +1,4 @@
-//! Rate limits from config (DESIGN §3): per phone (5300), per product (5100),
+//! Rate limits from config: per phone (5300), per product (5100),
 //! per partner (5200), each with `Retry-After`, recording nothing.
 
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! The request rules of DESIGN §3: phones, verifications, birth dates,
+//! The request rules: phones, verifications, birth dates,
 //! callback URLs, products, metadata.
 
 use handset_core::Product;

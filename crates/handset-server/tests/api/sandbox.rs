@@ -1,4 +1,4 @@
-//! The sandbox's mock rules (DESIGN §4, §9), for every code of the catalogue.
+//! The sandbox's mock rules, for every code of the catalogue.
 
 use serde_json::json;
 
