@@ -27,8 +27,21 @@ macro_rules! debug_only {
 macro_rules! string_enum {
     ($(#[$meta:meta])* $name:ident { $( $variant:ident = $text:literal ),* $(,)? }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
         pub enum $name { $( #[serde(rename = $text)] $variant, )* }
+
+        // Written by hand: the derive cannot read a `rename` given through a
+        // macro fragment and would document the Rust variant names.
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .enum_values(Some([$( $text ),*]))
+                    .into()
+            }
+        }
+
+        impl ToSchema for $name {}
 
         impl $name {
             pub const ALL: &'static [$name] = &[ $( $name::$variant, )* ];
@@ -144,7 +157,10 @@ pub struct Verification {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PersonName {
+    /// 1 to 100 characters, not only spaces, no control characters.
+    #[schema(min_length = 1, max_length = 100, pattern = "\\S")]
     pub first: String,
+    #[schema(min_length = 1, max_length = 100, pattern = "\\S")]
     pub last: String,
 }
 
@@ -475,7 +491,7 @@ pub struct TransactionOut {
     /// Present once the transaction is final.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub result: Option<TransactionResult>,
-    #[schema(value_type = Object)]
+    /// The partner's own JSON, as given at the start.
     pub metadata: Value,
     pub callback_url: Option<String>,
 }

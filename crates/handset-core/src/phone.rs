@@ -47,9 +47,10 @@ impl Phone {
     /// (`8885551234` in `US`). Separators `space - . ( )` are allowed.
     pub fn parse(input: &str, default_region: Region) -> Result<Phone, ApiError> {
         let invalid = || ApiError::new(ErrorCode::InvalidPhone);
-        let input = input.trim();
         // The parser also reads phone numbers out of prose ("call 555..."); we
-        // want exactly a number, so restrict the alphabet first.
+        // want exactly a number, so restrict the alphabet first (spaces around
+        // it included, nothing else: the API document's pattern).
+        let input = input.trim_matches(' ');
         if input.is_empty()
             || input.len() > MAX_INPUT_LEN
             || !input.chars().all(|c| c.is_ascii_digit() || matches!(c, '+' | ' ' | '-' | '.' | '(' | ')'))

@@ -8,7 +8,6 @@ use std::time::Duration;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use handset_core::breaker::BreakerSettings;
 use handset_core::model::{Partner, Product, ProviderName};
 use handset_core::provider::Provider;
@@ -23,6 +22,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 use tower_http::catch_panic::CatchPanicLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::dns::{CallbackGuard, HostLookup, SystemLookup};
@@ -59,6 +61,8 @@ pub struct AppState {
     pub idempotency_lock: Duration,
     /// Every request's work, so shutdown can wait for it.
     pub in_flight: TaskTracker,
+    /// `GET /openapi.json`'s body, made once at start.
+    pub openapi: Arc<str>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +190,7 @@ impl Application {
             request_timeout: settings.server.request_timeout,
             idempotency_lock: settings.idempotency_lock(),
             in_flight: in_flight.clone(),
+            openapi: Arc::from(docs::document(!settings.is_production()).to_string()),
         };
         let limits = ConnectionLimits {
             header_read_timeout: settings.server.header_read_timeout,
@@ -349,27 +354,39 @@ async fn seed_dev_partner(settings: &Settings, store: &dyn Store) -> Result<(), 
     store.upsert_partner(&NewPartner { partner, api_key_hash: api_key_hash(key) }).await
 }
 
-pub fn router(state: AppState) -> Router {
-    // POSTs that change state honour Idempotency-Key.
-    let idempotent = Router::new()
-        .route("/v1/possession", post(possession::start))
-        .route("/v1/possession/{transaction_id}/confirm", post(possession::confirm))
-        .route("/v1/identity", post(identity::start))
-        .route("/v1/transactions/{transaction_id}/callbacks/retry", post(callbacks::retry))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::idempotency::guard));
-    let api = Router::new()
+/// Every route with its OpenAPI operation: the router and the document are
+/// both made from this list (`routes::docs::document`). `guarded`: the state
+/// the `Idempotency-Key` layer of state-changing POSTs runs with (`None`
+/// when only the document is wanted).
+pub fn api_routes(sandbox: bool, guarded: Option<&AppState>) -> OpenApiRouter<AppState> {
+    let mut idempotent = OpenApiRouter::new()
+        .routes(routes!(possession::start))
+        .routes(routes!(possession::confirm))
+        .routes(routes!(identity::start))
+        .routes(routes!(callbacks::retry));
+    if let Some(state) = guarded {
+        idempotent =
+            idempotent.route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::idempotency::guard));
+    }
+    let api = OpenApiRouter::with_openapi(docs::ApiDoc::openapi())
         .merge(idempotent)
-        .route("/v1/transactions/{transaction_id}", get(transactions::get_transaction))
-        .route("/v1/transactions/{transaction_id}/callbacks", get(callbacks::list))
-        .route("/v1/verifications/{verification_id}", get(transactions::get_verification))
-        .route("/providers/{name}/webhook", post(providers::webhook))
-        .route("/providers/{name}/return", get(providers::operator_return))
-        .route("/health", get(health::health))
-        .route("/ready", get(health::ready))
-        .route("/metrics", get(health::metrics))
-        .route("/openapi.json", get(docs::openapi));
+        .routes(routes!(transactions::get_transaction))
+        .routes(routes!(callbacks::list))
+        .routes(routes!(transactions::get_verification))
+        .routes(routes!(providers::webhook))
+        .routes(routes!(providers::operator_return))
+        .routes(routes!(health::health))
+        .routes(routes!(health::ready))
+        .routes(routes!(health::metrics))
+        .routes(routes!(docs::openapi))
+        .routes(routes!(docs::page))
+        .routes(routes!(docs::script));
     // Production has no sandbox: its page is an unknown route there (404).
-    let api = if state.sandbox { api.route("/sandbox/operator/{transaction_id}", get(sandbox::operator)) } else { api };
+    if sandbox { api.routes(routes!(sandbox::operator)) } else { api }
+}
+
+pub fn router(state: AppState) -> Router {
+    let (api, _) = api_routes(state.sandbox, Some(&state)).split_for_parts();
     api.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), crate::deadline::detach))

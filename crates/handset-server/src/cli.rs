@@ -1,4 +1,5 @@
-//! The `handset` command line: `serve` (default), `migrate`, `health`, `partner ...`.
+//! The `handset` command line: `serve` (default), `migrate`, `health`,
+//! `openapi`, `partner ...`.
 
 use std::path::PathBuf;
 
@@ -38,6 +39,9 @@ pub enum Command {
     /// Ask the `handset serve` this configuration describes (`server.bind`)
     /// for `/health`: exits 0 when it answers 200 (a container's HEALTHCHECK).
     Health,
+    /// Print the OpenAPI document this configuration serves at /openapi.json
+    /// (docs/openapi.json is the development one).
+    Openapi,
     /// Manage partner accounts.
     #[command(subcommand)]
     Partner(PartnerCommand),
@@ -79,6 +83,11 @@ pub async fn run(cli: Cli) -> CliResult {
             Ok(())
         }
         Command::Health => health(&settings).await,
+        Command::Openapi => {
+            let document = crate::routes::docs::document(!settings.is_production());
+            println!("{}", serde_json::to_string_pretty(&document)?);
+            Ok(())
+        }
         Command::Partner(command) => partner(settings, command).await,
     }
 }

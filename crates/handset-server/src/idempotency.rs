@@ -53,6 +53,11 @@ fn refuse(code: ErrorCode, message: &'static str) -> Response {
     Failure(ApiError::with_message(code, message)).into_response()
 }
 
+/// One or more printable ASCII characters, no space (the OpenAPI document's pattern).
+fn visible_ascii(key: &str) -> bool {
+    !key.is_empty() && key.bytes().all(|b| b.is_ascii_graphic())
+}
+
 pub async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
     if !request.headers().contains_key(HEADER) {
         return next.run(request).await;
@@ -63,7 +68,7 @@ pub async fn guard(State(state): State<AppState>, request: Request, next: Next) 
         Err(refused) => return refused.into_response(),
     };
     let key = match parts.headers.get(HEADER).map(HeaderValue::to_str) {
-        Some(Ok(key)) if !key.trim().is_empty() && key.len() <= MAX_KEY_LEN => key.to_owned(),
+        Some(Ok(key)) if visible_ascii(key) && key.len() <= MAX_KEY_LEN => key.to_owned(),
         _ => return refuse(ErrorCode::IdempotencyKeyReused, "Idempotency-Key must be 1 to 255 visible characters"),
     };
     let scope = scope(partner.id);

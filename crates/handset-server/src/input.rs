@@ -21,29 +21,53 @@ pub const MAX_METADATA_CHARS: usize = 500;
 /// How long a callback host's name may take to resolve at request time.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 
+// The request structs below document the bodies (the handlers read them
+// field by field, each rule with its own error code); their constraints
+// are the ones those rules enforce, so a body the document calls valid
+// passes every shape check and one it calls invalid is refused.
+
+// A phone is written with digits, `+`, spaces, `-`, `.` and parentheses
+// (`Phone::parse` checks the number itself); URLs are http(s).
+
 /// `POST /v1/possession`.
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)] // documents the body; the handler reads it field by field
 pub struct PossessionIn {
     /// E.164 (`+14155550123`) or national digits in the configured default region.
-    #[schema(example = "+14155550123")]
+    #[schema(example = "+14155550123", min_length = 1, max_length = 32, pattern = "^[0-9+ ().-]+$")]
     phone: String,
     /// `sms` (default) or `network`.
-    #[schema(example = "sms")]
+    #[schema(nullable = false, value_type = Option<Channel>)]
     channel: Option<String>,
-    /// Forces one provider: `sandbox`, `idme`, `veratad`, `dqe`.
+    /// Forces one provider.
+    #[schema(nullable = false)]
     provider: Option<ProviderName>,
     /// Joins an existing verification; absent: a new one is created.
+    #[schema(nullable = false)]
     verification_id: Option<Uuid>,
-    /// Where the final result is POSTed, signed.
+    /// Where the final result is POSTed, signed (http or https).
+    #[schema(nullable = false, format = "uri", max_length = 2048, pattern = "^[hH][tT][tT][pP][sS]?://")]
     callback_url: Option<String>,
-    /// network: where the user is sent after the operator step.
+    /// network: where the user is sent after the operator step (http or https).
+    #[schema(nullable = false, format = "uri", max_length = 2048, pattern = "^[hH][tT][tT][pP][sS]?://")]
     redirect_uri: Option<String>,
     /// Needed by some providers (Veratad).
+    #[schema(nullable = false)]
     name: Option<PersonName>,
     /// Any JSON, at most 500 characters serialised; echoed back.
-    #[schema(value_type = Object)]
     metadata: Option<Value>,
+}
+
+/// A possession check's channel.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum Channel {
+    /// A one-time code by SMS.
+    Sms,
+    /// A silent check through the mobile operator.
+    Network,
 }
 
 impl PossessionIn {
@@ -53,10 +77,11 @@ impl PossessionIn {
 
 /// `POST /v1/possession/{transaction_id}/confirm`: `code` for sms; no body or `{}` for network.
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct ConfirmIn {
     /// The code the user received (4 to 10 digits).
-    #[schema(example = "123123")]
+    #[schema(example = "123123", nullable = false, pattern = "^[0-9]{4,10}$")]
     code: Option<String>,
 }
 
@@ -66,17 +91,25 @@ impl ConfirmIn {
 
 /// `POST /v1/identity`.
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct IdentityIn {
-    #[schema(example = "8885551234")]
+    /// E.164 or national digits in the configured default region.
+    #[schema(example = "8885551234", min_length = 1, max_length = 32, pattern = "^[0-9+ ().-]+$")]
     phone: String,
     /// `YYYY-MM-DD`; the holder must be 18 or older.
-    #[schema(example = "1968-05-27")]
+    #[schema(example = "1968-05-27", format = Date)]
     birth_date: String,
+    /// Forces one provider.
+    #[schema(nullable = false)]
     provider: Option<ProviderName>,
+    /// Joins an existing verification; absent: a new one is created.
+    #[schema(nullable = false)]
     verification_id: Option<Uuid>,
+    /// Where the final result is POSTed, signed (http or https).
+    #[schema(nullable = false, format = "uri", max_length = 2048, pattern = "^[hH][tT][tT][pP][sS]?://")]
     callback_url: Option<String>,
-    #[schema(value_type = Object)]
+    /// Any JSON, at most 500 characters serialised; echoed back.
     metadata: Option<Value>,
 }
 

@@ -18,7 +18,7 @@ pub struct CallbacksOut {
 
 /// Every callback of a transaction and each of its delivery attempts.
 #[utoipa::path(
-    get, path = "/v1/transactions/{transaction_id}/callbacks", tag = "callbacks",
+    get, path = "/v1/transactions/{transaction_id}/callbacks", tag = "callbacks", operation_id = "listCallbacks",
     params(("transaction_id" = uuid::Uuid, Path)),
     responses(
         (status = 200, body = CallbacksOut),
@@ -37,7 +37,7 @@ pub async fn list(
 
 /// Queue a new delivery of the transaction's current state (new `webhook-id`).
 #[utoipa::path(
-    post, path = "/v1/transactions/{transaction_id}/callbacks/retry", tag = "callbacks",
+    post, path = "/v1/transactions/{transaction_id}/callbacks/retry", tag = "callbacks", operation_id = "retryCallback",
     params(("transaction_id" = uuid::Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "Same key and request within 24 h: the first response again")),
     responses(
         (status = 202, description = "Queued", body = CallbackOut),

@@ -7,14 +7,14 @@ use axum::response::IntoResponse;
 use crate::app::AppState;
 
 /// Liveness: the process answers.
-#[utoipa::path(get, path = "/health", tag = "operations", responses((status = 200, description = "Alive, empty body")))]
+#[utoipa::path(get, path = "/health", tag = "operations", operation_id = "health", responses((status = 200, description = "Alive, empty body")))]
 pub async fn health() -> StatusCode {
     StatusCode::OK
 }
 
 /// Readiness: 200 when the database answers, else 503.
 #[utoipa::path(
-    get, path = "/ready", tag = "operations",
+    get, path = "/ready", tag = "operations", operation_id = "ready",
     responses((status = 200, description = "Database answers"), (status = 503, description = "Database unreachable"))
 )]
 pub async fn ready(State(state): State<AppState>) -> StatusCode {
@@ -34,7 +34,7 @@ pub async fn ready(State(state): State<AppState>) -> StatusCode {
 const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Prometheus metrics (text exposition format).
-#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
+#[utoipa::path(get, path = "/metrics", tag = "operations", operation_id = "metrics", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }

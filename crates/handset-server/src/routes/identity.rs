@@ -12,7 +12,7 @@ use crate::input::{self, IdentityIn};
 
 /// Match a phone number and birth date against carrier records.
 #[utoipa::path(
-    post, path = "/v1/identity", tag = "identity",
+    post, path = "/v1/identity", tag = "identity", operation_id = "startIdentity",
     params(("Idempotency-Key" = Option<String>, Header, description = "Same key and request within 24 h: the first response again")),
     request_body = IdentityIn,
     responses(

@@ -13,7 +13,7 @@ use crate::input::{self, ConfirmIn, PossessionIn};
 
 /// Start a possession check.
 #[utoipa::path(
-    post, path = "/v1/possession", tag = "possession",
+    post, path = "/v1/possession", tag = "possession", operation_id = "startPossession",
     params(("Idempotency-Key" = Option<String>, Header, description = "Same key and request within 24 h: the first response again")),
     request_body = PossessionIn,
     responses(
@@ -59,7 +59,7 @@ pub async fn start(
 
 /// Check the user's code (sms) or fetch the operator's result (network).
 #[utoipa::path(
-    post, path = "/v1/possession/{transaction_id}/confirm", tag = "possession",
+    post, path = "/v1/possession/{transaction_id}/confirm", tag = "possession", operation_id = "confirmPossession",
     params(("transaction_id" = uuid::Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "Same key and request within 24 h: the first response again")),
     request_body(content = ConfirmIn, description = "`code` for sms; no body or `{}` for network"),
     responses(

@@ -26,7 +26,7 @@ use crate::extract::read_body;
 /// (413 3902). A result for a transaction that is already final (a
 /// duplicate, or one that polling settled first) is accepted and ignored.
 #[utoipa::path(
-    post, path = "/providers/{name}/webhook", tag = "providers",
+    post, path = "/providers/{name}/webhook", tag = "providers", operation_id = "providerWebhook",
     params(
         ("name" = String, Path, description = "The provider: `idme`"),
         ("token" = Option<String>, Query, description = "ID.me: the webhook secret (or send it as a bearer token)"),
@@ -75,7 +75,7 @@ pub async fn webhook(
 /// page, never JSON; a result that cannot be fetched now sends the user on
 /// as `pending` (the job runner keeps asking).
 #[utoipa::path(
-    get, path = "/providers/{name}/return", tag = "providers",
+    get, path = "/providers/{name}/return", tag = "providers", operation_id = "providerReturn",
     params(
         ("name" = String, Path, description = "The provider of the network check: `dqe`"),
         ("transaction_id" = uuid::Uuid, Query, description = "handset's transaction, from the return URL handset gave"),

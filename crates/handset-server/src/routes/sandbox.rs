@@ -12,7 +12,7 @@ use crate::routes::providers::back_to_partner;
 
 /// Complete a sandbox network check (the user's browser lands here).
 #[utoipa::path(
-    get, path = "/sandbox/operator/{transaction_id}", tag = "sandbox",
+    get, path = "/sandbox/operator/{transaction_id}", tag = "sandbox", operation_id = "sandboxOperator",
     params(("transaction_id" = uuid::Uuid, Path)),
     responses(
         (status = 303, description = "Check complete; redirect to the partner's redirect_uri with transaction_id and status"),

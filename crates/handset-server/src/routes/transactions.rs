@@ -10,7 +10,7 @@ use crate::extract::{AuthPartner, PathId};
 
 /// Read a transaction.
 #[utoipa::path(
-    get, path = "/v1/transactions/{transaction_id}", tag = "transactions",
+    get, path = "/v1/transactions/{transaction_id}", tag = "transactions", operation_id = "getTransaction",
     params(("transaction_id" = uuid::Uuid, Path)),
     responses(
         (status = 200, body = TransactionOut),
@@ -30,7 +30,7 @@ pub async fn get_transaction(
 
 /// Read a verification and all its transactions.
 #[utoipa::path(
-    get, path = "/v1/verifications/{verification_id}", tag = "transactions",
+    get, path = "/v1/verifications/{verification_id}", tag = "transactions", operation_id = "getVerification",
     params(("verification_id" = uuid::Uuid, Path)),
     responses(
         (status = 200, body = VerificationOut),

@@ -46,6 +46,9 @@ async fn same_key_same_request_answers_the_first_response(app: TestApp) {
     post_with_key(&app, DEV_KEY, "bad-1", "/v1/possession", &bad).await.assert_error(422, 3101);
     let long = "k".repeat(256);
     post_with_key(&app, DEV_KEY, &long, "/v1/possession", &body).await.assert_error(422, 3906);
+    // Visible characters only, as the API document's pattern says.
+    post_with_key(&app, DEV_KEY, "key with spaces", "/v1/possession", &body).await.assert_error(422, 3906);
+    assert_eq!(post_with_key(&app, DEV_KEY, &"k".repeat(255), "/v1/possession", &body).await.status, 201);
 }
 
 async fn same_key_other_request_is_refused(app: TestApp) {

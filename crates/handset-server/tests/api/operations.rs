@@ -11,7 +11,7 @@ use crate::on_both_stores;
 
 const HANDSET: &str = env!("CARGO_BIN_EXE_handset");
 
-on_both_stores!(health_ready_and_metrics, openapi_documents_every_route);
+on_both_stores!(health_ready_and_metrics, openapi_documents_every_route, api_page_is_served_whole);
 
 async fn health_ready_and_metrics(app: TestApp) {
     let health = app.send(app.client.get(app.url("/health"))).await;
@@ -97,6 +97,76 @@ async fn openapi_documents_every_route(app: TestApp) {
     assert_eq!(fields("IdentityIn"), sorted(handset_server::input::IdentityIn::FIELDS));
     assert_eq!(fields("ConfirmIn"), sorted(handset_server::input::ConfirmIn::FIELDS));
     assert!(doc["components"]["schemas"]["TransactionOut"]["properties"]["next_action"].is_object());
+
+    // Every answer the server can give is documented, by kind of operation.
+    let operation_ids = operation_ids(&doc);
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let responses = operation["responses"].as_object().unwrap();
+            let has = |status: &str| responses.contains_key(status);
+            assert!(responses.values().all(|r| r["description"].as_str().is_some_and(|d| !d.is_empty())));
+            if path.starts_with("/v1/") {
+                for status in ["401", "404", "429", "500"] {
+                    assert!(has(status), "{method} {path} does not document {status}");
+                }
+            }
+            if method == "post" && path.starts_with("/v1/") {
+                let json_body = operation["requestBody"].is_object();
+                let statuses: &[&str] =
+                    if json_body { &["400", "408", "409", "413", "415", "422"] } else { &["408", "409", "413", "422"] };
+                for status in statuses {
+                    assert!(has(status), "{method} {path} does not document {status}");
+                }
+                let key = operation["parameters"].as_array().unwrap().iter().find(|p| p["name"] == "Idempotency-Key");
+                assert_eq!(key.unwrap()["schema"]["maxLength"], 255, "{path}");
+            }
+            for response in responses.values() {
+                for link in response["links"].as_object().into_iter().flat_map(|l| l.values()) {
+                    let target = link["operationId"].as_str().unwrap();
+                    assert!(operation_ids.contains(&target.to_owned()), "a link to {target}, which is not documented");
+                }
+            }
+        }
+    }
+    // A start links to its confirm and reads, with the ids of its answer.
+    let links = &doc["paths"]["/v1/possession"]["post"]["responses"]["201"]["links"];
+    assert_eq!(links["confirmPossession"]["parameters"]["transaction_id"], "$response.body#/transaction_id");
+    assert_eq!(links["getVerification"]["parameters"]["verification_id"], "$response.body#/verification_id");
+    assert_eq!(doc["components"]["schemas"]["PossessionIn"]["additionalProperties"], false);
+    assert_eq!(doc["components"]["schemas"]["IdentityIn"]["properties"]["birth_date"]["format"], "date");
+
+    // The committed copy is this document (`handset openapi > docs/openapi.json`).
+    let committed: Value =
+        serde_json::from_str(include_str!("../../../../docs/openapi.json")).expect("docs/openapi.json is JSON");
+    assert!(committed == doc, "docs/openapi.json is stale: run `handset openapi > docs/openapi.json`");
+}
+
+fn operation_ids(doc: &Value) -> Vec<String> {
+    let mut ids = Vec::new();
+    for item in doc["paths"].as_object().unwrap().values() {
+        for operation in item.as_object().unwrap().values() {
+            ids.push(operation["operationId"].as_str().expect("every operation has an id").to_owned());
+        }
+    }
+    let count = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), count, "operation ids are unique");
+    ids
+}
+
+/// `/docs` is a page whose every asset comes from handset itself.
+async fn api_page_is_served_whole(app: TestApp) {
+    let page = app.send(app.client.get(app.url("/docs"))).await;
+    assert_eq!(page.status, 200);
+    assert!(page.headers["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(page.text.contains("src=\"/docs/redoc.standalone.js\""), "{}", page.text);
+    assert!(page.text.contains("spec-url=\"/openapi.json\""), "{}", page.text);
+    assert!(!page.text.contains("http://") && !page.text.contains("https://"), "nothing from elsewhere: {}", page.text);
+    let script = app.send(app.client.get(app.url("/docs/redoc.standalone.js"))).await;
+    assert_eq!(script.status, 200);
+    assert!(script.headers["content-type"].to_str().unwrap().starts_with("text/javascript"));
+    assert!(script.text.len() > 500_000 && script.text.contains("Redoc"), "the vendored bundle");
 }
 
 fn collect_refs(value: &Value, out: &mut Vec<String>) {

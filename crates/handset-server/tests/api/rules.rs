@@ -25,6 +25,7 @@ async fn phones_in_e164_or_national_form(app: TestApp) {
         ("(415) 555-0123", "+14155550123"),
         ("+33612345678", "+33612345678"),
         ("9995551005", "+19995551005"),
+        (" 4155550123 ", "+14155550123"),
     ] {
         let answer = app.start_sms(input).await;
         assert_eq!(answer.status, 201, "{input}: {}", answer.text);
@@ -39,6 +40,9 @@ async fn phones_in_e164_or_national_form(app: TestApp) {
         json!(4155550123u64),
         json!(""),
         json!(null),
+        // Only spaces may surround it (the API document's pattern).
+        json!("\t4155550123"),
+        json!("4155550123\n"),
     ] {
         app.post("/v1/possession", json!({ "phone": bad })).await.assert_error(422, 3101);
     }
