@@ -282,7 +282,7 @@ pub struct Transaction {
     pub expires_at: Option<DateTime<Utc>>,
     pub attempts_used: i32,
     pub max_attempts: i32,
-    /// Hash of a code handset itself checks (see `crate::code_hash`); never the code.
+    /// Hash of a code handset itself checks (see `crate::secret::code_hash`); never the code.
     pub code_hash: Option<String>,
     /// The provider's own transaction id or session token.
     pub provider_ref: Option<String>,

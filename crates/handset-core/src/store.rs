@@ -204,7 +204,7 @@ pub trait Store: Send + Sync {
 /// A request's claim on an `Idempotency-Key`.
 #[derive(Debug, Clone, Copy)]
 pub struct IdempotencyClaim<'a> {
-    /// Hash of the API key: keys are per partner key.
+    /// `partner:{id}`: keys belong to the partner, whichever of its API keys sent them.
     pub scope: &'a str,
     pub key: &'a str,
     /// Hash of method, path and body.

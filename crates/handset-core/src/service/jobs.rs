@@ -4,8 +4,8 @@
 use super::*;
 
 impl Gateway {
-    /// Ends up to `limit` pending transactions past their deadline (final 300,
-    /// 3103, with their callbacks). Returns how many this call ended.
+    /// Ends up to `limit` pending transactions past their deadline (final 300
+    /// with 3103, or 5001 for an identity match, with their callbacks). Returns how many this call ended.
     pub async fn expire_due(&self, now: DateTime<Utc>, limit: i64) -> Result<usize, GatewayError> {
         let due = self.store.expired_pending(now, limit).await?;
         let mut expired = 0;

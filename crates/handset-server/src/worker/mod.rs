@@ -1,6 +1,6 @@
-//! The background job runner: delivers due callbacks, expires pending
-//! transactions past their deadline, and purges personal data past the
-//! retention period. Work is claimed from the database with leases, so any
+//! The background job runner: delivers due callbacks, polls providers for
+//! pending results, expires pending transactions past their deadline, and
+//! purges personal data past the retention period. Work is claimed from the database with leases, so any
 //! number of `handset serve` processes on one database share it and each
 //! delivery attempt is made by one of them. Each round reports what it did
 //! (`Tick`) in the debug log.
