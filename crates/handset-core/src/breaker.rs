@@ -72,6 +72,16 @@ impl CircuitBreaker {
         }
     }
 
+    /// For the `handset_circuit_breaker_state` gauge: 0 closed, 1 open,
+    /// 2 half-open (a probe is out).
+    pub fn state_number(&self) -> u8 {
+        match *self.state() {
+            State::Closed { .. } => 0,
+            State::Open { .. } => 1,
+            State::HalfOpen { .. } => 2,
+        }
+    }
+
     /// The provider answered: the breaker closes (a probe's success included).
     pub fn record_success(&self) {
         *self.state() = State::Closed { consecutive_failures: 0 };

@@ -9,6 +9,7 @@ pub mod callback;
 pub mod config;
 pub mod error;
 pub mod model;
+pub mod observe;
 pub mod partner_cache;
 pub mod phone;
 pub mod provider;

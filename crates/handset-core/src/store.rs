@@ -55,8 +55,24 @@ pub struct LocalCodeAttempt<'a> {
     pub on_exhausted: Option<&'a OutboxMessage>,
 }
 
+/// One connection pool's use, for the `handset_db_pool_connections` gauges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolUsage {
+    /// `main` (Postgres), `writer` or `readers` (SQLite).
+    pub pool: &'static str,
+    /// Connections open, idle among them, and the most it may open.
+    pub open: u32,
+    pub idle: u32,
+    pub max: u32,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync {
+    /// Each of the store's connection pools, as it is now.
+    fn pool_usage(&self) -> Vec<PoolUsage> {
+        Vec::new()
+    }
+
     /// Applies the pending schema migrations.
     async fn migrate(&self) -> Result<(), StoreError>;
 

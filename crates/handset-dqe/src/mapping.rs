@@ -48,7 +48,7 @@ pub(crate) async fn read(sent: Result<reqwest::Response, reqwest::Error>) -> Res
 fn ours(answer: &Answer) -> ProviderError {
     let reason = answer.described();
     tracing::error!(provider = "dqe", %reason, "DQE refused handset's request: check providers.dqe (licence, token, name)");
-    metrics::counter!("provider_auth_failures_total", "provider" => "dqe").increment(1);
+    metrics::counter!("handset_provider_auth_failures_total", "provider" => "dqe").increment(1);
     ProviderError::misconfigured(reason)
 }
 

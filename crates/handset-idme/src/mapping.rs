@@ -92,7 +92,7 @@ pub(crate) fn http_error(
 /// problem, logged loudly and counted, never shown to the partner as theirs.
 fn credentials_refused(described: String) -> ProviderError {
     tracing::error!(provider = "idme", answer = %described, "ID.me refused handset's credentials: check providers.idme.secret and the account's products");
-    metrics::counter!("provider_auth_failures_total", "provider" => "idme").increment(1);
+    metrics::counter!("handset_provider_auth_failures_total", "provider" => "idme").increment(1);
     ProviderError::misconfigured(described)
 }
 

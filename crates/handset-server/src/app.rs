@@ -63,6 +63,8 @@ pub struct AppState {
     pub in_flight: TaskTracker,
     /// `GET /openapi.json`'s body, made once at start.
     pub openapi: Arc<str>,
+    /// SIGTERM arrived: `/ready` answers 503 while the server drains.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +95,8 @@ pub struct Application {
     /// Requests' work, which outlives its connection (see `deadline`).
     in_flight: TaskTracker,
     gateway: Arc<Gateway>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+    drain_delay: Duration,
 }
 
 impl Application {
@@ -180,6 +184,7 @@ impl Application {
             None
         };
         let in_flight = TaskTracker::new();
+        let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let state = AppState {
             gateway: gateway.clone(),
             default_region: settings.default_region(),
@@ -191,13 +196,25 @@ impl Application {
             idempotency_lock: settings.idempotency_lock(),
             in_flight: in_flight.clone(),
             openapi: Arc::from(docs::document(!settings.is_production()).to_string()),
+            draining: draining.clone(),
         };
         let limits = ConnectionLimits {
             header_read_timeout: settings.server.header_read_timeout,
             max_connections: settings.server.max_connections as usize,
             shutdown_timeout: settings.server.shutdown_timeout,
         };
-        Ok(Application { listener, router: router(state), addr, runner, limits, in_flight, gateway })
+        let drain_delay = settings.server.drain_delay;
+        Ok(Application {
+            listener,
+            router: router(state),
+            addr,
+            runner,
+            limits,
+            in_flight,
+            gateway,
+            draining,
+            drain_delay,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -221,9 +238,17 @@ impl Application {
         let runner = self.runner.map(|runner| tokio::spawn(runner.run(stopped)));
         let gateway = self.gateway;
         let partner_changes = tokio::spawn(async move { gateway.follow_partner_changes().await });
+        let (draining, drain_delay) = (self.draining, self.drain_delay);
         let signal = async move {
             shutdown.await;
+            // Readiness fails first, so traffic moves elsewhere while this
+            // process still answers; then the listener closes.
+            draining.store(true, std::sync::atomic::Ordering::SeqCst);
             let _ = stop.send(true);
+            if !drain_delay.is_zero() {
+                tracing::info!(delay = ?drain_delay, "draining: /ready answers 503 before the listener closes");
+                tokio::time::sleep(drain_delay).await;
+            }
         };
         let deadline = serve(self.listener, self.router, self.limits, signal).await;
         self.in_flight.close();

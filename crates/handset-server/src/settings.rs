@@ -71,6 +71,10 @@ pub struct ServerSettings {
     /// After SIGTERM, how long open requests and background work may take.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// After SIGTERM, how long new connections are still served, with
+    /// `/ready` answering 503, before the listener closes.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -274,7 +278,12 @@ impl Settings {
         }
         for (key, value, max) in self.bounded_durations() {
             // Zero turns these two off.
-            if value.is_zero() && !matches!(key.as_str(), "retention.personal_data" | "security.partner_cache_ttl") {
+            if value.is_zero()
+                && !matches!(
+                    key.as_str(),
+                    "retention.personal_data" | "security.partner_cache_ttl" | "server.drain_delay"
+                )
+            {
                 return invalid(format!("{key} must be more than zero"));
             }
             if value > max {
@@ -316,6 +325,7 @@ impl Settings {
             ("server.body_read_timeout".to_owned(), self.server.body_read_timeout, max(5 * MINUTE)),
             ("server.request_timeout".to_owned(), self.server.request_timeout, max(10 * MINUTE)),
             ("server.shutdown_timeout".to_owned(), self.server.shutdown_timeout, max(HOUR)),
+            ("server.drain_delay".to_owned(), self.server.drain_delay, max(5 * MINUTE)),
             ("database.acquire_timeout".to_owned(), self.database.acquire_timeout, max(5 * MINUTE)),
             ("possession.code_ttl".to_owned(), self.possession.code_ttl, max(DAY)),
             ("identity.result_ttl".to_owned(), self.identity.result_ttl, max(7 * DAY)),

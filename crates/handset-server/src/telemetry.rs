@@ -1,6 +1,7 @@
 //! Logs and metrics: one structured line per request (request id, route,
-//! status, latency) and Prometheus counters/histograms by route and status.
-//! Request bodies, phone numbers, keys and codes are never logged.
+//! status, latency), Prometheus counters/histograms by route and status, and
+//! the HELP text of every `handset_*` metric (`describe_metrics`, the one
+//! list of them). Request bodies, phone numbers, keys and codes are never logged.
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -43,9 +44,78 @@ pub fn metrics_handle() -> PrometheusHandle {
             // Another recorder may already be installed (e.g. by an embedding
             // program); ours still renders what it records.
             let _ = metrics::set_global_recorder(recorder);
+            describe_metrics();
             handle
         })
         .clone()
+}
+
+/// Every metric handset records, with its HELP text (`docs/operations.md`
+/// says what to alert on).
+fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!("handset_http_requests_total", "HTTP requests answered, by method, route and status");
+    describe_histogram!(
+        "handset_http_request_duration_seconds",
+        Unit::Seconds,
+        "Time to answer an HTTP request, by method, route and status"
+    );
+    describe_counter!(
+        "handset_verifications_started_total",
+        "Transactions recorded at their start, by product and provider (refused requests record none)"
+    );
+    describe_counter!(
+        "handset_verifications_finished_total",
+        "Transactions that reached a final state, by product, provider, outcome (succeeded, failed) and error code"
+    );
+    describe_histogram!(
+        "handset_provider_call_duration_seconds",
+        Unit::Seconds,
+        "Time of each call to a provider, by provider, call (start, check_code, fetch_result) and outcome"
+    );
+    describe_counter!(
+        "handset_provider_errors_total",
+        "Provider calls that got no usable answer, by provider and kind (unavailable, misconfigured, failed)"
+    );
+    describe_counter!(
+        "handset_provider_unavailable_total",
+        "Starts moved on to the next provider because this one was unavailable or refused handset's credentials"
+    );
+    describe_counter!(
+        "handset_provider_auth_failures_total",
+        "Answers where a provider refused handset's credentials or configuration: check its settings"
+    );
+    describe_gauge!("handset_circuit_breaker_state", "Each provider's circuit breaker: 0 closed, 1 open, 2 half-open");
+    describe_gauge!("handset_callback_queue_due", "Callbacks due for delivery and not yet delivered");
+    describe_counter!(
+        "handset_callback_deliveries_total",
+        "Callback delivery attempts, by outcome (delivered, retry, failed: given up)"
+    );
+    describe_histogram!(
+        "handset_callback_delivery_duration_seconds",
+        Unit::Seconds,
+        "Time of each callback delivery attempt"
+    );
+    describe_counter!("handset_transactions_expired_total", "Pending transactions ended at their deadline");
+    describe_counter!("handset_personal_data_purged_total", "Transactions whose personal data retention removed");
+    describe_counter!("handset_job_runner_restarts_total", "Background job loops restarted after a panic, by job");
+    describe_gauge!(
+        "handset_db_pool_connections",
+        "Database connections by pool (main; SQLite: writer, readers) and state (open, idle, max)"
+    );
+}
+
+/// Sets the gauges read from state at scrape time: circuit breakers and database pools.
+pub fn record_scrape_gauges(gateway: &handset_core::Gateway) {
+    for (provider, state) in gateway.breaker_states() {
+        metrics::gauge!("handset_circuit_breaker_state", "provider" => provider.as_str()).set(f64::from(state));
+    }
+    for usage in gateway.store().pool_usage() {
+        for (state, value) in [("open", usage.open), ("idle", usage.idle), ("max", usage.max)] {
+            metrics::gauge!("handset_db_pool_connections", "pool" => usage.pool, "state" => state)
+                .set(f64::from(value));
+        }
+    }
 }
 
 /// The method as a metrics label: one of a fixed set, or `other`, so made-up
@@ -88,8 +158,8 @@ pub async fn observe(request: Request, next: Next) -> Response {
     let latency = started.elapsed();
     let status = response.status().as_u16();
     let labels = [("method", method.to_owned()), ("route", route.clone()), ("status", status.to_string())];
-    metrics::counter!("http_requests_total", &labels).increment(1);
-    metrics::histogram!("http_request_duration_seconds", &labels).record(latency.as_secs_f64());
+    metrics::counter!("handset_http_requests_total", &labels).increment(1);
+    metrics::histogram!("handset_http_request_duration_seconds", &labels).record(latency.as_secs_f64());
     tracing::info!(
         request_id = %request_id,
         method = %method,

@@ -10,8 +10,8 @@ use handset_core::model::{
 };
 use handset_core::partner_cache::PartnerCache;
 use handset_core::store::{
-    AfterAttempt, Claim, Finalization, IdempotencyBegin, IdempotencyClaim, LocalCodeAttempt, NewPartner, Store,
-    StoreError,
+    AfterAttempt, Claim, Finalization, IdempotencyBegin, IdempotencyClaim, LocalCodeAttempt, NewPartner, PoolUsage,
+    Store, StoreError,
 };
 use sqlx::types::Json;
 use sqlx::{PgPool, SqlitePool};
@@ -33,6 +33,10 @@ impl PgStore {
     /// Postgres serves reads and writes from one pool.
     fn readers(&self) -> &PgPool {
         &self.pool
+    }
+
+    fn pools(&self) -> [(&'static str, &PgPool); 1] {
+        [("main", &self.pool)]
     }
 
     /// Postgres answering `SELECT 1` is all readiness needs.
@@ -66,6 +70,10 @@ impl SqliteStore {
 
     fn readers(&self) -> &SqlitePool {
         &self.readers
+    }
+
+    fn pools(&self) -> [(&'static str, &SqlitePool); 2] {
+        [("writer", &self.pool), ("readers", &self.readers)]
     }
 
     /// The database file is still where the pool opens it. An open SQLite
@@ -195,6 +203,10 @@ macro_rules! portable_store {
             async fn ping(&self) -> Result<(), StoreError> {
                 sqlx::query("SELECT 1").execute(self.readers()).await.map_err(db)?;
                 self.still_in_place()
+            }
+
+            fn pool_usage(&self) -> Vec<PoolUsage> {
+                self.pools().into_iter().map(|(name, pool)| usage(name, pool)).collect()
             }
 
             async fn follow_partner_changes(&self, cache: &PartnerCache) {
@@ -735,6 +747,11 @@ macro_rules! portable_store {
             }
         }
     };
+}
+
+fn usage<DB: sqlx::Database>(name: &'static str, pool: &sqlx::Pool<DB>) -> PoolUsage {
+    let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX);
+    PoolUsage { pool: name, open: pool.size(), idle, max: pool.options().get_max_connections() }
 }
 
 /// Names each store's sqlx database type for the macro.

@@ -57,7 +57,7 @@ pub(crate) async fn read(
 /// logged loudly and counted; the user's request fails over.
 fn refused(reason: String) -> ProviderError {
     tracing::error!(provider = "veratad", %reason, "check providers.veratad (user, pass, message, lists)");
-    metrics::counter!("provider_auth_failures_total", "provider" => "veratad").increment(1);
+    metrics::counter!("handset_provider_auth_failures_total", "provider" => "veratad").increment(1);
     ProviderError::misconfigured(reason)
 }
 

@@ -132,8 +132,15 @@ impl Gateway {
             return Ok(None);
         };
         match status {
-            Status::Succeeded => Ok(Some(Transaction { attempts_used: used, ..ended(Status::Succeeded, &success) })),
-            Status::Failed => Err(ApiError::new(ErrorCode::RetryLimitExceeded).recorded().into()),
+            Status::Succeeded => {
+                let succeeded = Transaction { attempts_used: used, ..ended(Status::Succeeded, &success) };
+                crate::observe::finished(&succeeded);
+                Ok(Some(succeeded))
+            }
+            Status::Failed => {
+                crate::observe::finished(&ended(Status::Failed, &exhausted));
+                Err(ApiError::new(ErrorCode::RetryLimitExceeded).recorded().into())
+            }
             Status::Pending => Err(ApiError::new(ErrorCode::InvalidCode).recorded().into()),
         }
     }
@@ -156,7 +163,8 @@ impl Gateway {
         let sms = provider
             .sms()
             .ok_or_else(|| GatewayError::Internal(format!("{} sent a code it cannot check", provider.name())))?;
-        let checked = sms.check_code(tx, code).await?;
+        let checked =
+            crate::observe::provider_call(tx.provider, tx.product, "check_code", sms.check_code(tx, code)).await?;
         if checked.answer != CodeCheck::Stale {
             return Ok((checked, tx.provider_ref.clone()));
         }
@@ -167,7 +175,9 @@ impl Gateway {
                 break;
             }
             if stored.provider_ref != tx.provider_ref {
-                let again = sms.check_code(&stored, code).await?;
+                let again =
+                    crate::observe::provider_call(tx.provider, tx.product, "check_code", sms.check_code(&stored, code))
+                        .await?;
                 if again.answer != CodeCheck::Stale {
                     return Ok((again, stored.provider_ref));
                 }
@@ -183,7 +193,8 @@ impl Gateway {
         tx: Transaction,
         token: Option<&str>,
     ) -> Result<Transaction, GatewayError> {
-        let renewed = self.provider(tx.provider)?.fetch_result(&tx, token).await?;
+        let fetch = self.provider(tx.provider)?.fetch_result(&tx, token);
+        let renewed = crate::observe::provider_call(tx.provider, tx.product, "fetch_result", fetch).await?;
         Ok(self.apply_renewed(tx, renewed).await?.ok_or_else(not_found)?)
     }
 }

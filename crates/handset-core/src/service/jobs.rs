@@ -44,7 +44,9 @@ impl Gateway {
     /// Polls one claimed transaction; true when it became final.
     pub(super) async fn poll_one(&self, tx: Transaction) -> Result<bool, GatewayError> {
         let Some(provider) = self.providers.get(&tx.provider) else { return Ok(false) };
-        match provider.fetch_result(&tx, None).await {
+        match crate::observe::provider_call(tx.provider, tx.product, "fetch_result", provider.fetch_result(&tx, None))
+            .await
+        {
             Ok(renewed) => {
                 if self.apply_renewed(tx.clone(), renewed).await?.is_some_and(|t| t.is_final()) {
                     return Ok(true);

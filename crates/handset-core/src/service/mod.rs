@@ -112,6 +112,13 @@ impl Gateway {
         &self.store
     }
 
+    /// Each configured provider's circuit breaker: 0 closed, 1 open, 2 half-open.
+    pub fn breaker_states(&self) -> Vec<(ProviderName, u8)> {
+        let mut states: Vec<_> = self.breakers.iter().map(|(name, b)| (*name, b.state_number())).collect();
+        states.sort_by_key(|(name, _)| name.as_str());
+        states
+    }
+
     /// Follows partner changes for the cache until the store closes (see
     /// `crate::partner_cache`); returns at once when the cache is off.
     pub async fn follow_partner_changes(&self) {
@@ -149,7 +156,11 @@ impl Gateway {
         tx.result = Some(result);
         tx.updated_at = self.now();
         let outbox = outbox_for(tx);
-        Ok(self.store.finalize(Finalization { transaction: tx, outbox: outbox.as_ref() }).await?)
+        let ended = self.store.finalize(Finalization { transaction: tx, outbox: outbox.as_ref() }).await?;
+        if ended {
+            crate::observe::finished(tx);
+        }
+        Ok(ended)
     }
 
     pub(super) async fn owned_transaction(&self, partner: &Partner, id: Uuid) -> Result<Transaction, GatewayError> {

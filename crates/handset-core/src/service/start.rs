@@ -180,25 +180,30 @@ impl Gateway {
             let request =
                 StartRequest { transaction_id: draft.id, phone, name: draft.name.as_ref(), provider_verification };
             let lacks = || ProviderError::ineligible(format!("{name} does not offer {}", draft.product));
-            let answer = match draft.product {
-                Product::PossessionSms => match provider.sms() {
-                    Some(sms) => sms.send_code(request).await,
-                    None => Err(lacks()),
-                },
-                Product::PossessionNetwork => match provider.operator() {
-                    Some(operator) => {
-                        // Where the operator sends the user back; it names our transaction.
-                        let return_url =
-                            format!("{}/providers/{name}/return?transaction_id={}", self.settings.public_url, draft.id);
-                        operator.start(request, &return_url).await
-                    }
-                    None => Err(lacks()),
-                },
-                Product::Identity => match (provider.identity(), birth_date) {
-                    (Some(identity), Some(birth_date)) => identity.start_identity(request, birth_date).await,
-                    _ => Err(lacks()),
-                },
+            let call = async {
+                match draft.product {
+                    Product::PossessionSms => match provider.sms() {
+                        Some(sms) => sms.send_code(request).await,
+                        None => Err(lacks()),
+                    },
+                    Product::PossessionNetwork => match provider.operator() {
+                        Some(operator) => {
+                            // Where the operator sends the user back; it names our transaction.
+                            let return_url = format!(
+                                "{}/providers/{name}/return?transaction_id={}",
+                                self.settings.public_url, draft.id
+                            );
+                            operator.start(request, &return_url).await
+                        }
+                        None => Err(lacks()),
+                    },
+                    Product::Identity => match (provider.identity(), birth_date) {
+                        (Some(identity), Some(birth_date)) => identity.start_identity(request, birth_date).await,
+                        _ => Err(lacks()),
+                    },
+                }
             };
+            let answer = crate::observe::provider_call(name, draft.product, "start", call).await;
             match answer {
                 Err(error @ ProviderError::Ineligible { temporary, .. }) => {
                     any_unavailable |= temporary;
@@ -211,7 +216,7 @@ impl Gateway {
                     } else {
                         tracing::warn!(provider = %name, transaction_id = %draft.id, error = %error.with_causes(), "provider unavailable, trying the next");
                     }
-                    metrics::counter!("provider_unavailable_total", "provider" => name.as_str()).increment(1);
+                    metrics::counter!("handset_provider_unavailable_total", "provider" => name.as_str()).increment(1);
                     if breaker.record_failure(Instant::now()) {
                         tracing::warn!(provider = %name, "circuit opened: the provider is skipped for a while");
                     }
@@ -301,6 +306,7 @@ impl Gateway {
         };
         let outbox = outbox_for(&tx);
         self.store.insert_transaction(&tx, new_verification.as_ref(), outbox.as_ref()).await?;
+        crate::observe::started(&tx);
         match refusal {
             Some(error) => Err(error.into()),
             None => Ok(tx),

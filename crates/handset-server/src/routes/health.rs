@@ -12,12 +12,19 @@ pub async fn health() -> StatusCode {
     StatusCode::OK
 }
 
-/// Readiness: 200 when the database answers, else 503.
+/// Readiness: 200 when the database answers, else 503; 503 as well once
+/// SIGTERM arrived (while the server drains).
 #[utoipa::path(
     get, path = "/ready", tag = "operations", operation_id = "ready",
-    responses((status = 200, description = "Database answers"), (status = 503, description = "Database unreachable"))
+    responses(
+        (status = 200, description = "Database answers"),
+        (status = 503, description = "Database unreachable, or draining after SIGTERM")
+    )
 )]
 pub async fn ready(State(state): State<AppState>) -> StatusCode {
+    if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
     match tokio::time::timeout(READY_TIMEOUT, state.gateway.store().ping()).await {
         Ok(Ok(())) => StatusCode::OK,
         Ok(Err(error)) => {
@@ -36,5 +43,6 @@ const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 /// Prometheus metrics (text exposition format).
 #[utoipa::path(get, path = "/metrics", tag = "operations", operation_id = "metrics", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    crate::telemetry::record_scrape_gauges(&state.gateway);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }

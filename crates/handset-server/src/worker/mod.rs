@@ -93,7 +93,7 @@ where
             Ok(()) => return restarts,
             Err(error) if error.is_panic() && !*shutdown.borrow() => {
                 tracing::error!(job = name, "a background loop panicked; starting it again");
-                metrics::counter!("job_runner_restarts_total", "job" => name).increment(1);
+                metrics::counter!("handset_job_runner_restarts_total", "job" => name).increment(1);
                 restarts += 1;
                 tokio::time::sleep(pause).await;
             }
@@ -163,11 +163,11 @@ impl Runner {
                     tracing::warn!(%error, "expiring pending transactions failed");
                     0
                 });
-                metrics::counter!("transactions_expired_total").increment(tick.expired as u64);
+                metrics::counter!("handset_transactions_expired_total").increment(tick.expired as u64);
                 if let Some(retention) = self.settings.retention {
                     let cutoff = now - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
                     tick.purged = self.store.purge_personal_data(cutoff, now).await?;
-                    metrics::counter!("personal_data_purged_total").increment(tick.purged);
+                    metrics::counter!("handset_personal_data_purged_total").increment(tick.purged);
                 }
                 let lifetime =
                     chrono::Duration::from_std(crate::idempotency::KEY_LIFETIME).unwrap_or(chrono::Duration::MAX);
@@ -176,7 +176,7 @@ impl Runner {
                 self.store.purge_rate_counters(now - chrono::Duration::hours(2)).await?;
                 self.gateway.forget_rate_windows(now - chrono::Duration::minutes(2));
                 let due = self.store.due_callbacks(now).await?;
-                metrics::gauge!("callback_queue_due").set(due as f64);
+                metrics::gauge!("handset_callback_queue_due").set(due as f64);
             }
         }
         Ok(())
@@ -225,8 +225,8 @@ async fn deliver_one(
         AfterAttempt::RetryAt(_) => "retry",
         AfterAttempt::GiveUp => "failed",
     };
-    metrics::counter!("callback_deliveries_total", "outcome" => outcome).increment(1);
-    metrics::histogram!("callback_delivery_duration_seconds").record(attempt.latency_ms as f64 / 1000.0);
+    metrics::counter!("handset_callback_deliveries_total", "outcome" => outcome).increment(1);
+    metrics::histogram!("handset_callback_delivery_duration_seconds").record(attempt.latency_ms as f64 / 1000.0);
     if next != AfterAttempt::Delivered {
         tracing::info!(
             webhook_id = %callback.message.webhook_id(),

@@ -321,10 +321,10 @@ async fn delivery_metrics(kind: Kind) {
     let id = identity_with_callback(&app, "8885551234", &receiver.url("/hook")).await;
     wait_state(&app, &id, "delivered").await;
     let text = app.send(app.client.get(app.url("/metrics"))).await.text;
-    assert!(text.contains(r#"callback_deliveries_total{outcome="delivered"}"#), "{text}");
-    assert!(text.contains(r#"callback_deliveries_total{outcome="retry"}"#), "{text}");
-    assert!(text.contains("callback_delivery_duration_seconds_bucket"), "{text}");
-    assert!(text.contains("callback_queue_due"), "{text}");
+    assert!(text.contains(r#"handset_callback_deliveries_total{outcome="delivered"}"#), "{text}");
+    assert!(text.contains(r#"handset_callback_deliveries_total{outcome="retry"}"#), "{text}");
+    assert!(text.contains("handset_callback_delivery_duration_seconds_bucket"), "{text}");
+    assert!(text.contains("handset_callback_queue_due"), "{text}");
 }
 
 crate::on_both_kinds!(

@@ -241,7 +241,7 @@ async fn rejected_credentials_are_our_error(kind: Kind) {
     let statuses = app.dump("transactions", "CAST(status_code AS TEXT)").await;
     assert_eq!(statuses.lines().filter(|s| *s == "300").count(), 2, "{statuses}");
     let metrics = app.send(app.client.get(app.url("/metrics"))).await.text;
-    assert!(metrics.contains(r#"provider_auth_failures_total{provider="idme"}"#), "{metrics}");
+    assert!(metrics.contains(r#"handset_provider_auth_failures_total{provider="idme"}"#), "{metrics}");
 }
 
 async fn idme_down_or_hanging(kind: Kind) {

@@ -21,14 +21,39 @@ async fn health_ready_and_metrics(app: TestApp) {
 
     let id = app.start_sms("4155550123").await.id();
     app.confirm(&id, "000000").await.assert_error(422, 3102);
+    assert_eq!(app.confirm(&id, "123123").await.status, 200);
+    let failed = app.start_sms("9995551005").await;
+    assert_eq!(failed.status, 201, "{}", failed.text);
     let metrics = app.send(app.client.get(app.url("/metrics"))).await;
     assert_eq!(metrics.status, 200);
     assert!(metrics.headers["content-type"].to_str().unwrap().starts_with("text/plain"));
     let text = metrics.text;
-    assert!(text.contains(r#"http_requests_total{method="POST",route="/v1/possession",status="201"}"#), "{text}");
+    assert!(
+        text.contains(r#"handset_http_requests_total{method="POST",route="/v1/possession",status="201"}"#),
+        "{text}"
+    );
     assert!(text.contains(r#"route="/v1/possession/{transaction_id}/confirm",status="422""#), "{text}");
-    assert!(text.contains("http_request_duration_seconds_bucket{"), "{text}");
-    assert!(text.contains("# TYPE http_request_duration_seconds histogram"), "{text}");
+    assert!(text.contains("handset_http_request_duration_seconds_bucket{"), "{text}");
+    assert!(text.contains("# TYPE handset_http_request_duration_seconds histogram"), "{text}");
+    // What happened to verifications and providers, not only to HTTP.
+    for series in [
+        r#"handset_verifications_started_total{product="possession.sms",provider="sandbox"}"#,
+        r#"handset_verifications_finished_total{product="possession.sms",provider="sandbox",outcome="succeeded",code=""}"#,
+        r#"handset_verifications_finished_total{product="possession.sms",provider="sandbox",outcome="failed",code="1005"}"#,
+        r#"handset_provider_call_duration_seconds_bucket{provider="sandbox",call="start",outcome="answered","#,
+        r#"handset_circuit_breaker_state{provider="sandbox"} 0"#,
+        r#"handset_db_pool_connections{pool="#,
+    ] {
+        assert!(text.contains(series), "{series} missing from:\n{text}");
+    }
+    // Every series is handset's own and every metric says what it is.
+    for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        assert!(line.starts_with("handset_"), "{line}");
+    }
+    for typed in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let name = typed.split(' ').next().unwrap();
+        assert!(text.contains(&format!("# HELP {name} ")), "{name} has no HELP text");
+    }
 
     // A request id given by the caller comes back; otherwise one is made.
     let tagged = app.send(app.client.get(app.url("/health")).header("x-request-id", "abc-123")).await;

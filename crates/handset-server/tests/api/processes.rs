@@ -165,11 +165,11 @@ async fn replicas_share_the_work_once(kind: Kind) {
     assert_eq!(by_a + by_b, CALLBACKS as u64, "each delivery counted by the replica that made it");
 }
 
-/// `callback_deliveries_total{outcome="delivered"}` of one process.
+/// `handset_callback_deliveries_total{outcome="delivered"}` of one process.
 async fn delivered_by(server: &Server) -> u64 {
     let text = reqwest::get(format!("{}/metrics", server.base)).await.unwrap().text().await.unwrap();
     text.lines()
-        .find_map(|line| line.strip_prefix(r#"callback_deliveries_total{outcome="delivered"} "#))
+        .find_map(|line| line.strip_prefix(r#"handset_callback_deliveries_total{outcome="delivered"} "#))
         .map_or(0, |n| n.trim().parse().unwrap())
 }
 
@@ -188,3 +188,28 @@ async fn sigterm_finishes_deliveries_in_flight(kind: Kind) {
 }
 
 crate::on_both_kinds!(crash_loses_no_callback, replicas_share_the_work_once, sigterm_finishes_deliveries_in_flight);
+
+/// After SIGTERM, with `server.drain_delay`, the process still answers while
+/// `/ready` says 503 (so an orchestrator takes it out of rotation), then exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_with_ready_503() {
+    let db = TestDatabase::new(Kind::Sqlite).await;
+    let server = Server::start(&db, &[("HANDSET__SERVER__DRAIN_DELAY", "3s")]).await;
+    let client = crate::helpers::http_client();
+    let status = |path: &'static str| {
+        let request = client.get(format!("{}{path}", server.base));
+        async move { request.send().await.map(|r| r.status().as_u16()).ok() }
+    };
+    assert_eq!(status("/ready").await, Some(200));
+    server.signal("-TERM");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while status("/ready").await != Some(503) {
+        assert!(tokio::time::Instant::now() < deadline, "/ready never said 503 after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status("/health").await, Some(200), "still alive while draining");
+    let started = server.post("/v1/possession", &serde_json::json!({"phone": "4155550123"})).await;
+    assert_eq!(started["status"]["code"], 210, "still serving while draining: {started}");
+    let exit = server.wait().await;
+    assert!(exit.success(), "clean exit after the drain: {exit:?}");
+}
