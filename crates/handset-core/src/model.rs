@@ -410,6 +410,9 @@ pub struct ClaimedCallback {
     pub attempts_before: i32,
     /// The partner's `whsec_...` signing secret.
     pub webhook_secret: Secret,
+    /// Its previous secret while a rotation's overlap lasts: callbacks carry
+    /// a signature with each (Standard Webhooks allows several).
+    pub previous_webhook_secret: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -35,6 +35,7 @@ struct State {
     /// Bumped by every announcement, so a read that began before a change
     /// cannot put what it read after the change emptied the cache.
     generation: u64,
+    /// Each entry with the instant it stops being served.
     entries: HashMap<String, (Instant, Partner)>,
 }
 
@@ -64,7 +65,7 @@ impl PartnerCache {
         if !state.following {
             return None;
         }
-        state.entries.get(key_hash).filter(|(read_at, _)| read_at.elapsed() < self.ttl).map(|(_, p)| p.clone())
+        state.entries.get(key_hash).filter(|(until, _)| Instant::now() < *until).map(|(_, p)| p.clone())
     }
 
     /// Taken before reading a partner from the store, and given back to `put`.
@@ -74,7 +75,9 @@ impl PartnerCache {
 
     /// Keeps what was read, unless a change was announced since the ticket
     /// was taken (the read may predate it) or changes are not being followed.
-    pub fn put(&self, key_hash: &str, partner: &Partner, ticket: ReadTicket) {
+    /// `key_expires_in`: the key was a previous one, valid this much longer
+    /// (the entry lives no longer than the key).
+    pub fn put(&self, key_hash: &str, partner: &Partner, key_expires_in: Option<Duration>, ticket: ReadTicket) {
         if !self.enabled() {
             return;
         }
@@ -85,7 +88,8 @@ impl PartnerCache {
         if state.entries.len() >= MAX_ENTRIES {
             state.entries.clear();
         }
-        state.entries.insert(key_hash.to_owned(), (Instant::now(), partner.clone()));
+        let lifetime = key_expires_in.map_or(self.ttl, |left| left.min(self.ttl));
+        state.entries.insert(key_hash.to_owned(), (Instant::now() + lifetime, partner.clone()));
     }
 
     /// A partner changed somewhere: forget everything read so far.
@@ -132,7 +136,7 @@ mod tests {
         let cache = following(Duration::from_millis(1000));
         let p = partner();
         let put_at = Instant::now();
-        cache.put("h", &p, cache.before_read());
+        cache.put("h", &p, None, cache.before_read());
         let hit = cache.get("h").map(|c| c.id);
         if put_at.elapsed() < Duration::from_millis(900) {
             assert_eq!(hit, Some(p.id));
@@ -141,17 +145,17 @@ mod tests {
         std::thread::sleep(Duration::from_millis(1000).saturating_sub(put_at.elapsed()) + Duration::from_millis(10));
         assert!(cache.get("h").is_none(), "expired");
         let off = following(Duration::ZERO);
-        off.put("h", &p, off.before_read());
+        off.put("h", &p, None, off.before_read());
         assert!(off.get("h").is_none());
     }
 
     #[test]
     fn nothing_is_served_unless_changes_are_followed() {
         let cache = PartnerCache::new(Duration::from_secs(60));
-        cache.put("h", &partner(), cache.before_read());
+        cache.put("h", &partner(), None, cache.before_read());
         assert!(cache.get("h").is_none(), "not following: nothing kept");
         cache.set_following(true);
-        cache.put("h", &partner(), cache.before_read());
+        cache.put("h", &partner(), None, cache.before_read());
         assert!(cache.get("h").is_some());
         cache.set_following(false);
         assert!(cache.get("h").is_none(), "the listener was lost: entries go");
@@ -160,15 +164,24 @@ mod tests {
     }
 
     #[test]
+    fn a_previous_key_is_kept_no_longer_than_it_works() {
+        let cache = following(Duration::from_secs(60));
+        cache.put("old", &partner(), Some(Duration::ZERO), cache.before_read());
+        assert!(cache.get("old").is_none(), "expired with its key");
+        cache.put("old", &partner(), Some(Duration::from_secs(30)), cache.before_read());
+        assert!(cache.get("old").is_some());
+    }
+
+    #[test]
     fn a_change_empties_the_cache_and_refuses_reads_that_began_before_it() {
         let cache = following(Duration::from_secs(60));
-        cache.put("h", &partner(), cache.before_read());
+        cache.put("h", &partner(), None, cache.before_read());
         let ticket = cache.before_read();
         cache.changed();
         assert!(cache.get("h").is_none(), "emptied");
-        cache.put("h", &partner(), ticket);
+        cache.put("h", &partner(), None, ticket);
         assert!(cache.get("h").is_none(), "a read older than the change is not kept");
-        cache.put("h", &partner(), cache.before_read());
+        cache.put("h", &partner(), None, cache.before_read());
         assert!(cache.get("h").is_some(), "a read after it is");
     }
 }

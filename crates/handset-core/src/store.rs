@@ -55,6 +55,25 @@ pub struct LocalCodeAttempt<'a> {
     pub on_exhausted: Option<&'a OutboxMessage>,
 }
 
+/// A partner found by an API key.
+#[derive(Debug, Clone)]
+pub struct PartnerByKey {
+    pub partner: Partner,
+    /// When this key stops working: set for a previous key during a
+    /// rotation's overlap, `None` for the current key.
+    pub key_expires_at: Option<DateTime<Utc>>,
+}
+
+/// A partner as operators see it (`handset partner list|show`).
+#[derive(Debug, Clone)]
+pub struct PartnerRecord {
+    pub partner: Partner,
+    /// Until when the previous API key still works, if a rotation overlaps.
+    pub previous_key_expires_at: Option<DateTime<Utc>>,
+    /// Until when callbacks are also signed with the previous secret.
+    pub previous_webhook_secret_expires_at: Option<DateTime<Utc>>,
+}
+
 /// One connection pool's use, for the `handset_db_pool_connections` gauges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolUsage {
@@ -85,7 +104,48 @@ pub trait Store: Send + Sync {
     /// products and name (used for the development partner).
     async fn upsert_partner(&self, partner: &NewPartner) -> Result<(), StoreError>;
 
-    async fn partner_by_key_hash(&self, api_key_hash: &str) -> Result<Option<Partner>, StoreError>;
+    /// The partner this key belongs to: its current key, or its previous
+    /// one while a rotation's overlap lasts (after `now`).
+    async fn partner_by_key_hash(
+        &self,
+        api_key_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<PartnerByKey>, StoreError>;
+
+    /// Every partner, oldest first, with the state of its rotations.
+    async fn partners(&self) -> Result<Vec<PartnerRecord>, StoreError>;
+
+    async fn partner(&self, id: Uuid) -> Result<Option<PartnerRecord>, StoreError>;
+
+    /// Gives the partner a new API key hash. With `previous_until`, the key
+    /// it had keeps working until then (replacing any earlier previous key);
+    /// without, the old key stops at once. False when no such partner exists.
+    async fn rotate_api_key(
+        &self,
+        id: Uuid,
+        api_key_hash: &str,
+        previous_until: Option<DateTime<Utc>>,
+    ) -> Result<bool, StoreError>;
+
+    /// Gives the partner a new webhook secret; with `previous_until`,
+    /// callbacks are signed with the old one too until then.
+    async fn rotate_webhook_secret(
+        &self,
+        id: Uuid,
+        webhook_secret: &str,
+        previous_until: Option<DateTime<Utc>>,
+    ) -> Result<bool, StoreError>;
+
+    /// Puts the partner's callbacks that gave up (`failed`) since `since`
+    /// back in the queue, due at `now`, with a fresh retry schedule (their
+    /// attempt log is kept; a body retention emptied cannot be sent and is
+    /// left alone). Returns their ids.
+    async fn requeue_failed_callbacks(
+        &self,
+        partner_id: Uuid,
+        since: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Uuid>, StoreError>;
 
     /// Keeps `cache` told of every change to partners made by any process
     /// (`PartnerCache::changed`) and of whether changes are being followed

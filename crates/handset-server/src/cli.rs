@@ -1,5 +1,6 @@
 //! The `handset` command line: `serve` (default), `migrate`, `health`,
-//! `openapi`, `partner ...`.
+//! `openapi`, `partner ...`, `callbacks ...`. Operator commands print JSON on
+//! stdout (logs go to stderr) and exit 1 with a message when refused.
 
 use std::path::PathBuf;
 
@@ -8,7 +9,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use clap::{Parser, Subcommand};
 use handset_core::model::{Partner, Product};
 use handset_core::secret::api_key_hash;
-use handset_core::store::NewPartner;
+use handset_core::store::{NewPartner, PartnerRecord};
 use rand::RngCore;
 use serde_json::json;
 use uuid::Uuid;
@@ -45,6 +46,25 @@ pub enum Command {
     /// Manage partner accounts.
     #[command(subcommand)]
     Partner(PartnerCommand),
+    /// Operate on callbacks.
+    #[command(subcommand)]
+    Callbacks(CallbacksCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CallbacksCommand {
+    /// Re-queue a partner's callbacks that gave up, with a fresh retry
+    /// schedule; prints {"partner_id","requeued","callback_ids"}.
+    Replay {
+        #[arg(long)]
+        partner: Uuid,
+        /// Replay callbacks that exhausted their retries (the only kind that can be).
+        #[arg(long)]
+        failed: bool,
+        /// Those that gave up within this long before now (e.g. 2h, 3d).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: std::time::Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -68,6 +88,25 @@ pub enum PartnerCommand {
         #[arg(long)]
         id: Uuid,
     },
+    /// Every partner, oldest first, as a JSON array (no secrets).
+    List,
+    /// One partner as JSON (no secrets).
+    Show { id: Uuid },
+    /// Issue a new API key; prints {"partner_id","api_key","previous_key_expires_at"}.
+    /// The old key keeps working for `--overlap` (default 0s: it stops at once).
+    RotateKey {
+        id: Uuid,
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        overlap: std::time::Duration,
+    },
+    /// Issue a new webhook secret; prints {"partner_id","webhook_secret",
+    /// "previous_webhook_secret_expires_at"}. For `--overlap` (default 0s)
+    /// callbacks carry a signature with each secret.
+    RotateWebhookSecret {
+        id: Uuid,
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        overlap: std::time::Duration,
+    },
 }
 
 pub type CliResult = Result<(), Box<dyn std::error::Error>>;
@@ -89,7 +128,61 @@ pub async fn run(cli: Cli) -> CliResult {
             Ok(())
         }
         Command::Partner(command) => partner(settings, command).await,
+        Command::Callbacks(command) => callbacks(settings, command).await,
     }
+}
+
+async fn callbacks(settings: Settings, command: CallbacksCommand) -> CliResult {
+    let store = open_store(&settings)?;
+    if settings.database.migrate_on_start {
+        store.migrate().await?;
+    }
+    match command {
+        CallbacksCommand::Replay { partner, failed, since } => {
+            if !failed {
+                return Err("only callbacks that gave up can be replayed: pass --failed".into());
+            }
+            if store.partner(partner).await?.is_none() {
+                return Err(format!("no partner {partner}").into());
+            }
+            let now = chrono::Utc::now();
+            let since = now - chrono::Duration::from_std(since).map_err(|_| "--since is too long")?;
+            let ids = store.requeue_failed_callbacks(partner, since, now).await?;
+            println!("{}", json!({ "partner_id": partner, "requeued": ids.len(), "callback_ids": ids }));
+        }
+    }
+    Ok(())
+}
+
+/// A partner as operators see it; never a secret.
+fn partner_json(record: &PartnerRecord) -> serde_json::Value {
+    let p = &record.partner;
+    json!({
+        "partner_id": p.id,
+        "name": p.name,
+        "products": p.products.iter().map(|product| product.as_str()).collect::<Vec<_>>(),
+        "active": p.active,
+        "created_at": p.created_at,
+        "previous_key_expires_at": record.previous_key_expires_at,
+        "previous_webhook_secret_expires_at": record.previous_webhook_secret_expires_at,
+    })
+}
+
+/// When an overlap of `overlap` from now ends, or `None` for no overlap.
+fn overlap_until(overlap: std::time::Duration) -> Result<Option<chrono::DateTime<chrono::Utc>>, String> {
+    if overlap.is_zero() {
+        return Ok(None);
+    }
+    let overlap = chrono::Duration::from_std(overlap).map_err(|_| "--overlap is too long".to_owned())?;
+    Ok(Some(chrono::Utc::now() + overlap))
+}
+
+fn new_api_key() -> String {
+    format!("hs_{}", URL_SAFE_NO_PAD.encode(random_bytes::<32>()))
+}
+
+fn new_webhook_secret() -> String {
+    format!("whsec_{}", STANDARD.encode(random_bytes::<32>()))
 }
 
 async fn health(settings: &Settings) -> CliResult {
@@ -142,8 +235,7 @@ async fn partner(settings: Settings, command: PartnerCommand) -> CliResult {
             if name.trim().is_empty() {
                 return Err("--name must not be empty".into());
             }
-            let api_key = format!("hs_{}", URL_SAFE_NO_PAD.encode(random_bytes::<32>()));
-            let webhook_secret = format!("whsec_{}", STANDARD.encode(random_bytes::<32>()));
+            let (api_key, webhook_secret) = (new_api_key(), new_webhook_secret());
             let partner = Partner {
                 id: Uuid::new_v4(),
                 name,
@@ -162,6 +254,33 @@ async fn partner(settings: Settings, command: PartnerCommand) -> CliResult {
                 return Err(format!("no partner {id}").into());
             }
             println!("{}", json!({ "partner_id": id, "active": active }));
+        }
+        PartnerCommand::List => {
+            let partners = store.partners().await?;
+            println!("{}", serde_json::Value::Array(partners.iter().map(partner_json).collect()));
+        }
+        PartnerCommand::Show { id } => {
+            let record = store.partner(id).await?.ok_or_else(|| format!("no partner {id}"))?;
+            println!("{}", partner_json(&record));
+        }
+        PartnerCommand::RotateKey { id, overlap } => {
+            let until = overlap_until(overlap)?;
+            let api_key = new_api_key();
+            if !store.rotate_api_key(id, &api_key_hash(&api_key), until).await? {
+                return Err(format!("no partner {id}").into());
+            }
+            println!("{}", json!({ "partner_id": id, "api_key": api_key, "previous_key_expires_at": until }));
+        }
+        PartnerCommand::RotateWebhookSecret { id, overlap } => {
+            let until = overlap_until(overlap)?;
+            let webhook_secret = new_webhook_secret();
+            if !store.rotate_webhook_secret(id, &webhook_secret, until).await? {
+                return Err(format!("no partner {id}").into());
+            }
+            println!(
+                "{}",
+                json!({ "partner_id": id, "webhook_secret": webhook_secret, "previous_webhook_secret_expires_at": until })
+            );
         }
     }
     Ok(())

@@ -5,7 +5,7 @@ use handset_core::model::{
     CallbackAttempt, CallbackRecord, CallbackState, OutboxMessage, Partner, PersonName, Product, ProviderName, Status,
     Transaction, TransactionResult, Verification,
 };
-use handset_core::store::StoreError;
+use handset_core::store::{PartnerByKey, PartnerRecord, StoreError};
 use serde_json::Value;
 use sqlx::types::Json;
 use uuid::Uuid;
@@ -38,6 +38,43 @@ impl TryFrom<PartnerRow> for Partner {
             webhook_secret: row.webhook_secret.into(),
             created_at: row.created_at,
         })
+    }
+}
+
+/// A partner with the state of its rotations (`PARTNER_SELECT`).
+#[derive(sqlx::FromRow)]
+pub(crate) struct PartnerRecordRow {
+    #[sqlx(flatten)]
+    partner: PartnerRow,
+    previous_api_key_expires_at: Option<DateTime<Utc>>,
+    previous_webhook_secret_expires_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<PartnerRecordRow> for PartnerRecord {
+    type Error = StoreError;
+
+    fn try_from(row: PartnerRecordRow) -> Result<Self, StoreError> {
+        Ok(PartnerRecord {
+            partner: row.partner.try_into()?,
+            previous_key_expires_at: row.previous_api_key_expires_at,
+            previous_webhook_secret_expires_at: row.previous_webhook_secret_expires_at,
+        })
+    }
+}
+
+/// A partner found by a key, and when that key stops working.
+#[derive(sqlx::FromRow)]
+pub(crate) struct PartnerByKeyRow {
+    #[sqlx(flatten)]
+    partner: PartnerRow,
+    key_expires_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<PartnerByKeyRow> for PartnerByKey {
+    type Error = StoreError;
+
+    fn try_from(row: PartnerByKeyRow) -> Result<Self, StoreError> {
+        Ok(PartnerByKey { partner: row.partner.try_into()?, key_expires_at: row.key_expires_at })
     }
 }
 

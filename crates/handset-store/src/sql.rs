@@ -10,14 +10,14 @@ use handset_core::model::{
 };
 use handset_core::partner_cache::PartnerCache;
 use handset_core::store::{
-    AfterAttempt, Claim, Finalization, IdempotencyBegin, IdempotencyClaim, LocalCodeAttempt, NewPartner, PoolUsage,
-    Store, StoreError,
+    AfterAttempt, Claim, Finalization, IdempotencyBegin, IdempotencyClaim, LocalCodeAttempt, NewPartner, PartnerByKey,
+    PartnerRecord, PoolUsage, Store, StoreError,
 };
 use sqlx::types::Json;
 use sqlx::{PgPool, SqlitePool};
 use uuid::Uuid;
 
-use crate::rows::{AttemptRow, OutboxRow, PartnerRow, TransactionRow, VerificationRow};
+use crate::rows::{AttemptRow, OutboxRow, PartnerByKeyRow, PartnerRecordRow, TransactionRow, VerificationRow};
 
 /// Postgres, the production store.
 #[derive(Clone)]
@@ -104,6 +104,9 @@ pub(crate) fn db(error: sqlx::Error) -> StoreError {
 }
 
 const PARTNER_COLUMNS: &str = "id, name, products, active, webhook_secret, created_at";
+/// `PARTNER_COLUMNS` and the state of the partner's rotations (`PartnerRecordRow`).
+const PARTNER_SELECT: &str = "id, name, products, active, webhook_secret, created_at, previous_api_key_expires_at, \
+     previous_webhook_secret_expires_at";
 
 const TRANSACTION_COLUMNS: &str = "id, verification_id, partner_id, product, provider, phone, birth_date, \
     status_code, created_at, updated_at, expires_at, attempts_used, max_attempts, code_hash, provider_ref, \
@@ -226,14 +229,100 @@ macro_rules! portable_store {
                 .await
             }
 
-            async fn partner_by_key_hash(&self, api_key_hash: &str) -> Result<Option<Partner>, StoreError> {
-                let row: Option<PartnerRow> =
-                    sqlx::query_as(&format!("SELECT {PARTNER_COLUMNS} FROM partners WHERE api_key_hash = $1"))
-                        .bind(api_key_hash)
+            async fn partner_by_key_hash(
+                &self,
+                api_key_hash: &str,
+                now: DateTime<Utc>,
+            ) -> Result<Option<PartnerByKey>, StoreError> {
+                let row: Option<PartnerByKeyRow> = sqlx::query_as(&format!(
+                    "SELECT {PARTNER_COLUMNS}, CASE WHEN api_key_hash = $1 THEN NULL \
+                     ELSE previous_api_key_expires_at END AS key_expires_at FROM partners \
+                     WHERE api_key_hash = $1 OR (previous_api_key_hash = $1 AND previous_api_key_expires_at > $2)"
+                ))
+                .bind(api_key_hash)
+                .bind(now)
+                .fetch_optional(self.readers())
+                .await
+                .map_err(db)?;
+                row.map(PartnerByKey::try_from).transpose()
+            }
+
+            async fn partners(&self) -> Result<Vec<PartnerRecord>, StoreError> {
+                let rows: Vec<PartnerRecordRow> =
+                    sqlx::query_as(&format!("SELECT {PARTNER_SELECT} FROM partners ORDER BY created_at, id"))
+                        .fetch_all(self.readers())
+                        .await
+                        .map_err(db)?;
+                rows.into_iter().map(PartnerRecord::try_from).collect()
+            }
+
+            async fn partner(&self, id: Uuid) -> Result<Option<PartnerRecord>, StoreError> {
+                let row: Option<PartnerRecordRow> =
+                    sqlx::query_as(&format!("SELECT {PARTNER_SELECT} FROM partners WHERE id = $1"))
+                        .bind(id)
                         .fetch_optional(self.readers())
                         .await
                         .map_err(db)?;
-                row.map(Partner::try_from).transpose()
+                row.map(PartnerRecord::try_from).transpose()
+            }
+
+            async fn rotate_api_key(
+                &self,
+                id: Uuid,
+                api_key_hash: &str,
+                previous_until: Option<DateTime<Utc>>,
+            ) -> Result<bool, StoreError> {
+                // SET reads the row as it was: the old hash becomes the previous one.
+                let done = sqlx::query(
+                    "UPDATE partners SET previous_api_key_hash = CASE WHEN $3 IS NULL THEN NULL ELSE api_key_hash END, \
+                     previous_api_key_expires_at = $3, api_key_hash = $2 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(api_key_hash)
+                .bind(previous_until)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn rotate_webhook_secret(
+                &self,
+                id: Uuid,
+                webhook_secret: &str,
+                previous_until: Option<DateTime<Utc>>,
+            ) -> Result<bool, StoreError> {
+                let done = sqlx::query(
+                    "UPDATE partners SET previous_webhook_secret = CASE WHEN $3 IS NULL THEN NULL ELSE webhook_secret END, \
+                     previous_webhook_secret_expires_at = $3, webhook_secret = $2 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(webhook_secret)
+                .bind(previous_until)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn requeue_failed_callbacks(
+                &self,
+                partner_id: Uuid,
+                since: DateTime<Utc>,
+                now: DateTime<Utc>,
+            ) -> Result<Vec<Uuid>, StoreError> {
+                let ids: Vec<(Uuid,)> = sqlx::query_as(
+                    "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = $3, finished_at = NULL, \
+                     lease_owner = NULL, lease_until = NULL \
+                     WHERE partner_id = $1 AND state = 'failed' AND finished_at >= $2 AND payload <> '' RETURNING id",
+                )
+                .bind(partner_id)
+                .bind(since)
+                .bind(now)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(ids.into_iter().map(|(id,)| id).collect())
             }
 
             async fn set_partner_active(&self, id: Uuid, active: bool) -> Result<bool, StoreError> {
@@ -447,24 +536,34 @@ macro_rules! portable_store {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(db)?;
-                let mut secrets: Vec<(Uuid, String)> = Vec::new();
+                // Each partner's secret, and its previous one while a rotation overlaps.
+                let mut secrets: Vec<(Uuid, String, Option<String>)> = Vec::new();
                 let mut claimed = Vec::with_capacity(rows.len());
                 for row in rows {
                     let partner_id = row.partner_id();
-                    let secret = match secrets.iter().find(|(id, _)| *id == partner_id) {
-                        Some((_, secret)) => secret.clone(),
+                    let (secret, previous) = match secrets.iter().find(|(id, ..)| *id == partner_id) {
+                        Some((_, secret, previous)) => (secret.clone(), previous.clone()),
                         None => {
-                            let secret: String = sqlx::query_scalar("SELECT webhook_secret FROM partners WHERE id = $1")
-                                .bind(partner_id)
-                                .fetch_one(&self.pool)
-                                .await
-                                .map_err(db)?;
-                            secrets.push((partner_id, secret.clone()));
-                            secret
+                            let (secret, previous): (String, Option<String>) = sqlx::query_as(
+                                "SELECT webhook_secret, CASE WHEN previous_webhook_secret_expires_at > $2 \
+                                 THEN previous_webhook_secret END FROM partners WHERE id = $1",
+                            )
+                            .bind(partner_id)
+                            .bind(claim.now)
+                            .fetch_one(&self.pool)
+                            .await
+                            .map_err(db)?;
+                            secrets.push((partner_id, secret.clone(), previous.clone()));
+                            (secret, previous)
                         }
                     };
                     // Attempts are counted when recorded, so a claim lost to a crash costs no retry.
-                    claimed.push(ClaimedCallback { message: row.message(), attempts_before: row.attempts, webhook_secret: secret.into() });
+                    claimed.push(ClaimedCallback {
+                        message: row.message(),
+                        attempts_before: row.attempts,
+                        webhook_secret: secret.into(),
+                        previous_webhook_secret: previous.map(Into::into),
+                    });
                 }
                 Ok(claimed)
             }

@@ -111,6 +111,7 @@ macro_rules! on_both_stores {
 on_both_stores!(
     migrations_are_idempotent,
     partners_by_key_hash,
+    key_rotation_overlaps,
     transactions_round_trip,
     attempts_stop_at_the_limit,
     concurrent_attempts_never_exceed_the_limit,
@@ -145,7 +146,7 @@ async fn migrations_are_idempotent(f: Fixture) {
 
 /// Every stored field of the partner, these transactions, their verifications and callbacks.
 async fn snapshot(f: &Fixture, ids: &[Uuid]) -> String {
-    let partner = f.store.partner_by_key_hash(&secret::api_key_hash("key-acme")).await.unwrap().unwrap();
+    let partner = by_key(f, "key-acme").await.unwrap();
     let mut out = format!("{partner:?} {}\n", partner.webhook_secret.expose());
     for id in ids {
         let tx = f.store.transaction(*id).await.unwrap().unwrap();
@@ -160,19 +161,55 @@ async fn snapshot(f: &Fixture, ids: &[Uuid]) -> String {
     out
 }
 
+/// The partner an API key authenticates now.
+async fn by_key(f: &Fixture, key: &str) -> Option<handset_core::Partner> {
+    let found = f.store.partner_by_key_hash(&secret::api_key_hash(key), chrono::Utc::now()).await.unwrap();
+    found.map(|found| found.partner)
+}
+
 async fn partners_by_key_hash(f: Fixture) {
-    let found = f.store.partner_by_key_hash(&secret::api_key_hash("key-acme")).await.unwrap().unwrap();
+    let found = by_key(&f, "key-acme").await.unwrap();
     assert_eq!(found.id, f.partner.id);
     assert_eq!(found.products, vec![Product::PossessionSms, Product::Identity]);
     assert!(found.active);
-    assert!(f.store.partner_by_key_hash(&secret::api_key_hash("other")).await.unwrap().is_none());
+    assert!(by_key(&f, "other").await.is_none());
 
     let same_key = NewPartner { partner: partner("copy"), api_key_hash: secret::api_key_hash("key-acme") };
     assert!(matches!(f.store.insert_partner(&same_key).await, Err(StoreError::Conflict(_))));
 
     assert!(f.store.set_partner_active(f.partner.id, false).await.unwrap());
-    assert!(!f.store.partner_by_key_hash(&secret::api_key_hash("key-acme")).await.unwrap().unwrap().active);
+    assert!(!by_key(&f, "key-acme").await.unwrap().active);
     assert!(!f.store.set_partner_active(Uuid::new_v4(), false).await.unwrap());
+}
+
+/// A rotated key's predecessor works until its overlap ends (by the `now`
+/// given), is reported with that end, and a rotation without overlap drops it.
+async fn key_rotation_overlaps(f: Fixture) {
+    let now = chrono::Utc::now();
+    let until = now + chrono::Duration::minutes(10);
+    let hash = secret::api_key_hash;
+    assert!(f.store.rotate_api_key(f.partner.id, &hash("key-2"), Some(until)).await.unwrap());
+    let current = f.store.partner_by_key_hash(&hash("key-2"), now).await.unwrap().unwrap();
+    assert_eq!((current.partner.id, current.key_expires_at), (f.partner.id, None));
+    let previous = f.store.partner_by_key_hash(&hash("key-acme"), now).await.unwrap().unwrap();
+    assert_eq!(previous.partner.id, f.partner.id);
+    assert_eq!(previous.key_expires_at.map(|t| t.timestamp_millis()), Some(until.timestamp_millis()));
+    assert!(f.store.partner_by_key_hash(&hash("key-acme"), until).await.unwrap().is_none(), "over at its end");
+    let record = f.store.partner(f.partner.id).await.unwrap().unwrap();
+    assert_eq!(record.previous_key_expires_at.map(|t| t.timestamp_millis()), Some(until.timestamp_millis()));
+    assert_eq!(f.store.partners().await.unwrap().len(), 1);
+
+    assert!(f.store.rotate_api_key(f.partner.id, &hash("key-3"), None).await.unwrap());
+    for old in ["key-acme", "key-2"] {
+        assert!(f.store.partner_by_key_hash(&hash(old), now).await.unwrap().is_none(), "{old}");
+    }
+    assert!(f.store.partner(f.partner.id).await.unwrap().unwrap().previous_key_expires_at.is_none());
+    assert!(!f.store.rotate_api_key(Uuid::new_v4(), &hash("key-4"), None).await.unwrap());
+
+    assert!(f.store.rotate_webhook_secret(f.partner.id, "whsec_bmV3", Some(until)).await.unwrap());
+    let record = f.store.partner(f.partner.id).await.unwrap().unwrap();
+    assert_eq!(record.partner.webhook_secret.expose(), "whsec_bmV3");
+    assert!(record.previous_webhook_secret_expires_at.is_some());
 }
 
 async fn transactions_round_trip(f: Fixture) {

@@ -12,11 +12,13 @@ impl Gateway {
             Some(partner) => Some(partner),
             None => {
                 let ticket = self.partners.before_read();
-                let read = self.store.partner_by_key_hash(&key_hash).await?;
-                if let Some(partner) = &read {
-                    self.partners.put(&key_hash, partner, ticket);
+                let now = self.now();
+                let read = self.store.partner_by_key_hash(&key_hash, now).await?;
+                if let Some(found) = &read {
+                    let expires_in = found.key_expires_at.map(|at| (at - now).to_std().unwrap_or_default());
+                    self.partners.put(&key_hash, &found.partner, expires_in, ticket);
                 }
-                read
+                read.map(|found| found.partner)
             }
         };
         let partner = found

@@ -61,9 +61,17 @@ impl Delivery {
         }
         let webhook_id = message.webhook_id();
         let timestamp = now.timestamp();
-        let signature =
+        // During a secret rotation's overlap, one signature per secret
+        // (space-separated, as Standard Webhooks allows): a receiver that
+        // knows either secret verifies the message.
+        let mut signature =
             webhook::sign(callback.webhook_secret.expose(), &webhook_id, timestamp, message.payload.as_bytes())
                 .map_err(|e| e.to_string())?;
+        if let Some(previous) = &callback.previous_webhook_secret {
+            let old = webhook::sign(previous.expose(), &webhook_id, timestamp, message.payload.as_bytes())
+                .map_err(|e| e.to_string())?;
+            signature = format!("{signature} {old}");
+        }
         let response = self
             .client
             .post(url.as_str())

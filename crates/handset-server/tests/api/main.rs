@@ -14,6 +14,7 @@ mod hardening;
 mod idempotency;
 mod idme;
 mod operations;
+mod operator_cli;
 mod processes;
 mod production;
 mod rate_limits;

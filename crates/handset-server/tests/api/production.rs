@@ -76,7 +76,13 @@ async fn production_has_no_sandbox_and_no_development_partner(kind: Kind) {
     // The development partner is refused by id: its row still holds the old
     // key, which config no longer names.
     production.start_sms("4155550123").await.assert_error(401, 1100);
-    let retired = development.store.partner_by_key_hash(&api_key_hash(DEV_KEY)).await.unwrap().unwrap();
+    let retired = development
+        .store
+        .partner_by_key_hash(&api_key_hash(DEV_KEY), chrono::Utc::now())
+        .await
+        .unwrap()
+        .unwrap()
+        .partner;
     assert!(!retired.active, "serve deactivated the development partner's row");
 
     // Nothing reaches the sandbox, even forced; real partners go to ID.me.
