@@ -113,8 +113,26 @@ pub type CliResult = Result<(), Box<dyn std::error::Error>>;
 
 pub async fn run(cli: Cli) -> CliResult {
     let settings = Settings::load(cli.config.as_deref())?;
-    telemetry::init_logging(cli.log_format.unwrap_or(settings.log.format), &settings.log.level);
+    let format = cli.log_format.unwrap_or(settings.log.format);
     match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            // Only the server exports traces; the other commands just log.
+            let export = telemetry::init_telemetry(format, &settings.log.level, Some(&settings.telemetry))?;
+            let served = serve(settings).await;
+            if let Some(export) = export {
+                export.shutdown();
+            }
+            served
+        }
+        command => {
+            telemetry::init_logging(format, &settings.log.level);
+            command_run(settings, command).await
+        }
+    }
+}
+
+async fn command_run(settings: Settings, command: Command) -> CliResult {
+    match command {
         Command::Serve => serve(settings).await,
         Command::Migrate => {
             open_store(&settings)?.migrate().await?;

@@ -9,6 +9,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use handset_core::{ApiError, ErrorCode};
 
+use tracing::Instrument;
+
 use crate::app::AppState;
 use crate::error::Failure;
 
@@ -16,7 +18,8 @@ const TOO_SLOW: &str = "The request took longer than the server allows; a change
     Retry with the same Idempotency-Key to get its answer";
 
 pub async fn detach(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let work = state.in_flight.spawn(next.run(request));
+    // The task carries the request's span, so its logs and provider calls stay under it.
+    let work = state.in_flight.spawn(next.run(request).instrument(tracing::Span::current()));
     match tokio::time::timeout(state.request_timeout, work).await {
         Ok(Ok(response)) => response,
         Ok(Err(error)) => {

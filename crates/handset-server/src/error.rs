@@ -13,6 +13,12 @@ use utoipa::ToSchema;
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorsOut {
     pub errors: Vec<ErrorOut>,
+    /// This request's id (also in the `x-request-id` header): quote it when
+    /// reporting the error. Added to every error answer on its way out
+    /// (`telemetry::observe`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -90,7 +96,10 @@ impl IntoResponse for Failure {
 
 pub fn error_response(error: &ApiError) -> Response {
     let status = StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body = ErrorsOut { errors: vec![ErrorOut { code: error.code.code(), message: error.message.to_string() }] };
+    let body = ErrorsOut {
+        errors: vec![ErrorOut { code: error.code.code(), message: error.message.to_string() }],
+        request_id: None,
+    };
     let mut response = (status, Json(body)).into_response();
     if error.recorded {
         response.extensions_mut().insert(Recorded);

@@ -42,6 +42,7 @@ impl FromRequestParts<AppState> for AuthPartner {
             .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN)
             .ok_or(ErrorCode::CredentialsUnknown)?;
         let partner = AuthPartner(state.gateway.authenticate(key).await?);
+        tracing::Span::current().record("partner_id", tracing::field::display(partner.0.id));
         parts.extensions.insert(partner.clone());
         Ok(partner)
     }

@@ -48,6 +48,7 @@ pub struct Settings {
     pub security: SecuritySettings,
     pub dev: DevSettings,
     pub log: LogSettings,
+    pub telemetry: TelemetrySettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -199,6 +200,23 @@ pub struct LogSettings {
     pub level: String,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// An OpenTelemetry collector's OTLP/HTTP base URL (`/v1/traces` is
+    /// appended); empty: traces are not exported.
+    pub otlp_endpoint: String,
+    pub otlp_protocol: OtlpProtocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum OtlpProtocol {
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    #[serde(rename = "http/json")]
+    HttpJson,
+}
+
 /// A list of humantime durations, as a TOML array or as one comma-separated
 /// string (how environment variables give lists).
 fn durations<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Duration>, D::Error> {
@@ -249,6 +267,10 @@ impl Settings {
         }
         if !self.server.public_url.is_empty() && url::Url::parse(&self.server.public_url).is_err() {
             return invalid(format!("server.public_url must be an absolute URL, got {:?}", self.server.public_url));
+        }
+        let otlp = &self.telemetry.otlp_endpoint;
+        if !otlp.is_empty() && !url::Url::parse(otlp).is_ok_and(|u| matches!(u.scheme(), "http" | "https")) {
+            return invalid(format!("telemetry.otlp_endpoint must be an http(s) URL, got {otlp:?}"));
         }
         if handset_store::Backend::of_url(self.database.url.expose()).is_none() {
             return invalid("database.url must start with sqlite: or postgres://".into());

@@ -1,19 +1,30 @@
-//! Logs and metrics: one structured line per request (request id, route,
-//! status, latency), Prometheus counters/histograms by route and status, and
-//! the HELP text of every `handset_*` metric (`describe_metrics`, the one
-//! list of them). Request bodies, phone numbers, keys and codes are never logged.
+//! Logs, traces and metrics: one structured line per request (request id,
+//! route, status, latency); a `request` span per request (request id, route,
+//! partner id) under which provider calls are child spans, exported over
+//! OTLP when `telemetry.otlp_endpoint` is set; the request id in the
+//! `x-request-id` header and in every error body; Prometheus counters and
+//! histograms, with the HELP text of every `handset_*` metric
+//! (`describe_metrics`, the one list of them). Request bodies, phone
+//! numbers, keys and codes are never logged or put in spans.
 
 use std::sync::OnceLock;
 use std::time::Instant;
 
+use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderValue, Method};
+use axum::http::{HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::Response;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::Instrument;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::settings::LogFormat;
+use crate::settings::{LogFormat, OtlpProtocol, TelemetrySettings};
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
@@ -21,13 +32,72 @@ const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 
 
 /// Installs the log subscriber once for the process. `RUST_LOG` wins over `level`.
 pub fn init_logging(format: LogFormat, level: &str) {
+    let _ = init_telemetry(format, level, None);
+}
+
+/// Spans exported over OTLP; `shutdown` sends what is still buffered.
+pub struct TraceExport(SdkTracerProvider);
+
+impl TraceExport {
+    pub fn shutdown(self) {
+        // The exporter's blocking HTTP client must not run on an async worker.
+        let provider = self.0;
+        let flushed = std::thread::spawn(move || provider.shutdown()).join();
+        if !matches!(flushed, Ok(Ok(()))) {
+            tracing::warn!("could not send the last spans to telemetry.otlp_endpoint");
+        }
+    }
+}
+
+/// Logs as `init_logging`, and, when `telemetry.otlp_endpoint` is set,
+/// spans exported to that collector (the caller keeps the `TraceExport` and
+/// shuts it down on exit).
+pub fn init_telemetry(
+    format: LogFormat,
+    level: &str,
+    telemetry: Option<&TelemetrySettings>,
+) -> Result<Option<TraceExport>, String> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
-        LogFormat::Text => builder.try_init(),
+    let logs = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).boxed(),
     };
+    let export = match telemetry.filter(|t| !t.otlp_endpoint.is_empty()) {
+        Some(settings) => Some(trace_export(settings)?),
+        None => None,
+    };
+    let traces = export.as_ref().map(|export| tracing_opentelemetry::layer().with_tracer(export.0.tracer("handset")));
+    let _ = tracing_subscriber::registry().with(filter).with(logs).with(traces).try_init();
+    Ok(export)
+}
+
+fn trace_export(settings: &TelemetrySettings) -> Result<TraceExport, String> {
+    crate::install_crypto_provider();
+    let endpoint = format!("{}/v1/traces", settings.otlp_endpoint.trim_end_matches('/').trim_end_matches("/v1/traces"));
+    let protocol = match settings.otlp_protocol {
+        OtlpProtocol::HttpProtobuf => Protocol::HttpBinary,
+        OtlpProtocol::HttpJson => Protocol::HttpJson,
+    };
+    // Built off the async runtime: the exporter's HTTP client is blocking.
+    std::thread::spawn(move || {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(protocol)
+            .with_endpoint(endpoint)
+            .build()
+            .map_err(|e| format!("telemetry.otlp_endpoint: {e}"))?;
+        let resource = opentelemetry_sdk::Resource::builder().with_service_name("handset").build();
+        let provider = SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build();
+        Ok(TraceExport(provider))
+    })
+    .join()
+    .map_err(|_| "telemetry.otlp_endpoint: the exporter could not be built".to_owned())?
 }
 
 /// The process-wide metrics recorder (installed on first use, so several apps
@@ -118,6 +188,33 @@ pub fn record_scrape_gauges(gateway: &handset_core::Gateway) {
     }
 }
 
+/// An error body (`{"errors":[...]}`) with `request_id` added, so a partner
+/// reporting an error hands over the id that finds its log line and trace.
+async fn with_request_id(response: Response, request_id: &str) -> Response {
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(response.status().is_client_error() || response.status().is_server_error()) || !is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // Error envelopes are small; anything larger is passed on untouched.
+    let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else {
+        return Response::from_parts(parts, Body::empty());
+    };
+    let body = match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(serde_json::Value::Object(mut envelope)) if envelope.contains_key("errors") => {
+            envelope.insert("request_id".into(), request_id.into());
+            parts.headers.remove(header::CONTENT_LENGTH);
+            serde_json::to_vec(&envelope).map(Body::from).unwrap_or_else(|_| Body::from(bytes))
+        }
+        _ => Body::from(bytes),
+    };
+    Response::from_parts(parts, body)
+}
+
 /// The method as a metrics label: one of a fixed set, or `other`, so made-up
 /// methods cannot grow `/metrics` without bound (unknown paths are likewise
 /// one `unmatched` route).
@@ -152,10 +249,22 @@ pub async fn observe(request: Request, next: Next) -> Response {
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = method_label(request.method());
+    // The request's span: handlers record `partner_id` once the key is known;
+    // provider calls and the work a request starts are its children.
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        method,
+        route = %route,
+        partner_id = tracing::field::Empty,
+        status = tracing::field::Empty
+    );
 
-    let mut response = next.run(request).await;
+    let response = next.run(request).instrument(span.clone()).await;
+    let mut response = with_request_id(response, &request_id).await;
 
     let latency = started.elapsed();
+    span.record("status", response.status().as_u16());
     let status = response.status().as_u16();
     let labels = [("method", method.to_owned()), ("route", route.clone()), ("status", status.to_string())];
     metrics::counter!("handset_http_requests_total", &labels).increment(1);

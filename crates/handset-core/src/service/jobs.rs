@@ -27,7 +27,8 @@ impl Gateway {
         let mut polls = tokio::task::JoinSet::new();
         for tx in due {
             let gateway = self.clone();
-            polls.spawn(async move { gateway.poll_one(tx).await });
+            let span = tracing::info_span!("poll_result", transaction_id = %tx.id, provider = tx.provider.as_str());
+            polls.spawn(tracing::Instrument::instrument(async move { gateway.poll_one(tx).await }, span));
         }
         let mut settled = 0;
         while let Some(joined) = polls.join_next().await {

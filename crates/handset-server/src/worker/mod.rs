@@ -17,6 +17,7 @@ use handset_core::store::{AfterAttempt, Claim, Store};
 use rand::Rng;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use self::delivery::Delivery;
 
@@ -193,7 +194,15 @@ impl Runner {
         for callback in claimed {
             let (delivery, store, owner) = (self.delivery.clone(), self.store.clone(), self.owner.clone());
             let schedule = self.settings.retry_schedule.clone();
-            deliveries.spawn(async move { deliver_one(&delivery, store.as_ref(), &owner, &schedule, callback).await });
+            let span = tracing::info_span!(
+                "deliver_callback",
+                transaction_id = %callback.message.transaction_id,
+                webhook_id = %callback.message.webhook_id()
+            );
+            deliveries.spawn(
+                async move { deliver_one(&delivery, store.as_ref(), &owner, &schedule, callback).await }
+                    .instrument(span),
+            );
         }
         while let Some(joined) = deliveries.join_next().await {
             match joined {

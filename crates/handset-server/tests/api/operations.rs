@@ -59,6 +59,18 @@ async fn health_ready_and_metrics(app: TestApp) {
     let tagged = app.send(app.client.get(app.url("/health")).header("x-request-id", "abc-123")).await;
     assert_eq!(tagged.headers["x-request-id"], "abc-123");
     assert!(!app.send(app.client.get(app.url("/health"))).await.headers["x-request-id"].is_empty());
+    // Every error body names its request.
+    let refused = app
+        .send(app.client.get(app.url("/v1/transactions/nope")).bearer_auth(DEV_KEY).header("x-request-id", "err-1"))
+        .await;
+    refused.assert_error(404, 4100);
+    assert_eq!(
+        (refused.headers["x-request-id"].to_str().unwrap(), &refused.body["request_id"]),
+        ("err-1", &json!("err-1"))
+    );
+    let unauthorised = app.send(app.client.post(app.url("/v1/possession")).json(&json!({}))).await;
+    unauthorised.assert_error(401, 1100);
+    assert_eq!(unauthorised.body["request_id"], unauthorised.headers["x-request-id"].to_str().unwrap());
 
     app.db.destroy().await;
     if app.kind == Kind::Postgres {

@@ -213,3 +213,137 @@ async fn sigterm_drains_with_ready_503() {
     let exit = server.wait().await;
     assert!(exit.success(), "clean exit after the drain: {exit:?}");
 }
+
+/// Each export a collector got: its content type and body.
+type Exports = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// A stand-in OpenTelemetry collector: keeps every OTLP/HTTP export it gets.
+struct Collector {
+    base: String,
+    exports: Exports,
+}
+
+impl Collector {
+    async fn start() -> Collector {
+        use axum::http::HeaderMap;
+        let exports: Exports = Default::default();
+        let kept = exports.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+                let kept = kept.clone();
+                async move {
+                    let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+                    kept.lock().unwrap().push((content_type.to_owned(), body.to_vec()));
+                    "{}"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Collector { base, exports }
+    }
+
+    fn exports(&self) -> Vec<(String, Vec<u8>)> {
+        self.exports.lock().unwrap().clone()
+    }
+}
+
+/// Every span of OTLP/JSON exports, with its attributes as plain strings.
+fn spans(exports: &[(String, Vec<u8>)]) -> Vec<(Value, std::collections::HashMap<String, String>)> {
+    let mut found = Vec::new();
+    for (_, body) in exports {
+        let export: Value = serde_json::from_slice(body).expect("OTLP/JSON");
+        for resource in export["resourceSpans"].as_array().into_iter().flatten() {
+            for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
+                for span in scope["spans"].as_array().into_iter().flatten() {
+                    let attributes = span["attributes"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|a| {
+                            let value = &a["value"];
+                            let text = value["stringValue"].as_str().map(str::to_owned).unwrap_or_else(|| {
+                                value
+                                    .as_object()
+                                    .and_then(|o| o.values().next())
+                                    .map(|v| v.to_string())
+                                    .unwrap_or_default()
+                            });
+                            (a["key"].as_str().unwrap().to_owned(), text)
+                        })
+                        .collect();
+                    found.push((span.clone(), attributes));
+                }
+            }
+        }
+    }
+    found
+}
+
+/// With `telemetry.otlp_endpoint`, each request is a span (request id, route,
+/// partner id) and its provider call a child span (provider, product,
+/// outcome); what is buffered is sent when the process stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_are_exported_over_otlp() {
+    let collector = Collector::start().await;
+    let db = TestDatabase::new(Kind::Sqlite).await;
+    let server = Server::start(
+        &db,
+        &[
+            ("HANDSET__TELEMETRY__OTLP_ENDPOINT", collector.base.as_str()),
+            ("HANDSET__TELEMETRY__OTLP_PROTOCOL", "http/json"),
+            ("RUST_LOG", "info"),
+        ],
+    )
+    .await;
+    let client = crate::helpers::http_client();
+    let started = client
+        .post(format!("{}/v1/possession", server.base))
+        .bearer_auth(DEV_KEY)
+        .header("x-request-id", "trace-me-1")
+        .json(&serde_json::json!({"phone": "4155550123"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 201);
+    server.signal("-TERM");
+    assert!(server.wait().await.success());
+
+    let exports = collector.exports();
+    assert!(exports.iter().all(|(content_type, _)| content_type.starts_with("application/json")), "{exports:?}");
+    let spans = spans(&exports);
+    let (request, attributes) = spans
+        .iter()
+        .find(|(span, a)| span["name"] == "request" && a.get("request_id").map(String::as_str) == Some("trace-me-1"))
+        .unwrap_or_else(|| panic!("no request span in {spans:?}"));
+    assert_eq!(attributes["route"], "/v1/possession");
+    assert_eq!(attributes["partner_id"], handset_server::app::DEV_PARTNER_ID.to_string(), "{attributes:?}");
+    let (call, call_attributes) = spans
+        .iter()
+        .find(|(span, _)| span["name"] == "provider_call" && span["traceId"] == request["traceId"])
+        .unwrap_or_else(|| panic!("no provider call in the request's trace: {spans:?}"));
+    assert_eq!(call["parentSpanId"], request["spanId"], "a child of the request");
+    assert_eq!(call_attributes["provider"], "sandbox");
+    assert_eq!(call_attributes["product"], "possession.sms");
+    assert_eq!(call_attributes["outcome"], "answered");
+    let body = String::from_utf8_lossy(&exports.iter().flat_map(|(_, b)| b.clone()).collect::<Vec<_>>()).into_owned();
+    assert!(!body.contains("4155550123") && !body.contains("hs_dev_sandbox_key"), "no phone or key in spans");
+}
+
+/// The default protocol is OTLP's protobuf over HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_default_to_otlp_protobuf() {
+    let collector = Collector::start().await;
+    let db = TestDatabase::new(Kind::Sqlite).await;
+    let server =
+        Server::start(&db, &[("HANDSET__TELEMETRY__OTLP_ENDPOINT", collector.base.as_str()), ("RUST_LOG", "info")])
+            .await;
+    server.post("/v1/possession", &serde_json::json!({"phone": "4155550123"})).await;
+    server.signal("-TERM");
+    assert!(server.wait().await.success());
+    let exports = collector.exports();
+    assert!(!exports.is_empty(), "spans were sent");
+    assert!(exports.iter().all(|(content_type, body)| content_type == "application/x-protobuf" && !body.is_empty()));
+}
