@@ -7,7 +7,7 @@
 # $1) and the two Python tools (.ci/run installs them).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-bin="${1:-$root/target/debug}/handset"
+bin="$(cd "${1:-$root/target/debug}" && pwd)/handset"
 port="${HANDSET_CONTRACT_PORT:-18080}"
 work=$(mktemp -d)
 server=""
