@@ -67,6 +67,7 @@ pub async fn start(
         (status = 401, body = ErrorsOut), (status = 403, body = ErrorsOut), (status = 404, body = ErrorsOut),
         (status = 408, description = "3909: the body did not arrive within server.body_read_timeout", body = ErrorsOut),
         (status = 422, description = "3102 wrong code, 3103 expired, 3104 attempts used up, 3105 not a possession check", body = ErrorsOut),
+        (status = 503, description = "5001: the provider that sent the code cannot check it now; retry", body = ErrorsOut),
     ),
     security(("bearer" = []))
 )]
