@@ -178,6 +178,11 @@ pub trait Store: Send + Sync {
     /// database, not the caller, guarantees the limit under concurrency.
     async fn use_attempt(&self, id: Uuid, now: DateTime<Utc>) -> Result<Option<i32>, StoreError>;
 
+    /// Gives back an attempt `use_attempt` took, when the code it was taken
+    /// for never reached the provider; false when the transaction is no
+    /// longer pending (nothing written).
+    async fn refund_attempt(&self, id: Uuid) -> Result<bool, StoreError>;
+
     /// Uses one attempt of a pending, unexpired transaction and applies what
     /// the code decides, as one conditional write: success, the last wrong
     /// code (final 300), or a wrong code with attempts left (still pending).

@@ -413,6 +413,18 @@ macro_rules! portable_store {
                 .map_err(db)
             }
 
+            async fn refund_attempt(&self, id: Uuid) -> Result<bool, StoreError> {
+                let done = sqlx::query(
+                    "UPDATE transactions SET attempts_used = attempts_used - 1 \
+                     WHERE id = $1 AND status_code = 210 AND attempts_used > 0",
+                )
+                .bind(id)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(done.rows_affected() == 1)
+            }
+
             async fn attempt_local_code(
                 &self,
                 a: LocalCodeAttempt<'_>,

@@ -56,7 +56,10 @@ impl Gateway {
             let Some(used) = self.store.use_attempt(tx.id, now).await? else {
                 continue;
             };
-            let (checked, reference) = self.provider_check(&tx, code).await?;
+            let (checked, reference) = match self.provider_check(&tx, code).await {
+                Ok(checked) => checked,
+                Err(error) => return Err(self.unchecked_code(&mut tx, used, error).await),
+            };
             tx.provider_ref = reference;
             let mut tx = Transaction { attempts_used: used, ..tx };
             if let Some(renewed) = checked.provider_ref {
@@ -93,6 +96,35 @@ impl Gateway {
             }
         }
         Err(GatewayError::Internal("confirm did not settle after 3 reads".into()))
+    }
+
+    /// A code the provider could not check. When nothing reached it
+    /// (unavailable, refused credentials) the attempt is given back: the
+    /// user did not spend a guess, and the answer (503 or 500) leaves the
+    /// check as it was, so a retry runs again. When the request may have
+    /// reached it (no answer after sending), the attempt stays spent; if it
+    /// was the last, the check ends as failed with 5001, as the answer says,
+    /// instead of staying pending with no attempt left.
+    async fn unchecked_code(&self, tx: &mut Transaction, used: i32, error: GatewayError) -> GatewayError {
+        let refunded = match &error {
+            GatewayError::Provider(ProviderError::Unavailable { .. } | ProviderError::Misconfigured { .. }) => {
+                self.store.refund_attempt(tx.id).await
+            }
+            _ => Ok(false),
+        };
+        if let Err(store) = refunded {
+            tracing::error!(transaction_id = %tx.id, error = %store, "could not give back an unused attempt");
+        }
+        if matches!(error, GatewayError::Provider(ProviderError::Failed { .. })) && used >= tx.max_attempts {
+            tx.attempts_used = used;
+            let ended =
+                ResultError { message: AMBIGUOUS_CHECK.into(), ..ResultError::new(ErrorCode::ProvidersUnavailable) };
+            if let Err(store) = self.finish(tx, Status::Failed, TransactionResult::failure(ended)).await {
+                tracing::error!(transaction_id = %tx.id, error = %store, "could not end a check with no attempt left");
+            }
+            return ApiError::with_message(ErrorCode::ProvidersUnavailable, AMBIGUOUS_CHECK).recorded().into();
+        }
+        error
     }
 
     /// Applies a code handset checked itself (`matched` against the stored
@@ -198,6 +230,10 @@ impl Gateway {
         Ok(self.apply_renewed(tx, renewed).await?.ok_or_else(not_found)?)
     }
 }
+
+/// Why a check ended when the provider did not answer its last code.
+const AMBIGUOUS_CHECK: &str =
+    "The provider did not answer the check of the last code; no attempt is left, so the check has ended";
 
 /// The answer to a confirm on a transaction that already failed: 3104 after
 /// the attempts ran out, 3103 after its deadline, else 3105.

@@ -263,6 +263,45 @@ async fn idme_down_or_hanging(kind: Kind) {
     assert!(!pending.lines().any(|s| s == "210"));
 }
 
+async fn attempts_remaining(app: &TestApp, id: &str) -> Value {
+    app.transaction(id).await.body["next_action"]["attempts_remaining"].clone()
+}
+
+/// A code ID.me could not check costs the user no attempt when nothing
+/// reached ID.me; when the last attempt's check went unanswered, the check
+/// ends (final 300 5001) rather than staying pending with nothing left.
+async fn unchecked_codes_cost_no_attempt(kind: Kind) {
+    let sim = sim(false).await;
+    let app = app_for(
+        kind,
+        &sim,
+        &[("HANDSET__PROVIDERS__IDME__TIMEOUT", "300ms"), ("HANDSET__POSSESSION__MAX_ATTEMPTS", "2")],
+    )
+    .await;
+    let id = app.post("/v1/possession", json!({"phone": "4155550123", "provider": "idme"})).await.id();
+    sim.set_faults(Faults { error_rate: 1.0, ..Faults::default() });
+    for _ in 0..3 {
+        app.confirm(&id, "123123").await.assert_error(503, 5001);
+    }
+    assert_eq!(attempts_remaining(&app, &id).await, 2, "unavailable checks used no attempt");
+    sim.set_faults(Faults::default());
+    app.confirm(&id, "000000").await.assert_error(422, 3102);
+    assert_eq!(attempts_remaining(&app, &id).await, 1);
+    // A check that timed out reached nothing that counts here: given back too
+    // (ID.me still counts its own attempts and ends the check at its limit).
+    sim.set_faults(Faults { hang: true, ..Faults::default() });
+    app.confirm(&id, "123123").await.assert_error(503, 5001);
+    assert_eq!(attempts_remaining(&app, &id).await, 1);
+    // The last attempt's check gets an answer that decides nothing (a 404
+    // for a check ID.me should know): the attempt is spent, so the check ends.
+    sim.set_faults(Faults { error_rate: 1.0, error_status: Some(404), ..Faults::default() });
+    let unanswered = app.confirm(&id, "123123").await;
+    unanswered.assert_error(503, 5001);
+    let ended = app.transaction(&id).await.body;
+    assert_eq!(ended["status"]["code"], 300, "{ended}");
+    assert_eq!(ended["result"]["errors"][0]["code"], 5001, "{ended}");
+}
+
 /// Routing from config: ID.me first, the sandbox when ID.me is unavailable.
 async fn routing_falls_back_when_idme_is_down(kind: Kind) {
     let sim = sim(false).await;
@@ -305,6 +344,7 @@ crate::on_both_kinds!(
     webhook_is_authenticated,
     rejected_credentials_are_our_error,
     idme_down_or_hanging,
+    unchecked_codes_cost_no_attempt,
     routing_falls_back_when_idme_is_down,
     the_breaker_lets_one_probe_through_after_open_for,
     late_or_incomplete_results_do_not_succeed,
