@@ -297,9 +297,8 @@ macro_rules! minimal_flow {
     }};
 }
 
-/// The database's ceiling: the minimal SQL of a flow, `concurrency` at a time.
-async fn minimal_sql(db: &TestDatabase, args: &Args) -> Run {
-    // The schema and the development partner, as the app creates them at start.
+/// The schema and the development partner, as the app creates them at start.
+async fn prepare(db: &TestDatabase) {
     let setup = Settings::load_with(
         None,
         Some(vec![
@@ -310,6 +309,11 @@ async fn minimal_sql(db: &TestDatabase, args: &Args) -> Run {
     )
     .expect("settings");
     drop(Application::build(setup).await.expect("prepare the database"));
+}
+
+/// The database's ceiling: the minimal SQL of a flow, `concurrency` at a time.
+async fn minimal_sql(db: &TestDatabase, args: &Args) -> Run {
+    prepare(db).await;
     let connections = args.concurrency.max(2) as u32;
     match db.kind {
         Kind::Postgres => {
@@ -347,6 +351,82 @@ async fn minimal_sql(db: &TestDatabase, args: &Args) -> Run {
             .await
         }
     }
+}
+
+/// SQLite's own ceiling: the same two transactions through one rusqlite
+/// connection on a thread of its own, one flow after another, with nothing
+/// in between (no async runtime, no driver thread to hand statements to).
+async fn sqlite_direct(db: &TestDatabase, args: &Args) -> Run {
+    prepare(db).await;
+    let path = db.url.trim_start_matches("sqlite://").split('?').next().unwrap_or_default().to_owned();
+    let flows = args.flows;
+    tokio::task::spawn_blocking(move || direct_flows(&path, flows)).await.expect("the direct run")
+}
+
+fn direct_flows(path: &str, flows: usize) -> Run {
+    use rusqlite::params;
+    let conn = rusqlite::Connection::open(path).expect("open the database");
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000;")
+        .expect("pragmas");
+    let time = |t: chrono::DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let started = Instant::now();
+    let mut latencies = Vec::with_capacity(flows);
+    let mut failures = 0;
+    for _ in 0..flows {
+        let flow = Instant::now();
+        let one = || -> rusqlite::Result<()> {
+            let (id, verification, now) = (Uuid::new_v4(), Uuid::new_v4(), Utc::now());
+            conn.execute_batch("BEGIN IMMEDIATE")?;
+            conn.prepare_cached("INSERT INTO verifications (id, partner_id, created_at) VALUES (?1, ?2, ?3)")?
+                .execute(params![verification.as_bytes(), DEV_PARTNER_ID.as_bytes(), time(now)])?;
+            conn.prepare_cached(
+                "INSERT INTO transactions (id, verification_id, partner_id, product, provider, phone, status_code, \
+                 created_at, updated_at, expires_at, max_attempts, code_hash, callback_url, metadata) \
+                 VALUES (?1, ?2, ?3, 'possession.sms', 'sandbox', '+14155550123', 210, ?4, ?4, ?5, 5, ?6, ?7, '{}')",
+            )?
+            .execute(params![
+                id.as_bytes(),
+                verification.as_bytes(),
+                DEV_PARTNER_ID.as_bytes(),
+                time(now),
+                time(now + chrono::Duration::minutes(10)),
+                code_hash(DEVELOPMENT_CODE_PEPPER.as_bytes(), id, "123123"),
+                CALLBACK_URL
+            ])?;
+            conn.execute_batch("COMMIT")?;
+            let now = Utc::now();
+            conn.execute_batch("BEGIN IMMEDIATE")?;
+            let _: (Option<String>, i32) = conn
+                .prepare_cached("SELECT code_hash, attempts_used FROM transactions WHERE id = ?1")?
+                .query_row(params![id.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            conn.prepare_cached(
+                "UPDATE transactions SET status_code = 200, attempts_used = attempts_used + 1, result = ?2, \
+                 updated_at = ?3 WHERE id = ?1",
+            )?
+            .execute(params![id.as_bytes(), r#"{"phone":"+14155550123"}"#, time(now)])?;
+            conn.prepare_cached(
+                "INSERT INTO outbox (id, transaction_id, partner_id, callback_url, payload, created_at, next_attempt_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+            )?
+            .execute(params![
+                Uuid::new_v4().as_bytes(),
+                id.as_bytes(),
+                DEV_PARTNER_ID.as_bytes(),
+                CALLBACK_URL,
+                r#"{"status":{"code":200}}"#,
+                time(now)
+            ])?;
+            conn.execute_batch("COMMIT")
+        };
+        match one() {
+            Ok(()) => latencies.push(flow.elapsed()),
+            Err(_) => {
+                failures += 1;
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+        }
+    }
+    Run { wall: started.elapsed(), latencies, failures }
 }
 
 /// `handset serve` as a process of its own (its memory is measured), with
@@ -465,6 +545,13 @@ async fn main() {
             row(name, &format!("handset, cache {}", args.partner_cache_ttl), compared);
         }
         row(name, "minimal SQL (ceiling)", &ceiling);
+        let direct = match kind {
+            Kind::Sqlite => Some(sqlite_direct(&TestDatabase::new(kind).await, &args).await),
+            Kind::Postgres => None,
+        };
+        if let Some(direct) = &direct {
+            row(name, "minimal SQL, direct", direct);
+        }
         row(name, &format!("handset at {half:.0}/s"), &paced);
         let ratio = |run: &Run| run.per_second() / ceiling.per_second();
         match &compared {
@@ -475,6 +562,12 @@ async fn main() {
                 args.partner_cache_ttl
             ),
             None => println!("{name:<9} handset reaches {:.2}x of the ceiling", ratio(&gateway)),
+        }
+        if let Some(direct) = &direct {
+            println!(
+                "{name:<9} handset reaches {:.2}x of SQLite itself (one rusqlite connection, no driver thread)",
+                gateway.per_second() / direct.per_second()
+            );
         }
         if args.in_flight > 0 {
             let (run, peak) = in_flight_run(kind, &args).await;
