@@ -98,31 +98,40 @@ impl Gateway {
         Err(GatewayError::Internal("confirm did not settle after 3 reads".into()))
     }
 
-    /// A code the provider could not check. When nothing reached it
-    /// (unavailable, refused credentials) the attempt is given back: the
-    /// user did not spend a guess, and the answer (503 or 500) leaves the
-    /// check as it was, so a retry runs again. When the request may have
-    /// reached it (no answer after sending), the attempt stays spent; if it
-    /// was the last, the check ends as failed with 5001, as the answer says,
+    /// A code the provider did not decide. Given back when the provider
+    /// gave no usable answer or refused to check (`Unavailable`, which
+    /// adapters also use for a check that timed out or met a 5xx;
+    /// `Misconfigured`; `Rejected`, e.g. its rate limit): the user is not
+    /// charged for handset's or the provider's trouble, the answer leaves the
+    /// check as it was, and a provider that did count the code still enforces
+    /// its own limit. Kept when the provider answered without deciding
+    /// (`Failed`: a status or body that is not a verdict); if that was the
+    /// last attempt, the check ends as failed with 5001, as the answer says,
     /// instead of staying pending with no attempt left.
     async fn unchecked_code(&self, tx: &mut Transaction, used: i32, error: GatewayError) -> GatewayError {
-        let refunded = match &error {
-            GatewayError::Provider(ProviderError::Unavailable { .. } | ProviderError::Misconfigured { .. }) => {
-                self.store.refund_attempt(tx.id).await
-            }
-            _ => Ok(false),
-        };
-        if let Err(store) = refunded {
+        let given_back = matches!(
+            error,
+            GatewayError::Provider(
+                ProviderError::Unavailable { .. } | ProviderError::Misconfigured { .. } | ProviderError::Rejected(_)
+            )
+        );
+        if given_back && let Err(store) = self.store.refund_attempt(tx.id).await {
             tracing::error!(transaction_id = %tx.id, error = %store, "could not give back an unused attempt");
         }
         if matches!(error, GatewayError::Provider(ProviderError::Failed { .. })) && used >= tx.max_attempts {
             tx.attempts_used = used;
             let ended =
                 ResultError { message: AMBIGUOUS_CHECK.into(), ..ResultError::new(ErrorCode::ProvidersUnavailable) };
-            if let Err(store) = self.finish(tx, Status::Failed, TransactionResult::failure(ended)).await {
-                tracing::error!(transaction_id = %tx.id, error = %store, "could not end a check with no attempt left");
+            match self.finish(tx, Status::Failed, TransactionResult::failure(ended)).await {
+                Ok(true) => {
+                    return ApiError::with_message(ErrorCode::ProvidersUnavailable, AMBIGUOUS_CHECK).recorded().into();
+                }
+                // Another request ended it first: its outcome stands.
+                Ok(false) => {}
+                Err(store) => {
+                    tracing::error!(transaction_id = %tx.id, error = %store, "could not end a check with no attempt left");
+                }
             }
-            return ApiError::with_message(ErrorCode::ProvidersUnavailable, AMBIGUOUS_CHECK).recorded().into();
         }
         error
     }

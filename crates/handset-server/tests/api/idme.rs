@@ -287,10 +287,13 @@ async fn unchecked_codes_cost_no_attempt(kind: Kind) {
     sim.set_faults(Faults::default());
     app.confirm(&id, "000000").await.assert_error(422, 3102);
     assert_eq!(attempts_remaining(&app, &id).await, 1);
-    // A check that timed out reached nothing that counts here: given back too
-    // (ID.me still counts its own attempts and ends the check at its limit).
+    // A check that timed out, or that ID.me refused to make (its rate
+    // limit), is given back too (ID.me still counts its own attempts).
     sim.set_faults(Faults { hang: true, ..Faults::default() });
     app.confirm(&id, "123123").await.assert_error(503, 5001);
+    assert_eq!(attempts_remaining(&app, &id).await, 1);
+    sim.set_faults(Faults { error_rate: 1.0, error_status: Some(429), ..Faults::default() });
+    assert_eq!(app.confirm(&id, "123123").await.status, 429);
     assert_eq!(attempts_remaining(&app, &id).await, 1);
     // The last attempt's check gets an answer that decides nothing (a 404
     // for a check ID.me should know): the attempt is spent, so the check ends.
