@@ -149,9 +149,9 @@ pub trait Store: Send + Sync {
 
     /// Keeps `cache` told of every change to partners made by any process
     /// (`PartnerCache::changed`) and of whether changes are being followed
-    /// at all (`set_following`), until the store is closed. A store that
-    /// cannot announce changes across processes returns at once, so the
-    /// cache serves nothing.
+    /// at all (`set_following`); runs until its task is aborted (the server
+    /// does so at shutdown). A store that cannot announce changes across
+    /// processes returns at once, so the cache serves nothing.
     async fn follow_partner_changes(&self, _cache: &crate::partner_cache::PartnerCache) {}
 
     /// Returns false when no such partner exists.

@@ -917,6 +917,8 @@ fn owed<'a>(a: &LocalCodeAttempt<'a>, status: Status) -> Option<&'a OutboxMessag
 }
 
 mod pg {
+    use std::time::Duration;
+
     use super::*;
     portable_store!(PgStore, "../../migrations/postgres", "FOR UPDATE SKIP LOCKED");
 
@@ -929,6 +931,8 @@ mod pg {
 
     /// The channel the `partners` table's trigger notifies (migration 0006).
     const PARTNER_CHANNEL: &str = "handset_partners";
+    /// The payload of the listener's own heartbeat (the trigger's is empty).
+    const PING: &str = "ping";
 
     impl PgStore {
         /// Listens on `PARTNER_CHANNEL` over a connection of its own (outside
@@ -939,28 +943,60 @@ mod pg {
             let options = (*self.pool.connect_options()).clone();
             let own = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(1)
-                .acquire_timeout(std::time::Duration::from_secs(5))
+                .acquire_timeout(Duration::from_secs(5))
                 .connect_lazy_with(options);
-            while !self.pool.is_closed() {
+            let mut pause = Duration::from_secs(1);
+            loop {
                 match listen(&own).await {
                     Ok(mut listener) => {
                         cache.set_following(true);
+                        pause = Duration::from_secs(1);
                         tracing::debug!("following partner changes");
-                        // `Ok(None)`: the connection was lost (the listener is
-                        // set not to reconnect by itself, so nothing is missed unseen).
-                        while let Ok(Some(_)) = listener.try_recv().await {
-                            cache.changed();
-                        }
+                        self.hear_changes(&mut listener, cache).await;
                         cache.set_following(false);
                         tracing::warn!(
                             "lost the partner-change listener; partners are read from the database until it is back"
                         );
                     }
                     Err(error) => {
-                        tracing::warn!(%error, "cannot listen for partner changes yet; partners are read from the database")
+                        tracing::warn!(%error, "cannot listen for partner changes yet; partners are read from the database");
+                        pause = (pause * 2).min(Duration::from_secs(30));
                     }
                 }
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                tokio::time::sleep(pause).await;
+            }
+        }
+
+        /// Empties the cache at each announced change until the listening
+        /// connection is lost. A connection can die without a word (a dropped
+        /// NAT entry, a pooler that does not keep LISTEN): after
+        /// `HEARTBEAT` of quiet, a ping is announced through the request pool
+        /// and must be heard within `ECHO_WAIT`, else the listener counts as lost.
+        async fn hear_changes(&self, listener: &mut sqlx::postgres::PgListener, cache: &PartnerCache) {
+            const HEARTBEAT: Duration = Duration::from_secs(10);
+            const ECHO_WAIT: Duration = Duration::from_secs(5);
+            let heard = |notification: sqlx::postgres::PgNotification| {
+                if notification.payload() != PING {
+                    cache.changed();
+                }
+            };
+            loop {
+                match tokio::time::timeout(HEARTBEAT, listener.try_recv()).await {
+                    // `Ok(None)`: the connection was lost (the listener is
+                    // set not to reconnect by itself, so nothing is missed unseen).
+                    Ok(Ok(Some(notification))) => heard(notification),
+                    Ok(_) => return,
+                    Err(_quiet) => {
+                        let ping = sqlx::query("SELECT pg_notify($1, $2)").bind(PARTNER_CHANNEL).bind(PING);
+                        if ping.execute(&self.pool).await.is_err() {
+                            return;
+                        }
+                        match tokio::time::timeout(ECHO_WAIT, listener.try_recv()).await {
+                            Ok(Ok(Some(notification))) => heard(notification),
+                            _ => return,
+                        }
+                    }
+                }
             }
         }
 
