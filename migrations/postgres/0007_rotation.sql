@@ -6,5 +6,3 @@ ALTER TABLE partners ADD COLUMN previous_api_key_hash TEXT UNIQUE;
 ALTER TABLE partners ADD COLUMN previous_api_key_expires_at TIMESTAMPTZ;
 ALTER TABLE partners ADD COLUMN previous_webhook_secret TEXT;
 ALTER TABLE partners ADD COLUMN previous_webhook_secret_expires_at TIMESTAMPTZ;
--- Replaying a partner's failed callbacks finds them by when they gave up.
-CREATE INDEX outbox_failed ON outbox (partner_id, finished_at) WHERE state = 'failed';

@@ -73,12 +73,13 @@ impl CircuitBreaker {
     }
 
     /// For the `handset_circuit_breaker_state` gauge: 0 closed, 1 open,
-    /// 2 half-open (a probe is out).
-    pub fn state_number(&self) -> u8 {
+    /// 2 half-open (a probe is out, or due: `open_for` has passed and the
+    /// next call will be let through).
+    pub fn state_number(&self, now: Instant) -> u8 {
         match *self.state() {
             State::Closed { .. } => 0,
-            State::Open { .. } => 1,
-            State::HalfOpen { .. } => 2,
+            State::Open { until } if now < until => 1,
+            State::Open { .. } | State::HalfOpen { .. } => 2,
         }
     }
 

@@ -55,6 +55,15 @@ pub struct LocalCodeAttempt<'a> {
     pub on_exhausted: Option<&'a OutboxMessage>,
 }
 
+/// What `requeue_failed_callbacks` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Requeued {
+    /// The callbacks back in the queue.
+    pub ids: Vec<Uuid>,
+    /// Failed callbacks in the window whose body retention already removed.
+    pub purged: u64,
+}
+
 /// A partner found by an API key.
 #[derive(Debug, Clone)]
 pub struct PartnerByKey {
@@ -139,13 +148,13 @@ pub trait Store: Send + Sync {
     /// Puts the partner's callbacks that gave up (`failed`) since `since`
     /// back in the queue, due at `now`, with a fresh retry schedule (their
     /// attempt log is kept; a body retention emptied cannot be sent and is
-    /// left alone). Returns their ids.
+    /// left alone, and counted).
     async fn requeue_failed_callbacks(
         &self,
         partner_id: Uuid,
         since: DateTime<Utc>,
         now: DateTime<Utc>,
-    ) -> Result<Vec<Uuid>, StoreError>;
+    ) -> Result<Requeued, StoreError>;
 
     /// Keeps `cache` told of every change to partners made by any process
     /// (`PartnerCache::changed`) and of whether changes are being followed

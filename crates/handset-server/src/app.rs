@@ -62,7 +62,7 @@ pub struct AppState {
     /// Every request's work, so shutdown can wait for it.
     pub in_flight: TaskTracker,
     /// `GET /openapi.json`'s body, made once at start.
-    pub openapi: Arc<str>,
+    pub openapi: axum::body::Bytes,
     /// SIGTERM arrived: `/ready` answers 503 while the server drains.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -195,7 +195,7 @@ impl Application {
             request_timeout: settings.server.request_timeout,
             idempotency_lock: settings.idempotency_lock(),
             in_flight: in_flight.clone(),
-            openapi: Arc::from(docs::document(!settings.is_production()).to_string()),
+            openapi: docs::document(!settings.is_production()).to_string().into(),
             draining: draining.clone(),
         };
         let limits = ConnectionLimits {
@@ -226,9 +226,10 @@ impl Application {
     }
 
     /// Serves (and runs background jobs) until `shutdown` resolves; then
-    /// stops taking requests and claiming jobs, and lets in-flight requests
-    /// (their work included) and deliveries finish, all within one deadline:
-    /// `server.shutdown_timeout` after the signal.
+    /// answers `/ready` with 503 for `server.drain_delay` while still
+    /// serving, then stops taking requests and claiming jobs, and lets
+    /// in-flight requests (their work included) and deliveries finish, all
+    /// within one deadline: `server.shutdown_timeout` after the drain.
     pub async fn run_until(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -244,11 +245,13 @@ impl Application {
             // Readiness fails first, so traffic moves elsewhere while this
             // process still answers; then the listener closes.
             draining.store(true, std::sync::atomic::Ordering::SeqCst);
-            let _ = stop.send(true);
             if !drain_delay.is_zero() {
                 tracing::info!(delay = ?drain_delay, "draining: /ready answers 503 before the listener closes");
                 tokio::time::sleep(drain_delay).await;
             }
+            // Background work goes on while requests are still served, so
+            // their callbacks are sent by this process too.
+            let _ = stop.send(true);
         };
         let deadline = serve(self.listener, self.router, self.limits, signal).await;
         self.in_flight.close();
@@ -416,8 +419,9 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), crate::deadline::detach))
         .with_state(state)
-        .layer(axum::middleware::from_fn(telemetry::observe))
+        // Inside `observe`, so a panic's 500 is logged, counted and carries its request id.
         .layer(CatchPanicLayer::custom(panic_response))
+        .layer(axum::middleware::from_fn(telemetry::observe))
 }
 
 async fn not_found() -> Failure {

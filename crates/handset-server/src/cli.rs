@@ -54,7 +54,7 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum CallbacksCommand {
     /// Re-queue a partner's callbacks that gave up, with a fresh retry
-    /// schedule; prints {"partner_id","requeued","callback_ids"}.
+    /// schedule; prints {"partner_id","requeued","callback_ids","not_replayable"}.
     Replay {
         #[arg(long)]
         partner: Uuid,
@@ -165,24 +165,41 @@ async fn callbacks(settings: Settings, command: CallbacksCommand) -> CliResult {
             }
             let now = chrono::Utc::now();
             let since = now - chrono::Duration::from_std(since).map_err(|_| "--since is too long")?;
-            let ids = store.requeue_failed_callbacks(partner, since, now).await?;
-            println!("{}", json!({ "partner_id": partner, "requeued": ids.len(), "callback_ids": ids }));
+            let requeued = store.requeue_failed_callbacks(partner, since, now).await?;
+            if requeued.purged > 0 {
+                tracing::warn!(
+                    count = requeued.purged,
+                    "failed callbacks whose body retention removed cannot be replayed"
+                );
+            }
+            println!(
+                "{}",
+                json!({
+                    "partner_id": partner,
+                    "requeued": requeued.ids.len(),
+                    "callback_ids": requeued.ids,
+                    "not_replayable": requeued.purged,
+                })
+            );
         }
     }
     Ok(())
 }
 
-/// A partner as operators see it; never a secret.
+/// A partner as operators see it; never a secret. An overlap that has
+/// ended is shown as none.
 fn partner_json(record: &PartnerRecord) -> serde_json::Value {
     let p = &record.partner;
+    let now = chrono::Utc::now();
+    let running = |until: Option<chrono::DateTime<chrono::Utc>>| until.filter(|at| *at > now);
     json!({
         "partner_id": p.id,
         "name": p.name,
         "products": p.products.iter().map(|product| product.as_str()).collect::<Vec<_>>(),
         "active": p.active,
         "created_at": p.created_at,
-        "previous_key_expires_at": record.previous_key_expires_at,
-        "previous_webhook_secret_expires_at": record.previous_webhook_secret_expires_at,
+        "previous_key_expires_at": running(record.previous_key_expires_at),
+        "previous_webhook_secret_expires_at": running(record.previous_webhook_secret_expires_at),
     })
 }
 

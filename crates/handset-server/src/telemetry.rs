@@ -73,7 +73,10 @@ pub fn init_telemetry(
         None => None,
     };
     let traces = export.as_ref().map(|export| tracing_opentelemetry::layer().with_tracer(export.0.tracer("handset")));
-    let _ = tracing_subscriber::registry().with(filter).with(logs).with(traces).try_init();
+    let installed = tracing_subscriber::registry().with(filter).with(logs).with(traces).try_init();
+    if installed.is_err() && export.is_some() {
+        return Err("telemetry.otlp_endpoint: another tracing subscriber is already installed".into());
+    }
     Ok(export)
 }
 
@@ -196,12 +199,14 @@ async fn with_request_id(response: Response, request_id: &str) -> Response {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
-    if !(response.status().is_client_error() || response.status().is_server_error()) || !is_json {
+    let small = axum::body::HttpBody::size_hint(response.body()).exact().is_some_and(|len| len <= 64 * 1024);
+    if !(response.status().is_client_error() || response.status().is_server_error()) || !is_json || !small {
         return response;
     }
     let (mut parts, body) = response.into_parts();
-    // Error envelopes are small; anything larger is passed on untouched.
+    // A body of known size already in memory: reading it cannot fail.
     let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else {
+        parts.headers.remove(header::CONTENT_LENGTH);
         return Response::from_parts(parts, Body::empty());
     };
     let body = match serde_json::from_slice::<serde_json::Value>(&bytes) {

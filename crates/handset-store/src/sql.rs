@@ -11,7 +11,7 @@ use handset_core::model::{
 use handset_core::partner_cache::PartnerCache;
 use handset_core::store::{
     AfterAttempt, Claim, Finalization, IdempotencyBegin, IdempotencyClaim, LocalCodeAttempt, NewPartner, PartnerByKey,
-    PartnerRecord, PoolUsage, Store, StoreError,
+    PartnerRecord, PoolUsage, Requeued, Store, StoreError,
 };
 use sqlx::types::Json;
 use sqlx::{PgPool, SqlitePool};
@@ -310,7 +310,7 @@ macro_rules! portable_store {
                 partner_id: Uuid,
                 since: DateTime<Utc>,
                 now: DateTime<Utc>,
-            ) -> Result<Vec<Uuid>, StoreError> {
+            ) -> Result<Requeued, StoreError> {
                 let ids: Vec<(Uuid,)> = sqlx::query_as(
                     "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = $3, finished_at = NULL, \
                      lease_owner = NULL, lease_until = NULL \
@@ -322,7 +322,16 @@ macro_rules! portable_store {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(db)?;
-                Ok(ids.into_iter().map(|(id,)| id).collect())
+                let purged: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM outbox WHERE partner_id = $1 AND state = 'failed' AND finished_at >= $2 \
+                     AND payload = ''",
+                )
+                .bind(partner_id)
+                .bind(since)
+                .fetch_one(self.readers())
+                .await
+                .map_err(db)?;
+                Ok(Requeued { ids: ids.into_iter().map(|(id,)| id).collect(), purged: u64::try_from(purged).unwrap_or(0) })
             }
 
             async fn set_partner_active(&self, id: Uuid, active: bool) -> Result<bool, StoreError> {

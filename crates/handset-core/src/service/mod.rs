@@ -114,7 +114,8 @@ impl Gateway {
 
     /// Each configured provider's circuit breaker: 0 closed, 1 open, 2 half-open.
     pub fn breaker_states(&self) -> Vec<(ProviderName, u8)> {
-        let mut states: Vec<_> = self.breakers.iter().map(|(name, b)| (*name, b.state_number())).collect();
+        let now = Instant::now();
+        let mut states: Vec<_> = self.breakers.iter().map(|(name, b)| (*name, b.state_number(now))).collect();
         states.sort_by_key(|(name, _)| name.as_str());
         states
     }

@@ -80,18 +80,20 @@ fn answer(responses: &mut serde_json::Map<String, Value>, status: &str, descript
 
 fn complete(doc: &mut Value) {
     let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else { return };
-    for item in paths.values_mut() {
+    for (path, item) in paths.iter_mut() {
         let Some(item) = item.as_object_mut() else { continue };
         for (method, operation) in item.iter_mut() {
-            complete_operation(method, operation);
+            complete_operation(path, method, operation);
         }
     }
     link_starts(doc);
 }
 
-fn complete_operation(method: &str, operation: &mut Value) {
+fn complete_operation(path: &str, method: &str, operation: &mut Value) {
     let secured = operation.get("security").is_some();
-    let json_body = operation.pointer("/requestBody/content/application~1json").is_some();
+    // The partner API's bodies go through `JsonObject`; providers' webhooks
+    // are read as they come and document their own answers.
+    let json_body = path.starts_with("/v1/") && operation.pointer("/requestBody/content/application~1json").is_some();
     let idempotent = operation
         .get_mut("parameters")
         .and_then(Value::as_array_mut)
@@ -199,7 +201,7 @@ fn link(operation_id: &str, (name, expression): (&str, &str)) -> Value {
     responses((status = 200, description = "This OpenAPI 3.1 document", content_type = "application/json"))
 )]
 pub async fn openapi(State(state): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], state.openapi.to_string())
+    ([(header::CONTENT_TYPE, "application/json")], state.openapi.clone())
 }
 
 /// The Redoc bundle `/docs` loads, vendored in the binary (`assets/redoc`).
