@@ -997,7 +997,7 @@ mod pg {
                     Ok(_) => return,
                     Err(_quiet) => {
                         let ping = sqlx::query("SELECT pg_notify($1, $2)").bind(PARTNER_CHANNEL).bind(PING);
-                        if ping.execute(&self.pool).await.is_err() {
+                        if !matches!(tokio::time::timeout(ECHO_WAIT, ping.execute(&self.pool)).await, Ok(Ok(_))) {
                             return;
                         }
                         match tokio::time::timeout(ECHO_WAIT, listener.try_recv()).await {
