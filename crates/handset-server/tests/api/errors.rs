@@ -268,6 +268,107 @@ mod partner_cache {
         soon_answers(&app, &key, 401).await;
     }
 
+    /// A TCP proxy to Postgres that can silence the one connection that
+    /// sent `LISTEN` (sockets stay open, nothing passes): a listening
+    /// connection that died without a word, as a dropped NAT entry leaves it.
+    struct Proxy {
+        addr: std::net::SocketAddr,
+        silent: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Proxy {
+        async fn start(upstream: String) -> Proxy {
+            use std::sync::atomic::Ordering;
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let silent = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let silence = silent.clone();
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else { continue };
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let listening = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let (up_listening, up_silence) = (listening.clone(), silence.clone());
+                    let quiet = move |listening: &std::sync::atomic::AtomicBool,
+                                      silence: &std::sync::atomic::AtomicBool| {
+                        listening.load(Ordering::SeqCst) && silence.load(Ordering::SeqCst)
+                    };
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n) = client_read.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                            if buf[..n].windows(6).any(|w| w == b"LISTEN") {
+                                up_listening.store(true, Ordering::SeqCst);
+                            }
+                            if quiet(&up_listening, &up_silence) {
+                                continue;
+                            }
+                            if server_write.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    let silence = silence.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n) = server_read.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                            if quiet(&listening, &silence) {
+                                continue;
+                            }
+                            if client_write.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            });
+            Proxy { addr, silent }
+        }
+    }
+
+    /// A listening connection that goes silent is found by the heartbeat:
+    /// the replica stops serving cached partners within about 15 s, although
+    /// the announcement of a deactivation never reached it (the cache's TTL
+    /// alone would have kept the partner 60 s).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_notices_a_silent_listener() {
+        let db = handset_testkit::TestDatabase::new(Kind::Postgres).await;
+        let mut url = url::Url::parse(&db.url).unwrap();
+        let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
+        let proxy = Proxy::start(upstream).await;
+        url.set_port(Some(proxy.addr.port())).unwrap();
+        // Plain text through the proxy, so it can tell the listening connection.
+        url.query_pairs_mut().append_pair("sslmode", "disable");
+        let proxied = url.to_string();
+        let app = TestApp::spawn_on(db, &[("HANDSET__DATABASE__URL", proxied.as_str())], true).await;
+        let mut admin = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
+        listener_pid(&mut admin).await;
+        let (partner, key) = app.partner(Product::ALL).await;
+        soon_answers(&app, &key, 201).await;
+
+        proxy.silent.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(app.store.set_partner_active(partner, false).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let cached = start(&app, &key).await;
+        assert_eq!(cached.status, 201, "the announcement was lost with the silent connection: {}", cached.text);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let answer = start(&app, &key).await;
+            if answer.status == 401 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the silent listener was never noticed: {}", answer.text);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlite_reads_partners_every_time() {
         let app = TestApp::spawn(Kind::Sqlite).await;
