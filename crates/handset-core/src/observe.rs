@@ -48,8 +48,13 @@ pub async fn provider_call<T>(
     )
     .record(started.elapsed().as_secs_f64());
     if matches!(outcome, "unavailable" | "misconfigured" | "failed") {
-        metrics::counter!("handset_provider_errors_total", "provider" => provider.as_str(), "kind" => outcome)
-            .increment(1);
+        metrics::counter!(
+            "handset_provider_errors_total",
+            "provider" => provider.as_str(),
+            "call" => call,
+            "kind" => outcome
+        )
+        .increment(1);
     }
     result
 }

@@ -148,11 +148,8 @@ fn describe_metrics() {
     );
     describe_counter!(
         "handset_provider_errors_total",
-        "Provider calls that got no usable answer, by provider and kind (unavailable, misconfigured, failed)"
-    );
-    describe_counter!(
-        "handset_provider_unavailable_total",
-        "Starts moved on to the next provider because this one was unavailable or refused handset's credentials"
+        "Provider calls that got no usable answer, by provider, call and kind (unavailable, misconfigured, failed); \
+         an unavailable or misconfigured start moves on to the next provider"
     );
     describe_counter!(
         "handset_provider_auth_failures_total",

@@ -216,7 +216,6 @@ impl Gateway {
                     } else {
                         tracing::warn!(provider = %name, transaction_id = %draft.id, error = %error.with_causes(), "provider unavailable, trying the next");
                     }
-                    metrics::counter!("handset_provider_unavailable_total", "provider" => name.as_str()).increment(1);
                     if breaker.record_failure(Instant::now()) {
                         tracing::warn!(provider = %name, "circuit opened: the provider is skipped for a while");
                     }

@@ -284,6 +284,9 @@ async fn unchecked_codes_cost_no_attempt(kind: Kind) {
         app.confirm(&id, "123123").await.assert_error(503, 5001);
     }
     assert_eq!(attempts_remaining(&app, &id).await, 2, "unavailable checks used no attempt");
+    let metrics = app.send(app.client.get(app.url("/metrics"))).await.text;
+    let counted = r#"handset_provider_errors_total{provider="idme",call="check_code",kind="unavailable"}"#;
+    assert!(metrics.contains(counted), "{metrics}");
     sim.set_faults(Faults::default());
     app.confirm(&id, "000000").await.assert_error(422, 3102);
     assert_eq!(attempts_remaining(&app, &id).await, 1);
