@@ -104,9 +104,8 @@ pub(crate) fn db(error: sqlx::Error) -> StoreError {
 }
 
 const PARTNER_COLUMNS: &str = "id, name, products, active, webhook_secret, created_at";
-/// `PARTNER_COLUMNS` and the state of the partner's rotations (`PartnerRecordRow`).
-const PARTNER_SELECT: &str = "id, name, products, active, webhook_secret, created_at, previous_api_key_expires_at, \
-     previous_webhook_secret_expires_at";
+/// The ends of a partner's rotation overlaps, read after `PARTNER_COLUMNS` (`PartnerRecordRow`).
+const PARTNER_ROTATIONS: &str = "previous_api_key_expires_at, previous_webhook_secret_expires_at";
 
 const TRANSACTION_COLUMNS: &str = "id, verification_id, partner_id, product, provider, phone, birth_date, \
     status_code, created_at, updated_at, expires_at, attempts_used, max_attempts, code_hash, provider_ref, \
@@ -185,6 +184,29 @@ macro_rules! portable_store {
                 Ok(())
             }
 
+            /// Sets `current` to `value`; with `previous_until`, the old value
+            /// moves to `previous`, valid until then (`until`), else any
+            /// previous one is dropped. SET reads the row as it was.
+            async fn rotate(
+                &self,
+                id: Uuid,
+                [current, previous, until]: [&str; 3],
+                value: &str,
+                previous_until: Option<DateTime<Utc>>,
+            ) -> Result<bool, StoreError> {
+                let done = sqlx::query(&format!(
+                    "UPDATE partners SET {previous} = CASE WHEN $3 IS NULL THEN NULL ELSE {current} END, \
+                     {until} = $3, {current} = $2 WHERE id = $1"
+                ))
+                .bind(id)
+                .bind(value)
+                .bind(previous_until)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(done.rows_affected() == 1)
+            }
+
             async fn insert_outbox<'c, E>(executor: E, message: &OutboxMessage) -> Result<(), StoreError>
             where
                 E: sqlx::Executor<'c, Database = <$store as StoreDb>::Db>,
@@ -249,7 +271,7 @@ macro_rules! portable_store {
 
             async fn partners(&self) -> Result<Vec<PartnerRecord>, StoreError> {
                 let rows: Vec<PartnerRecordRow> =
-                    sqlx::query_as(&format!("SELECT {PARTNER_SELECT} FROM partners ORDER BY created_at, id"))
+                    sqlx::query_as(&format!("SELECT {PARTNER_COLUMNS}, {PARTNER_ROTATIONS} FROM partners ORDER BY created_at, id"))
                         .fetch_all(self.readers())
                         .await
                         .map_err(db)?;
@@ -258,7 +280,7 @@ macro_rules! portable_store {
 
             async fn partner(&self, id: Uuid) -> Result<Option<PartnerRecord>, StoreError> {
                 let row: Option<PartnerRecordRow> =
-                    sqlx::query_as(&format!("SELECT {PARTNER_SELECT} FROM partners WHERE id = $1"))
+                    sqlx::query_as(&format!("SELECT {PARTNER_COLUMNS}, {PARTNER_ROTATIONS} FROM partners WHERE id = $1"))
                         .bind(id)
                         .fetch_optional(self.readers())
                         .await
@@ -272,18 +294,8 @@ macro_rules! portable_store {
                 api_key_hash: &str,
                 previous_until: Option<DateTime<Utc>>,
             ) -> Result<bool, StoreError> {
-                // SET reads the row as it was: the old hash becomes the previous one.
-                let done = sqlx::query(
-                    "UPDATE partners SET previous_api_key_hash = CASE WHEN $3 IS NULL THEN NULL ELSE api_key_hash END, \
-                     previous_api_key_expires_at = $3, api_key_hash = $2 WHERE id = $1",
-                )
-                .bind(id)
-                .bind(api_key_hash)
-                .bind(previous_until)
-                .execute(&self.pool)
-                .await
-                .map_err(db)?;
-                Ok(done.rows_affected() == 1)
+                let columns = ["api_key_hash", "previous_api_key_hash", "previous_api_key_expires_at"];
+                self.rotate(id, columns, api_key_hash, previous_until).await
             }
 
             async fn rotate_webhook_secret(
@@ -292,17 +304,8 @@ macro_rules! portable_store {
                 webhook_secret: &str,
                 previous_until: Option<DateTime<Utc>>,
             ) -> Result<bool, StoreError> {
-                let done = sqlx::query(
-                    "UPDATE partners SET previous_webhook_secret = CASE WHEN $3 IS NULL THEN NULL ELSE webhook_secret END, \
-                     previous_webhook_secret_expires_at = $3, webhook_secret = $2 WHERE id = $1",
-                )
-                .bind(id)
-                .bind(webhook_secret)
-                .bind(previous_until)
-                .execute(&self.pool)
-                .await
-                .map_err(db)?;
-                Ok(done.rows_affected() == 1)
+                let columns = ["webhook_secret", "previous_webhook_secret", "previous_webhook_secret_expires_at"];
+                self.rotate(id, columns, webhook_secret, previous_until).await
             }
 
             async fn requeue_failed_callbacks(
