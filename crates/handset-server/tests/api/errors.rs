@@ -177,25 +177,7 @@ mod partner_cache {
     use serde_json::json;
     use sqlx::Connection;
 
-    use crate::helpers::{Answer, TestApp};
-
-    async fn start(app: &TestApp, key: &str) -> Answer {
-        app.post_as(key, "/v1/possession", json!({"phone": "4155550123"})).await
-    }
-
-    /// The next request answers `status`, allowing the few milliseconds a
-    /// change's announcement takes to arrive (never the cache's 60 s).
-    async fn soon_answers(app: &TestApp, key: &str, status: u16) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        loop {
-            let answer = start(app, key).await;
-            if answer.status == status {
-                return;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "still {}: {}", answer.status, answer.text);
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
+    use crate::helpers::TestApp;
 
     /// The app's session listening for partner changes, once it is.
     async fn listener_pid(admin: &mut sqlx::PgConnection) -> i32 {
@@ -230,20 +212,20 @@ mod partner_cache {
         let mut admin = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
         let listener = listener_pid(&mut admin).await;
         let (partner, key) = app.partner(Product::ALL).await;
-        soon_answers(&app, &key, 201).await;
+        app.soon_answers_as(&key, 201).await;
 
         // Announced: refused within milliseconds, though the entry had 60 s to live.
         assert!(app.store.set_partner_active(partner, false).await.unwrap());
-        soon_answers(&app, &key, 401).await;
+        app.soon_answers_as(&key, 401).await;
         assert!(app.store.set_partner_active(partner, true).await.unwrap());
-        soon_answers(&app, &key, 201).await;
+        app.soon_answers_as(&key, 201).await;
 
         // Not announced (trigger off): the cached partner keeps being served,
         // which shows the cache is in use.
         set_trigger(&mut admin, false).await;
         assert!(app.store.set_partner_active(partner, false).await.unwrap());
         for _ in 0..3 {
-            let cached = start(&app, &key).await;
+            let cached = app.start_as(&key).await;
             assert_eq!(cached.status, 201, "served from the cache: {}", cached.text);
         }
 
@@ -251,7 +233,7 @@ mod partner_cache {
         // before a new listener is up (it reconnects after a 1 s pause).
         let _: (bool,) =
             sqlx::query_as("SELECT pg_terminate_backend($1)").bind(listener).fetch_one(&mut admin).await.unwrap();
-        soon_answers(&app, &key, 401).await;
+        app.soon_answers_as(&key, 401).await;
         let listening: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'",
         )
@@ -263,9 +245,9 @@ mod partner_cache {
         let again = listener_pid(&mut admin).await;
         assert_ne!(again, listener, "the listener came back on a new session");
         assert!(app.store.set_partner_active(partner, true).await.unwrap());
-        soon_answers(&app, &key, 201).await;
+        app.soon_answers_as(&key, 201).await;
         assert!(app.store.set_partner_active(partner, false).await.unwrap());
-        soon_answers(&app, &key, 401).await;
+        app.soon_answers_as(&key, 401).await;
     }
 
     /// A TCP proxy to Postgres that can silence the one connection that
@@ -351,16 +333,16 @@ mod partner_cache {
         let mut admin = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
         listener_pid(&mut admin).await;
         let (partner, key) = app.partner(Product::ALL).await;
-        soon_answers(&app, &key, 201).await;
+        app.soon_answers_as(&key, 201).await;
 
         proxy.silent.store(true, std::sync::atomic::Ordering::SeqCst);
         assert!(app.store.set_partner_active(partner, false).await.unwrap());
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let cached = start(&app, &key).await;
+        let cached = app.start_as(&key).await;
         assert_eq!(cached.status, 201, "the announcement was lost with the silent connection: {}", cached.text);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let answer = start(&app, &key).await;
+            let answer = app.start_as(&key).await;
             if answer.status == 401 {
                 break;
             }
@@ -374,9 +356,9 @@ mod partner_cache {
         let app = TestApp::spawn(Kind::Sqlite).await;
         let (partner, key) = app.partner(Product::ALL).await;
         for _ in 0..3 {
-            assert_eq!(start(&app, &key).await.status, 201);
+            assert_eq!(app.start_as(&key).await.status, 201);
             assert!(app.store.set_partner_active(partner, false).await.unwrap());
-            start(&app, &key).await.assert_error(401, 1200);
+            app.start_as(&key).await.assert_error(401, 1200);
             assert!(app.store.set_partner_active(partner, true).await.unwrap());
         }
     }

@@ -159,6 +159,26 @@ impl TestApp {
         self.get_as(DEV_KEY, path).await
     }
 
+    /// An SMS start (sandbox, 4155550123) with `key`.
+    pub async fn start_as(&self, key: &str) -> Answer {
+        self.post_as(key, "/v1/possession", serde_json::json!({"phone": "4155550123"})).await
+    }
+
+    /// Waits until a start with `key` answers `status`: a partner change
+    /// takes milliseconds to reach a Postgres process's partner cache (never
+    /// the cache's TTL).
+    pub async fn soon_answers_as(&self, key: &str, status: u16) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            let answer = self.start_as(key).await;
+            if answer.status == status {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "still {}: {}", answer.status, answer.text);
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     pub async fn get_as(&self, key: &str, path: &str) -> Answer {
         let response = self.client.get(self.url(path)).bearer_auth(key).send().await.expect("GET");
         Answer::read(response).await

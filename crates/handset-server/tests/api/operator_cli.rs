@@ -8,7 +8,7 @@ use std::time::Duration;
 use handset_testkit::{Kind, TestDatabase};
 use serde_json::{Value, json};
 
-use crate::helpers::{Answer, TestApp};
+use crate::helpers::TestApp;
 use crate::receiver::{Receiver, Reply};
 
 /// Runs `handset ARGS` on `app`'s database; its JSON output, or the failure.
@@ -28,24 +28,6 @@ fn handset(app: &TestApp, args: &[&str]) -> Result<Value, String> {
 
 fn ok(app: &TestApp, args: &[&str]) -> Value {
     handset(app, args).unwrap_or_else(|error| panic!("handset {args:?} failed: {error}"))
-}
-
-async fn start(app: &TestApp, key: &str) -> Answer {
-    app.post_as(key, "/v1/possession", json!({"phone": "4155550123"})).await
-}
-
-/// The key's next request answers `status`, allowing the milliseconds a
-/// partner change takes to reach a Postgres replica's cache.
-async fn soon_answers(app: &TestApp, key: &str, status: u16) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    loop {
-        let answer = start(app, key).await;
-        if answer.status == status {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "still {}: {}", answer.status, answer.text);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Nothing an operator command prints about a partner is a secret.
@@ -77,30 +59,30 @@ async fn partners_are_listed_shown_and_their_keys_rotated(kind: Kind) {
     assert!(handset(&app, &["partner", "rotate-key", &unknown]).is_err());
 
     // With an overlap both keys work, until the overlap ends.
-    soon_answers(&app, first_key, 201).await;
+    app.soon_answers_as(first_key, 201).await;
     let rotated = ok(&app, &["partner", "rotate-key", &id, "--overlap", "1h"]);
     let second_key = rotated["api_key"].as_str().unwrap().to_owned();
     assert_ne!(second_key, first_key);
     assert!(rotated["previous_key_expires_at"].is_string(), "{rotated}");
-    soon_answers(&app, &second_key, 201).await;
-    assert_eq!(start(&app, first_key).await.status, 201, "the old key works during the overlap");
+    app.soon_answers_as(&second_key, 201).await;
+    assert_eq!(app.start_as(first_key).await.status, 201, "the old key works during the overlap");
     assert!(ok(&app, &["partner", "show", &id])["previous_key_expires_at"].is_string());
 
     // Without one, the old keys (the current and the overlapping one) stop at once.
     let third = ok(&app, &["partner", "rotate-key", &id]);
     assert_eq!(third["previous_key_expires_at"], Value::Null);
     let third_key = third["api_key"].as_str().unwrap().to_owned();
-    soon_answers(&app, &second_key, 401).await;
-    start(&app, first_key).await.assert_error(401, 1100);
-    assert_eq!(start(&app, &third_key).await.status, 201);
+    app.soon_answers_as(&second_key, 401).await;
+    app.start_as(first_key).await.assert_error(401, 1100);
+    assert_eq!(app.start_as(&third_key).await.status, 201);
 
     // A short overlap ends by itself.
     let fourth = ok(&app, &["partner", "rotate-key", &id, "--overlap", "2s"]);
-    soon_answers(&app, fourth["api_key"].as_str().unwrap(), 201).await;
-    assert_eq!(start(&app, &third_key).await.status, 201);
+    app.soon_answers_as(fourth["api_key"].as_str().unwrap(), 201).await;
+    assert_eq!(app.start_as(&third_key).await.status, 201);
     assert!(ok(&app, &["partner", "show", &id])["previous_key_expires_at"].is_string());
     tokio::time::sleep(Duration::from_millis(2200)).await;
-    start(&app, &third_key).await.assert_error(401, 1100);
+    app.start_as(&third_key).await.assert_error(401, 1100);
     assert_eq!(ok(&app, &["partner", "show", &id])["previous_key_expires_at"], Value::Null, "the overlap is over");
 }
 
@@ -146,7 +128,7 @@ async fn webhook_secret_rotation_signs_with_both(kind: Kind) {
     let second_secret = rotated["webhook_secret"].as_str().unwrap().to_owned();
     assert!(second_secret.starts_with("whsec_") && second_secret != first_secret);
     assert!(rotated["previous_webhook_secret_expires_at"].is_string());
-    soon_answers(&app, key, 201).await;
+    app.soon_answers_as(key, 201).await;
     identity_with_callback(&app, key, &receiver).await;
     let during = receiver.wait_for(1, Duration::from_secs(10)).await[0].clone();
     let signed = signatures(&during.header("webhook-signature"));
@@ -174,14 +156,22 @@ async fn wait_callback_state(app: &TestApp, key: &str, id: &str, state: &str) {
     }
 }
 
-async fn failed_callbacks_are_replayed(kind: Kind) {
+/// A partner (as `partner create` printed it) whose callback gave up after
+/// its retry (the receiver answers 500), and that transaction's id.
+async fn callback_that_gave_up(kind: Kind) -> (TestApp, Receiver, Value, String) {
     let app = callback_app(kind, "50ms").await;
     let receiver = Receiver::start().await;
     receiver.default_reply(Reply::Status(500));
     let created = ok(&app, &["partner", "create", "--name", "Acme"]);
+    let key = created["api_key"].as_str().unwrap().to_owned();
+    let id = identity_with_callback(&app, &key, &receiver).await;
+    wait_callback_state(&app, &key, &id, "failed").await;
+    (app, receiver, created, id)
+}
+
+async fn failed_callbacks_are_replayed(kind: Kind) {
+    let (app, receiver, created, id) = callback_that_gave_up(kind).await;
     let (partner, key) = (created["partner_id"].as_str().unwrap(), created["api_key"].as_str().unwrap());
-    let id = identity_with_callback(&app, key, &receiver).await;
-    wait_callback_state(&app, key, &id, "failed").await;
     let tried = receiver.received().len();
     assert_eq!(tried, 2, "the first try and one retry");
 
@@ -204,13 +194,8 @@ async fn failed_callbacks_are_replayed(kind: Kind) {
 
 /// `--since` counts from when a callback gave up: older ones stay failed.
 async fn replay_honours_since(kind: Kind) {
-    let app = callback_app(kind, "50ms").await;
-    let receiver = Receiver::start().await;
-    receiver.default_reply(Reply::Status(500));
-    let created = ok(&app, &["partner", "create", "--name", "Acme"]);
+    let (app, _receiver, created, id) = callback_that_gave_up(kind).await;
     let (partner, key) = (created["partner_id"].as_str().unwrap(), created["api_key"].as_str().unwrap());
-    let id = identity_with_callback(&app, key, &receiver).await;
-    wait_callback_state(&app, key, &id, "failed").await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let none = ok(&app, &["callbacks", "replay", "--partner", partner, "--failed", "--since", "1s"]);
     assert_eq!(none["requeued"], 0, "{none}");
