@@ -2,24 +2,27 @@
 //! and SQLite (the embedded default), chosen by the URL scheme.
 //!
 //! Both stores run the same portable SQL (`$n` parameters, `RETURNING`,
-//! `ON CONFLICT`), written once in `sql.rs`; each keeps its own schema in
+//! `ON CONFLICT`), written once in `queries.rs`; each keeps its own schema in
 //! `migrations/{postgres,sqlite}` so the types are natural to it (UUID,
-//! TIMESTAMPTZ and JSONB on Postgres; blobs and text on SQLite). Where the
-//! dialects must differ (job claiming), each store has its own method.
+//! TIMESTAMPTZ and JSONB on Postgres; blobs and text on SQLite). Postgres is
+//! driven by sqlx (`pg.rs`); SQLite by rusqlite with one writer thread that
+//! commits writes in groups (`sqlite/`).
 
+mod queries;
+
+mod pg;
 mod rows;
-mod sql;
+mod sqlite;
 
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use handset_core::store::{Store, StoreError};
-use sqlx::SqlitePool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
-pub use sql::{PgStore, SqliteStore};
+pub use pg::PgStore;
+pub use sqlite::SqliteStore;
 
 /// Pool settings from config.
 #[derive(Debug, Clone)]
@@ -71,42 +74,12 @@ pub fn connect(url: &str, settings: &PoolSettings) -> Result<Arc<dyn Store>, Sto
                 .connect_lazy_with(options);
             Ok(Arc::new(PgStore::new(pool)))
         }
-        Some(Backend::Sqlite) => {
-            let in_memory = url.contains(":memory:") || url.contains("mode=memory");
-            let (writer, readers) = sqlite_pools(url, settings, in_memory).map_err(invalid)?;
-            Ok(Arc::new(SqliteStore::new(writer, readers, in_memory)))
-        }
+        // SQLite keeps up to `max_connections` idle readers; the writer is one.
+        Some(Backend::Sqlite) => Ok(Arc::new(SqliteStore::open(url, settings.max_connections)?)),
         None => Err(StoreError::Database(
             format!("database.url must start with postgres:// or sqlite: (got {:?})", redact(url)).into(),
         )),
     }
-}
-
-/// The writer (one connection) and the readers of a SQLite database.
-fn sqlite_pools(url: &str, settings: &PoolSettings, in_memory: bool) -> Result<(SqlitePool, SqlitePool), sqlx::Error> {
-    let options = SqliteConnectOptions::from_str(url)?
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal)
-        .foreign_keys(true)
-        // Other processes (replicas, the CLI) write the same file: their
-        // writes wait for each other instead of failing.
-        .busy_timeout(Duration::from_secs(10));
-    let writer = SqlitePoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(settings.acquire_timeout)
-        .test_before_acquire(false)
-        .connect_lazy_with(options.clone());
-    if in_memory {
-        // Each connection to `:memory:` is a database of its own.
-        return Ok((writer.clone(), writer));
-    }
-    let readers = SqlitePoolOptions::new()
-        .max_connections(settings.max_connections)
-        .acquire_timeout(settings.acquire_timeout)
-        .test_before_acquire(false)
-        .connect_lazy_with(options.create_if_missing(false).pragma("query_only", "ON"));
-    Ok((writer, readers))
 }
 
 /// A database URL with its password masked, for messages and logs.

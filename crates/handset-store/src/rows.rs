@@ -5,7 +5,7 @@ use handset_core::model::{
     CallbackAttempt, CallbackRecord, CallbackState, OutboxMessage, Partner, PersonName, Product, ProviderName, Status,
     Transaction, TransactionResult, Verification,
 };
-use handset_core::store::{PartnerByKey, PartnerRecord, StoreError};
+use handset_core::store::{IdempotencyBegin, PartnerByKey, PartnerRecord, StoreError};
 use serde_json::Value;
 use sqlx::types::Json;
 use uuid::Uuid;
@@ -213,6 +213,143 @@ impl From<AttemptRow> for CallbackAttempt {
     }
 }
 
+/// Each callback with its own delivery attempts (`attempts` in order).
+pub(crate) fn callback_records(
+    rows: Vec<OutboxRow>,
+    attempts: &[AttemptRow],
+) -> Result<Vec<CallbackRecord>, StoreError> {
+    rows.into_iter()
+        .map(|row| {
+            let id = row.id;
+            let mine = attempts.iter().filter(|a| a.outbox_id == id);
+            row.into_record(mine.map(|a| CallbackAttempt::from(a.clone())).collect())
+        })
+        .collect()
+}
+
+/// What a key already held means (`IDEMPOTENCY_RECORD`'s row) for a request
+/// with `request_hash`, once neither inserting nor taking it over worked.
+pub(crate) fn idempotency_begin(
+    row: Option<(String, String, Option<i32>, Option<String>)>,
+    request_hash: &str,
+) -> IdempotencyBegin {
+    match row {
+        // Released meanwhile: the caller may simply try again.
+        None => IdempotencyBegin::InFlight,
+        Some((hash, _, _, _)) if hash != request_hash => IdempotencyBegin::Mismatch,
+        Some((_, state, Some(status), Some(body))) if state == "done" => {
+            IdempotencyBegin::Replay { status: u16::try_from(status).unwrap_or(500), body }
+        }
+        Some(_) => IdempotencyBegin::InFlight,
+    }
+}
+
 fn corrupt(column: &str, value: &str) -> StoreError {
     StoreError::Corrupt(format!("{column} = {value:?}"))
+}
+
+/// The same rows read from SQLite (rusqlite), by column position in the
+/// lists of `queries.rs`.
+mod sqlite {
+    use rusqlite::Row;
+
+    use super::*;
+    use crate::sqlite::engine::{get_json, get_opt_json, get_opt_ts, get_ts};
+
+    impl PartnerRow {
+        /// `partner_columns!` at positions 0-5.
+        fn from_sqlite(row: &Row<'_>) -> rusqlite::Result<Self> {
+            Ok(PartnerRow {
+                id: row.get(0)?,
+                name: row.get(1)?,
+                products: Json(get_json(row, 2)?),
+                active: row.get(3)?,
+                webhook_secret: row.get(4)?,
+                created_at: get_ts(row, 5)?,
+            })
+        }
+    }
+
+    impl PartnerRecordRow {
+        pub(crate) fn from_sqlite(row: &Row<'_>) -> rusqlite::Result<Self> {
+            Ok(PartnerRecordRow {
+                partner: PartnerRow::from_sqlite(row)?,
+                previous_api_key_expires_at: get_opt_ts(row, 6)?,
+                previous_webhook_secret_expires_at: get_opt_ts(row, 7)?,
+            })
+        }
+    }
+
+    impl PartnerByKeyRow {
+        pub(crate) fn from_sqlite(row: &Row<'_>) -> rusqlite::Result<Self> {
+            Ok(PartnerByKeyRow { partner: PartnerRow::from_sqlite(row)?, key_expires_at: get_opt_ts(row, 6)? })
+        }
+    }
+
+    impl VerificationRow {
+        pub(crate) fn from_sqlite(row: &Row<'_>) -> rusqlite::Result<Self> {
+            Ok(VerificationRow { id: row.get(0)?, partner_id: row.get(1)?, created_at: get_ts(row, 2)? })
+        }
+    }
+
+    impl TransactionRow {
+        /// `transaction_columns!` order.
+        pub(crate) fn from_sqlite(row: &Row<'_>) -> rusqlite::Result<Self> {
+            Ok(TransactionRow {
+                id: row.get(0)?,
+                verification_id: row.get(1)?,
+                partner_id: row.get(2)?,
+                product: row.get(3)?,
+                provider: row.get(4)?,
+                phone: row.get(5)?,
+                birth_date: row.get(6)?,
+                status_code: row.get(7)?,
+                created_at: get_ts(row, 8)?,
+                updated_at: get_ts(row, 9)?,
+                expires_at: get_opt_ts(row, 10)?,
+                attempts_used: row.get(11)?,
+                max_attempts: row.get(12)?,
+                code_hash: row.get(13)?,
+                provider_ref: row.get(14)?,
+                redirect_url: row.get(15)?,
+                redirect_uri: row.get(16)?,
+                callback_url: row.get(17)?,
+                name: get_opt_json(row, 18)?.map(Json),
+                metadata: Json(get_json(row, 19)?),
+                result: get_opt_json(row, 20)?.map(Json),
+                provider_verification: row.get(21)?,
+                next_poll_at: get_opt_ts(row, 22)?,
+                poll_attempts: row.get(23)?,
+            })
+        }
+    }
+
+    impl OutboxRow {
+        /// `outbox_select!` order.
+        pub(crate) fn from_sqlite(row: &Row<'_>) -> rusqlite::Result<Self> {
+            Ok(OutboxRow {
+                id: row.get(0)?,
+                transaction_id: row.get(1)?,
+                partner_id: row.get(2)?,
+                callback_url: row.get(3)?,
+                payload: row.get(4)?,
+                created_at: get_ts(row, 5)?,
+                state: row.get(6)?,
+                next_attempt_at: get_ts(row, 7)?,
+                attempts: row.get(8)?,
+            })
+        }
+    }
+
+    impl AttemptRow {
+        pub(crate) fn from_sqlite(row: &Row<'_>) -> rusqlite::Result<Self> {
+            Ok(AttemptRow {
+                outbox_id: row.get(0)?,
+                attempted_at: get_ts(row, 1)?,
+                status_code: row.get(2)?,
+                error: row.get(3)?,
+                latency_ms: row.get(4)?,
+            })
+        }
+    }
 }

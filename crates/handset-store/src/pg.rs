@@ -1,0 +1,672 @@
+//! Postgres, the production store, on sqlx. The SQL is `queries.rs`'s,
+//! shared with SQLite; starts and local-code confirms are single statements
+//! here (data-modifying `WITH`), one round trip each.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use handset_core::model::{
+    CallbackAttempt, CallbackRecord, CallbackState, ClaimedCallback, OutboxMessage, ProviderName, Status, Transaction,
+    TransactionResult, Verification,
+};
+use handset_core::partner_cache::PartnerCache;
+use handset_core::store::{
+    AfterAttempt, Claim, Finalization, IdempotencyBegin, IdempotencyClaim, LocalCodeAttempt, NewPartner, PartnerByKey,
+    PartnerRecord, PoolUsage, Requeued, Store, StoreError,
+};
+use sqlx::postgres::{PgArguments, PgListener, PgNotification};
+use sqlx::query::Query;
+use sqlx::types::Json;
+use sqlx::{PgPool, Postgres};
+use uuid::Uuid;
+
+use crate::queries::{self as q, local_code_update, outbox_columns};
+use crate::rows::{AttemptRow, OutboxRow, PartnerByKeyRow, PartnerRecordRow, TransactionRow, VerificationRow};
+
+/// Postgres, the production store: reads and writes share one pool.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    pub fn new(pool: PgPool) -> Self {
+        PgStore { pool }
+    }
+}
+
+pub(crate) fn db(error: sqlx::Error) -> StoreError {
+    if let Some(db_error) = error.as_database_error()
+        && db_error.is_unique_violation()
+    {
+        return StoreError::Conflict(db_error.message().to_owned());
+    }
+    StoreError::Database(Box::new(error))
+}
+
+fn status_of(code: i32) -> Result<Status, StoreError> {
+    Status::from_code(code).ok_or_else(|| StoreError::Corrupt(format!("status_code {code}")))
+}
+
+type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
+
+/// An outbox row's six values bound as $1-$6 (`INSERT_OUTBOX`).
+fn bind_outbox<'q>(query: PgQuery<'q>, m: &'q OutboxMessage) -> PgQuery<'q> {
+    query.bind(m.id).bind(m.transaction_id).bind(m.partner_id).bind(&m.callback_url).bind(&m.payload).bind(m.created_at)
+}
+
+/// The transaction's 24 columns bound as $1-$24, in `transaction_columns!` order.
+fn bind_transaction<'q>(query: PgQuery<'q>, t: &'q Transaction) -> PgQuery<'q> {
+    query
+        .bind(t.id)
+        .bind(t.verification_id)
+        .bind(t.partner_id)
+        .bind(t.product.as_str())
+        .bind(t.provider.as_str())
+        .bind(&t.phone)
+        .bind(&t.birth_date)
+        .bind(t.status.code())
+        .bind(t.created_at)
+        .bind(t.updated_at)
+        .bind(t.expires_at)
+        .bind(t.attempts_used)
+        .bind(t.max_attempts)
+        .bind(&t.code_hash)
+        .bind(&t.provider_ref)
+        .bind(&t.redirect_url)
+        .bind(&t.redirect_uri)
+        .bind(&t.callback_url)
+        .bind(t.name.as_ref().map(Json))
+        .bind(Json(&t.metadata))
+        .bind(t.result.as_ref().map(Json))
+        .bind(&t.provider_verification)
+        .bind(t.next_poll_at)
+        .bind(t.poll_attempts)
+}
+
+/// `LOCAL_CODE_UPDATE`'s parameters $1-$5.
+fn bind_local_code<'q, O>(
+    query: sqlx::query::QueryAs<'q, Postgres, O, PgArguments>,
+    a: &LocalCodeAttempt<'q>,
+) -> sqlx::query::QueryAs<'q, Postgres, O, PgArguments> {
+    query.bind(a.id).bind(a.now).bind(a.matched).bind(Json(a.success)).bind(Json(a.exhausted))
+}
+
+/// The attempt, the verdict and the callback it owes in one statement: the
+/// outbox row is inserted only for the status the update left.
+const LOCAL_CODE_WITH_CALLBACK: &str = concat!(
+    "WITH t AS (",
+    local_code_update!(),
+    "), owed AS (INSERT INTO outbox (",
+    outbox_columns!(),
+    ", next_attempt_at) SELECT m.id, $1, $6, $7, m.payload, m.created_at, m.created_at FROM t JOIN (VALUES \
+     ($8::uuid, 200, $9::text, $10::timestamptz), ($11::uuid, 300, $12::text, $13::timestamptz)) \
+     AS m (id, status_code, payload, created_at) ON m.status_code = t.status_code WHERE m.id IS NOT NULL) \
+     SELECT status_code, attempts_used FROM t"
+);
+
+impl PgStore {
+    async fn execute(&self, query: PgQuery<'_>) -> Result<u64, StoreError> {
+        Ok(query.execute(&self.pool).await.map_err(db)?.rows_affected())
+    }
+
+    async fn write_partner(&self, new: &NewPartner, sql: &'static str) -> Result<(), StoreError> {
+        let p = &new.partner;
+        let products = Json(p.products.iter().map(|p| p.as_str()).collect::<Vec<_>>());
+        self.execute(
+            sqlx::query(sql)
+                .bind(p.id)
+                .bind(&p.name)
+                .bind(products)
+                .bind(p.active)
+                .bind(p.webhook_secret.expose())
+                .bind(p.created_at)
+                .bind(&new.api_key_hash),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn rotate(
+        &self,
+        sql: &'static str,
+        id: Uuid,
+        value: &str,
+        previous_until: Option<DateTime<Utc>>,
+    ) -> Result<bool, StoreError> {
+        Ok(self.execute(sqlx::query(sql).bind(id).bind(value).bind(previous_until)).await? == 1)
+    }
+
+    async fn insert_outbox<'c, E>(executor: E, message: &OutboxMessage) -> Result<(), StoreError>
+    where
+        E: sqlx::Executor<'c, Database = Postgres>,
+    {
+        bind_outbox(sqlx::query(q::INSERT_OUTBOX), message).execute(executor).await.map_err(db)?;
+        Ok(())
+    }
+
+    /// Listens on `PARTNER_CHANNEL` over a connection of its own (outside
+    /// the request pool). The cache is followed only while the listener is
+    /// connected and listening; a lost connection stops that at once and is
+    /// re-opened after a pause.
+    async fn follow_changes(&self, cache: &PartnerCache) {
+        let options = (*self.pool.connect_options()).clone();
+        let own = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(options);
+        let mut pause = Duration::from_secs(1);
+        loop {
+            match listen(&own).await {
+                Ok(mut listener) => {
+                    cache.set_following(true);
+                    pause = Duration::from_secs(1);
+                    tracing::debug!("following partner changes");
+                    self.hear_changes(&mut listener, cache).await;
+                    cache.set_following(false);
+                    tracing::warn!(
+                        "lost the partner-change listener; partners are read from the database until it is back"
+                    );
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for partner changes yet; partners are read from the database");
+                    pause = (pause * 2).min(Duration::from_secs(30));
+                }
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// Empties the cache at each announced change until the listening
+    /// connection is lost. A connection can die without a word (a dropped
+    /// NAT entry, a pooler that does not keep LISTEN): after `HEARTBEAT` of
+    /// quiet, a ping is announced through the request pool and must be heard
+    /// within `ECHO_WAIT`, else the listener counts as lost.
+    async fn hear_changes(&self, listener: &mut PgListener, cache: &PartnerCache) {
+        const HEARTBEAT: Duration = Duration::from_secs(10);
+        const ECHO_WAIT: Duration = Duration::from_secs(5);
+        let heard = |notification: PgNotification| {
+            if notification.payload() != PING {
+                cache.changed();
+            }
+        };
+        loop {
+            match tokio::time::timeout(HEARTBEAT, listener.try_recv()).await {
+                // `Ok(None)`: the connection was lost (the listener is set not
+                // to reconnect by itself, so nothing is missed unseen).
+                Ok(Ok(Some(notification))) => heard(notification),
+                Ok(_) => return,
+                Err(_quiet) => {
+                    let ping = sqlx::query("SELECT pg_notify($1, $2)").bind(PARTNER_CHANNEL).bind(PING);
+                    if !matches!(tokio::time::timeout(ECHO_WAIT, ping.execute(&self.pool)).await, Ok(Ok(_))) {
+                        return;
+                    }
+                    match tokio::time::timeout(ECHO_WAIT, listener.try_recv()).await {
+                        Ok(Ok(Some(notification))) => heard(notification),
+                        _ => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The channel the `partners` table's trigger notifies (migration 0006).
+const PARTNER_CHANNEL: &str = "handset_partners";
+/// The payload of the listener's own heartbeat (the trigger's is empty).
+const PING: &str = "ping";
+
+async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.eager_reconnect(false);
+    listener.listen(PARTNER_CHANNEL).await?;
+    Ok(listener)
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("../../migrations/postgres").run(&self.pool).await.map_err(|e| StoreError::Database(Box::new(e)))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.execute(sqlx::query("SELECT 1")).await?;
+        Ok(())
+    }
+
+    fn pool_usage(&self) -> Vec<PoolUsage> {
+        let idle = u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX);
+        let max = self.pool.options().get_max_connections();
+        vec![PoolUsage { pool: "main", open: self.pool.size(), idle, max }]
+    }
+
+    async fn follow_partner_changes(&self, cache: &PartnerCache) {
+        self.follow_changes(cache).await
+    }
+
+    async fn insert_partner(&self, new: &NewPartner) -> Result<(), StoreError> {
+        self.write_partner(new, q::INSERT_PARTNER).await
+    }
+
+    async fn upsert_partner(&self, new: &NewPartner) -> Result<(), StoreError> {
+        self.write_partner(new, q::UPSERT_PARTNER).await
+    }
+
+    async fn partner_by_key_hash(
+        &self,
+        api_key_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<PartnerByKey>, StoreError> {
+        let row: Option<PartnerByKeyRow> = sqlx::query_as(q::PARTNER_BY_KEY)
+            .bind(api_key_hash)
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.map(PartnerByKey::try_from).transpose()
+    }
+
+    async fn partners(&self) -> Result<Vec<PartnerRecord>, StoreError> {
+        let rows: Vec<PartnerRecordRow> = sqlx::query_as(q::PARTNERS).fetch_all(&self.pool).await.map_err(db)?;
+        rows.into_iter().map(PartnerRecord::try_from).collect()
+    }
+
+    async fn partner(&self, id: Uuid) -> Result<Option<PartnerRecord>, StoreError> {
+        let row: Option<PartnerRecordRow> =
+            sqlx::query_as(q::PARTNER).bind(id).fetch_optional(&self.pool).await.map_err(db)?;
+        row.map(PartnerRecord::try_from).transpose()
+    }
+
+    async fn rotate_api_key(
+        &self,
+        id: Uuid,
+        api_key_hash: &str,
+        previous_until: Option<DateTime<Utc>>,
+    ) -> Result<bool, StoreError> {
+        self.rotate(q::ROTATE_API_KEY, id, api_key_hash, previous_until).await
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        id: Uuid,
+        webhook_secret: &str,
+        previous_until: Option<DateTime<Utc>>,
+    ) -> Result<bool, StoreError> {
+        self.rotate(q::ROTATE_WEBHOOK_SECRET, id, webhook_secret, previous_until).await
+    }
+
+    async fn requeue_failed_callbacks(
+        &self,
+        partner_id: Uuid,
+        since: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Requeued, StoreError> {
+        let ids: Vec<(Uuid,)> = sqlx::query_as(q::REQUEUE_FAILED)
+            .bind(partner_id)
+            .bind(since)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        let purged: i64 = sqlx::query_scalar(q::COUNT_FAILED_PURGED)
+            .bind(partner_id)
+            .bind(since)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(Requeued { ids: ids.into_iter().map(|(id,)| id).collect(), purged: u64::try_from(purged).unwrap_or(0) })
+    }
+
+    async fn set_partner_active(&self, id: Uuid, active: bool) -> Result<bool, StoreError> {
+        Ok(self.execute(sqlx::query(q::SET_PARTNER_ACTIVE).bind(id).bind(active)).await? == 1)
+    }
+
+    async fn verification(&self, id: Uuid) -> Result<Option<Verification>, StoreError> {
+        let row: Option<VerificationRow> =
+            sqlx::query_as(q::VERIFICATION).bind(id).fetch_optional(&self.pool).await.map_err(db)?;
+        Ok(row.map(Verification::from))
+    }
+
+    async fn insert_transaction(
+        &self,
+        t: &Transaction,
+        new_verification: Option<&Verification>,
+        outbox: Option<&OutboxMessage>,
+    ) -> Result<(), StoreError> {
+        // A start (a new verification, nothing owed yet): one statement.
+        if let (Some(v), None) = (new_verification, outbox) {
+            let query =
+                bind_transaction(sqlx::query(q::INSERT_START), t).bind(v.id).bind(v.partner_id).bind(v.created_at);
+            self.execute(query).await?;
+            return Ok(());
+        }
+        let mut db_tx = self.pool.begin().await.map_err(db)?;
+        if let Some(v) = new_verification {
+            sqlx::query(q::INSERT_VERIFICATION)
+                .bind(v.id)
+                .bind(v.partner_id)
+                .bind(v.created_at)
+                .execute(&mut *db_tx)
+                .await
+                .map_err(db)?;
+        }
+        bind_transaction(sqlx::query(q::INSERT_TRANSACTION), t).execute(&mut *db_tx).await.map_err(db)?;
+        if let Some(message) = outbox {
+            Self::insert_outbox(&mut *db_tx, message).await?;
+        }
+        db_tx.commit().await.map_err(db)
+    }
+
+    async fn transaction(&self, id: Uuid) -> Result<Option<Transaction>, StoreError> {
+        let row: Option<TransactionRow> =
+            sqlx::query_as(q::TRANSACTION).bind(id).fetch_optional(&self.pool).await.map_err(db)?;
+        row.map(Transaction::try_from).transpose()
+    }
+
+    async fn transactions_of_verification(&self, verification_id: Uuid) -> Result<Vec<Transaction>, StoreError> {
+        let rows: Vec<TransactionRow> = sqlx::query_as(q::TRANSACTIONS_OF_VERIFICATION)
+            .bind(verification_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.into_iter().map(Transaction::try_from).collect()
+    }
+
+    async fn use_attempt(&self, id: Uuid, now: DateTime<Utc>) -> Result<Option<i32>, StoreError> {
+        sqlx::query_scalar(q::USE_ATTEMPT).bind(id).bind(now).fetch_optional(&self.pool).await.map_err(db)
+    }
+
+    async fn refund_attempt(&self, id: Uuid) -> Result<bool, StoreError> {
+        Ok(self.execute(sqlx::query(q::REFUND_ATTEMPT).bind(id)).await? == 1)
+    }
+
+    async fn attempt_local_code(&self, a: LocalCodeAttempt<'_>) -> Result<Option<(Status, i32)>, StoreError> {
+        let row = match a.on_success.or(a.on_exhausted) {
+            // Both messages share the transaction's partner and callback URL.
+            Some(message) => bind_local_code(sqlx::query_as::<_, (i32, i32)>(LOCAL_CODE_WITH_CALLBACK), &a)
+                .bind(message.partner_id)
+                .bind(&message.callback_url)
+                .bind(a.on_success.map(|m| m.id))
+                .bind(a.on_success.map(|m| m.payload.as_str()))
+                .bind(a.on_success.map(|m| m.created_at))
+                .bind(a.on_exhausted.map(|m| m.id))
+                .bind(a.on_exhausted.map(|m| m.payload.as_str()))
+                .bind(a.on_exhausted.map(|m| m.created_at))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?,
+            None => bind_local_code(sqlx::query_as::<_, (i32, i32)>(q::LOCAL_CODE_UPDATE), &a)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?,
+        };
+        row.map(|(code, used)| Ok((status_of(code)?, used))).transpose()
+    }
+
+    async fn finalize(&self, f: Finalization<'_>) -> Result<bool, StoreError> {
+        let t = f.transaction;
+        let mut db_tx = self.pool.begin().await.map_err(db)?;
+        let done = sqlx::query(q::FINALIZE)
+            .bind(t.id)
+            .bind(t.status.code())
+            .bind(t.result.as_ref().map(Json))
+            .bind(t.updated_at)
+            .bind(t.attempts_used)
+            .bind(&t.provider_ref)
+            .execute(&mut *db_tx)
+            .await
+            .map_err(db)?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        if let Some(message) = f.outbox {
+            Self::insert_outbox(&mut *db_tx, message).await?;
+        }
+        db_tx.commit().await.map_err(db)?;
+        Ok(true)
+    }
+
+    async fn renew_provider_ref(&self, id: Uuid, old: Option<&str>, renewed: &str) -> Result<bool, StoreError> {
+        Ok(self.execute(sqlx::query(q::RENEW_PROVIDER_REF).bind(id).bind(old).bind(renewed)).await? == 1)
+    }
+
+    async fn insert_outbox_capped(&self, message: &OutboxMessage, max_pending: i64) -> Result<bool, StoreError> {
+        let mut db_tx = self.pool.begin().await.map_err(db)?;
+        sqlx::query(q::LOCK_TRANSACTION).bind(message.transaction_id).execute(&mut *db_tx).await.map_err(db)?;
+        let pending: i64 = sqlx::query_scalar(q::COUNT_PENDING_CALLBACKS)
+            .bind(message.transaction_id)
+            .fetch_one(&mut *db_tx)
+            .await
+            .map_err(db)?;
+        if pending >= max_pending {
+            return Ok(false);
+        }
+        Self::insert_outbox(&mut *db_tx, message).await?;
+        db_tx.commit().await.map_err(db)?;
+        Ok(true)
+    }
+
+    async fn callbacks_of_transaction(&self, transaction_id: Uuid) -> Result<Vec<CallbackRecord>, StoreError> {
+        let rows: Vec<OutboxRow> =
+            sqlx::query_as(q::CALLBACKS_OF_TRANSACTION).bind(transaction_id).fetch_all(&self.pool).await.map_err(db)?;
+        let attempts: Vec<AttemptRow> =
+            sqlx::query_as(q::ATTEMPTS_OF_TRANSACTION).bind(transaction_id).fetch_all(&self.pool).await.map_err(db)?;
+        crate::rows::callback_records(rows, &attempts)
+    }
+
+    async fn claim_due_callbacks(&self, claim: Claim<'_>) -> Result<Vec<ClaimedCallback>, StoreError> {
+        let rows: Vec<OutboxRow> = sqlx::query_as(q::CLAIM_CALLBACKS_PG)
+            .bind(claim.owner)
+            .bind(claim.lease_until)
+            .bind(claim.now)
+            .bind(claim.limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        // Each partner's secret, and its previous one while a rotation overlaps.
+        let mut secrets: Vec<(Uuid, String, Option<String>)> = Vec::new();
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in rows {
+            let partner_id = row.partner_id();
+            let (secret, previous) = match secrets.iter().find(|(id, ..)| *id == partner_id) {
+                Some((_, secret, previous)) => (secret.clone(), previous.clone()),
+                None => {
+                    let (secret, previous): (String, Option<String>) = sqlx::query_as(q::WEBHOOK_SECRETS)
+                        .bind(partner_id)
+                        .bind(claim.now)
+                        .fetch_one(&self.pool)
+                        .await
+                        .map_err(db)?;
+                    secrets.push((partner_id, secret.clone(), previous.clone()));
+                    (secret, previous)
+                }
+            };
+            // Attempts are counted when recorded, so a claim lost to a crash costs no retry.
+            claimed.push(ClaimedCallback {
+                message: row.message(),
+                attempts_before: row.attempts,
+                webhook_secret: secret.into(),
+                previous_webhook_secret: previous.map(Into::into),
+            });
+        }
+        Ok(claimed)
+    }
+
+    async fn finish_callback_attempt(
+        &self,
+        id: Uuid,
+        owner: &str,
+        attempt: &CallbackAttempt,
+        next: AfterAttempt,
+    ) -> Result<bool, StoreError> {
+        let (state, next_attempt_at, finished_at) = match next {
+            AfterAttempt::Delivered => (CallbackState::Delivered, None, Some(attempt.attempted_at)),
+            AfterAttempt::RetryAt(at) => (CallbackState::Pending, Some(at), None),
+            AfterAttempt::GiveUp => (CallbackState::Failed, None, Some(attempt.attempted_at)),
+        };
+        let mut db_tx = self.pool.begin().await.map_err(db)?;
+        let done = sqlx::query(q::FINISH_CALLBACK)
+            .bind(id)
+            .bind(owner)
+            .bind(state.as_str())
+            .bind(next_attempt_at)
+            .bind(finished_at)
+            .execute(&mut *db_tx)
+            .await
+            .map_err(db)?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        sqlx::query(q::INSERT_CALLBACK_ATTEMPT)
+            .bind(id)
+            .bind(attempt.attempted_at)
+            .bind(attempt.status_code)
+            .bind(&attempt.error)
+            .bind(attempt.latency_ms)
+            .execute(&mut *db_tx)
+            .await
+            .map_err(db)?;
+        db_tx.commit().await.map_err(db)?;
+        Ok(true)
+    }
+
+    async fn due_callbacks(&self, now: DateTime<Utc>) -> Result<i64, StoreError> {
+        sqlx::query_scalar(q::COUNT_DUE_CALLBACKS).bind(now).fetch_one(&self.pool).await.map_err(db)
+    }
+
+    async fn transaction_by_provider_ref(
+        &self,
+        provider: ProviderName,
+        provider_ref: &str,
+    ) -> Result<Option<Transaction>, StoreError> {
+        let row: Option<TransactionRow> = sqlx::query_as(q::TRANSACTION_BY_PROVIDER_REF)
+            .bind(provider.as_str())
+            .bind(provider_ref)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.map(Transaction::try_from).transpose()
+    }
+
+    async fn claim_due_polls(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<Transaction>, StoreError> {
+        let rows: Vec<TransactionRow> = sqlx::query_as(q::CLAIM_POLLS_PG)
+            .bind(now)
+            .bind(lease_until)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.into_iter().map(Transaction::try_from).collect()
+    }
+
+    async fn schedule_poll(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
+        self.execute(sqlx::query(q::SCHEDULE_POLL).bind(id).bind(at)).await?;
+        Ok(())
+    }
+
+    async fn begin_idempotent(&self, c: IdempotencyClaim<'_>) -> Result<IdempotencyBegin, StoreError> {
+        let inserted = self
+            .execute(
+                sqlx::query(q::INSERT_IDEMPOTENCY)
+                    .bind(c.scope)
+                    .bind(c.key)
+                    .bind(c.request_hash)
+                    .bind(c.now)
+                    .bind(c.lock_until),
+            )
+            .await?;
+        if inserted == 1 {
+            return Ok(IdempotencyBegin::Proceed);
+        }
+        let taken = self
+            .execute(
+                sqlx::query(q::TAKE_OVER_IDEMPOTENCY)
+                    .bind(c.scope)
+                    .bind(c.key)
+                    .bind(c.request_hash)
+                    .bind(c.now)
+                    .bind(c.lock_until)
+                    .bind(c.expired_before),
+            )
+            .await?;
+        if taken == 1 {
+            return Ok(IdempotencyBegin::Proceed);
+        }
+        let row: Option<(String, String, Option<i32>, Option<String>)> = sqlx::query_as(q::IDEMPOTENCY_RECORD)
+            .bind(c.scope)
+            .bind(c.key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(crate::rows::idempotency_begin(row, c.request_hash))
+    }
+
+    async fn finish_idempotent(&self, scope: &str, key: &str, status: u16, body: &str) -> Result<(), StoreError> {
+        let query = sqlx::query(q::FINISH_IDEMPOTENCY).bind(scope).bind(key).bind(i32::from(status)).bind(body);
+        self.execute(query).await?;
+        Ok(())
+    }
+
+    async fn release_idempotent(&self, scope: &str, key: &str) -> Result<(), StoreError> {
+        self.execute(sqlx::query(q::RELEASE_IDEMPOTENCY).bind(scope).bind(key)).await?;
+        Ok(())
+    }
+
+    async fn purge_idempotency(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.execute(sqlx::query(q::PURGE_IDEMPOTENCY).bind(before)).await
+    }
+
+    async fn add_rate_hits(&self, scope: &str, window_start: DateTime<Utc>, hits: i64) -> Result<i64, StoreError> {
+        let added = i32::try_from(hits).unwrap_or(i32::MAX);
+        let hits: i32 = sqlx::query_scalar(q::ADD_RATE_HITS)
+            .bind(scope)
+            .bind(window_start)
+            .bind(added)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(i64::from(hits))
+    }
+
+    async fn take_rate_hit(&self, scope: &str, window_start: DateTime<Utc>, limit: i64) -> Result<bool, StoreError> {
+        let taken: Option<i32> = sqlx::query_scalar(q::TAKE_RATE_HIT)
+            .bind(scope)
+            .bind(window_start)
+            .bind(i32::try_from(limit).unwrap_or(i32::MAX))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(taken.is_some())
+    }
+
+    async fn purge_rate_counters(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.execute(sqlx::query(q::PURGE_RATE_COUNTERS).bind(before)).await
+    }
+
+    async fn expired_pending(&self, now: DateTime<Utc>, limit: i64) -> Result<Vec<Transaction>, StoreError> {
+        let rows: Vec<TransactionRow> =
+            sqlx::query_as(q::EXPIRED_PENDING).bind(now).bind(limit).fetch_all(&self.pool).await.map_err(db)?;
+        rows.into_iter().map(Transaction::try_from).collect()
+    }
+
+    async fn purge_personal_data(&self, created_before: DateTime<Utc>, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut db_tx = self.pool.begin().await.map_err(db)?;
+        sqlx::query(q::PURGE_CALLBACK_BODIES).bind(created_before).execute(&mut *db_tx).await.map_err(db)?;
+        let purged = sqlx::query(q::PURGE_TRANSACTIONS)
+            .bind(created_before)
+            .bind(Json(serde_json::json!({})))
+            .bind(Json(TransactionResult::Purged { purged: true }))
+            .bind(now)
+            .execute(&mut *db_tx)
+            .await
+            .map_err(db)?;
+        db_tx.commit().await.map_err(db)?;
+        Ok(purged.rows_affected())
+    }
+}
