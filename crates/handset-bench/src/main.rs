@@ -226,75 +226,70 @@ async fn start_gateway(db: &TestDatabase, args: &Args, partner_cache_ttl: Option
     base
 }
 
-/// The minimal SQL of one flow, prepared, on `pool`: a start is one
+/// The minimal SQL of one flow, prepared, on Postgres: a start is one
 /// transaction (the verification and the transaction), a confirm is one
 /// (lock the row, write the final state and the callback row).
-macro_rules! minimal_flow {
-    ($pool:expr, $begin:literal, $lock:literal) => {{
-        // `$begin` opens each transaction: SQLite takes its write lock at once
-        // (a deferred one could not upgrade after another writer committed).
-        let pool = $pool;
-        let now = Utc::now();
-        let (verification, id) = (Uuid::new_v4(), Uuid::new_v4());
-        let mut start = pool.begin_with($begin).await.map_err(|e| e.to_string())?;
-        sqlx::query("INSERT INTO verifications (id, partner_id, created_at) VALUES ($1, $2, $3)")
-            .bind(verification)
-            .bind(DEV_PARTNER_ID)
-            .bind(now)
-            .execute(&mut *start)
-            .await
-            .map_err(|e| e.to_string())?;
-        sqlx::query(
-            "INSERT INTO transactions (id, verification_id, partner_id, product, provider, phone, status_code, \
-             created_at, updated_at, expires_at, max_attempts, code_hash, callback_url, metadata) \
-             VALUES ($1, $2, $3, 'possession.sms', 'sandbox', '+14155550123', 210, $4, $4, $5, 5, $6, $7, $8)",
-        )
-        .bind(id)
+async fn minimal_flow(pool: &sqlx::PgPool) -> FlowResult {
+    let now = Utc::now();
+    let (verification, id) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut start = pool.begin().await.map_err(|e| e.to_string())?;
+    sqlx::query("INSERT INTO verifications (id, partner_id, created_at) VALUES ($1, $2, $3)")
         .bind(verification)
         .bind(DEV_PARTNER_ID)
         .bind(now)
-        .bind(now + chrono::Duration::minutes(10))
-        .bind(code_hash(DEVELOPMENT_CODE_PEPPER.as_bytes(), id, "123123"))
-        .bind(CALLBACK_URL)
-        .bind(Json(json!({})))
         .execute(&mut *start)
         .await
         .map_err(|e| e.to_string())?;
-        start.commit().await.map_err(|e| e.to_string())?;
+    sqlx::query(
+        "INSERT INTO transactions (id, verification_id, partner_id, product, provider, phone, status_code, \
+             created_at, updated_at, expires_at, max_attempts, code_hash, callback_url, metadata) \
+             VALUES ($1, $2, $3, 'possession.sms', 'sandbox', '+14155550123', 210, $4, $4, $5, 5, $6, $7, $8)",
+    )
+    .bind(id)
+    .bind(verification)
+    .bind(DEV_PARTNER_ID)
+    .bind(now)
+    .bind(now + chrono::Duration::minutes(10))
+    .bind(code_hash(DEVELOPMENT_CODE_PEPPER.as_bytes(), id, "123123"))
+    .bind(CALLBACK_URL)
+    .bind(Json(json!({})))
+    .execute(&mut *start)
+    .await
+    .map_err(|e| e.to_string())?;
+    start.commit().await.map_err(|e| e.to_string())?;
 
-        let now = Utc::now();
-        let mut confirm = pool.begin_with($begin).await.map_err(|e| e.to_string())?;
-        let (_hash, _used): (Option<String>, i32) =
-            sqlx::query_as(concat!("SELECT code_hash, attempts_used FROM transactions WHERE id = $1 ", $lock))
-                .bind(id)
-                .fetch_one(&mut *confirm)
-                .await
-                .map_err(|e| e.to_string())?;
-        sqlx::query(
-            "UPDATE transactions SET status_code = 200, attempts_used = attempts_used + 1, result = $2, \
+    let now = Utc::now();
+    let mut confirm = pool.begin().await.map_err(|e| e.to_string())?;
+    let (_hash, _used): (Option<String>, i32) =
+        sqlx::query_as("SELECT code_hash, attempts_used FROM transactions WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_one(&mut *confirm)
+            .await
+            .map_err(|e| e.to_string())?;
+    sqlx::query(
+        "UPDATE transactions SET status_code = 200, attempts_used = attempts_used + 1, result = $2, \
              updated_at = $3 WHERE id = $1",
-        )
-        .bind(id)
-        .bind(Json(json!({"phone": "+14155550123"})))
-        .bind(now)
-        .execute(&mut *confirm)
-        .await
-        .map_err(|e| e.to_string())?;
-        sqlx::query(
-            "INSERT INTO outbox (id, transaction_id, partner_id, callback_url, payload, created_at, next_attempt_at) \
+    )
+    .bind(id)
+    .bind(Json(json!({"phone": "+14155550123"})))
+    .bind(now)
+    .execute(&mut *confirm)
+    .await
+    .map_err(|e| e.to_string())?;
+    sqlx::query(
+        "INSERT INTO outbox (id, transaction_id, partner_id, callback_url, payload, created_at, next_attempt_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $6)",
-        )
-        .bind(Uuid::new_v4())
-        .bind(id)
-        .bind(DEV_PARTNER_ID)
-        .bind(CALLBACK_URL)
-        .bind(r#"{"status":{"code":200}}"#)
-        .bind(now)
-        .execute(&mut *confirm)
-        .await
-        .map_err(|e| e.to_string())?;
-        confirm.commit().await.map_err(|e| e.to_string())
-    }};
+    )
+    .bind(Uuid::new_v4())
+    .bind(id)
+    .bind(DEV_PARTNER_ID)
+    .bind(CALLBACK_URL)
+    .bind(r#"{"status":{"code":200}}"#)
+    .bind(now)
+    .execute(&mut *confirm)
+    .await
+    .map_err(|e| e.to_string())?;
+    confirm.commit().await.map_err(|e| e.to_string())
 }
 
 /// The schema and the development partner, as the app creates them at start.
@@ -325,31 +320,13 @@ async fn minimal_sql(db: &TestDatabase, args: &Args) -> Run {
                 .expect("connect");
             measure(args.flows, args.concurrency, move || {
                 let pool = pool.clone();
-                async move { minimal_flow!(&pool, "BEGIN", "FOR UPDATE") }
+                async move { minimal_flow(&pool).await }
             })
             .await
         }
-        Kind::Sqlite => {
-            use std::str::FromStr;
-            let options = sqlx::sqlite::SqliteConnectOptions::from_str(&db.url)
-                .expect("url")
-                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-                .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
-                .busy_timeout(Duration::from_secs(10));
-            // One writer at a time is all SQLite allows; one connection
-            // taking turns beats several contending for the file lock.
-            let pool = sqlx::sqlite::SqlitePoolOptions::new()
-                .max_connections(1)
-                .test_before_acquire(false)
-                .connect_with(options)
-                .await
-                .expect("connect");
-            measure(args.flows, args.concurrency, move || {
-                let pool = pool.clone();
-                async move { minimal_flow!(&pool, "BEGIN IMMEDIATE", "") }
-            })
-            .await
-        }
+        // SQLite allows one writer: its least work is one connection
+        // running the flows one after another.
+        Kind::Sqlite => sqlite_direct(db, args).await,
     }
 }
 
@@ -357,7 +334,6 @@ async fn minimal_sql(db: &TestDatabase, args: &Args) -> Run {
 /// connection on a thread of its own, one flow after another, with nothing
 /// in between (no async runtime, no driver thread to hand statements to).
 async fn sqlite_direct(db: &TestDatabase, args: &Args) -> Run {
-    prepare(db).await;
     let path = db.url.trim_start_matches("sqlite://").split('?').next().unwrap_or_default().to_owned();
     let flows = args.flows;
     tokio::task::spawn_blocking(move || direct_flows(&path, flows)).await.expect("the direct run")
@@ -545,13 +521,6 @@ async fn main() {
             row(name, &format!("handset, cache {}", args.partner_cache_ttl), compared);
         }
         row(name, "minimal SQL (ceiling)", &ceiling);
-        let direct = match kind {
-            Kind::Sqlite => Some(sqlite_direct(&TestDatabase::new(kind).await, &args).await),
-            Kind::Postgres => None,
-        };
-        if let Some(direct) = &direct {
-            row(name, "minimal SQL, direct", direct);
-        }
         row(name, &format!("handset at {half:.0}/s"), &paced);
         let ratio = |run: &Run| run.per_second() / ceiling.per_second();
         match &compared {
@@ -562,12 +531,6 @@ async fn main() {
                 args.partner_cache_ttl
             ),
             None => println!("{name:<9} handset reaches {:.2}x of the ceiling", ratio(&gateway)),
-        }
-        if let Some(direct) = &direct {
-            println!(
-                "{name:<9} handset reaches {:.2}x of SQLite itself (one rusqlite connection, no driver thread)",
-                gateway.per_second() / direct.per_second()
-            );
         }
         if args.in_flight > 0 {
             let (run, peak) = in_flight_run(kind, &args).await;

@@ -215,11 +215,19 @@ impl Engine {
     }
 }
 
+/// The WAL pages after which the writer checkpoints by itself: only when
+/// the checkpointer thread has fallen that far behind (SQLite's default is 1000).
+const WRITER_CHECKPOINT_PAGES: i64 = 10_000;
+/// The least time between two checkpoints by the checkpointer thread.
+const CHECKPOINT_PAUSE: Duration = Duration::from_millis(100);
+
 /// The writer thread: takes the queued writes in groups, one transaction
 /// (and one commit) per group. A connection that cannot be opened fails the
 /// waiting writes and is tried again for the next ones.
 fn run_writer(location: &Location, queue: &mpsc::Receiver<Box<dyn Job>>) {
     let mut conn: Option<Connection> = None;
+    // Wakes the checkpointer after commits (one pending signal is enough).
+    let mut committed: Option<mpsc::SyncSender<()>> = None;
     while let Ok(first) = queue.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -229,8 +237,8 @@ fn run_writer(location: &Location, queue: &mpsc::Receiver<Box<dyn Job>>) {
             }
         }
         if conn.is_none() {
-            match open(location, false) {
-                Ok(opened) => conn = Some(opened),
+            match open_writer(location) {
+                Ok((opened, checkpointer)) => (conn, committed) = (Some(opened), checkpointer),
                 Err(error) => {
                     tracing::warn!(%error, "cannot open the SQLite database");
                     group.into_iter().for_each(|job| job.answer(Err(&error)));
@@ -247,6 +255,41 @@ fn run_writer(location: &Location, queue: &mpsc::Receiver<Box<dyn Job>>) {
             continue;
         }
         group.into_iter().for_each(|job| job.answer(Ok(())));
+        if let Some(wake) = &committed {
+            let _ = wake.try_send(());
+        }
+    }
+}
+
+/// The writer's connection and, for a file, the checkpointer thread it wakes.
+///
+/// A checkpoint copies the WAL into the database file and syncs both; run by
+/// the writer (SQLite's default, every 1000 pages) it stalls every queued
+/// write behind the disk. Run by a thread of its own (`PASSIVE`: it never
+/// blocks the writer or readers), the writer only appends to the WAL.
+fn open_writer(location: &Location) -> rusqlite::Result<(Connection, Option<mpsc::SyncSender<()>>)> {
+    let conn = open(location, false)?;
+    let Location::File(_) = location else { return Ok((conn, None)) };
+    conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
+    let checkpointer = open(location, false)?;
+    let (wake, woken) = mpsc::sync_channel(1);
+    let spawned = std::thread::Builder::new().name("handset-sqlite-checkpoint".into()).spawn(move || {
+        // Ends when the writer (the only sender) is gone.
+        while woken.recv().is_ok() {
+            if let Err(error) = checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::warn!(%error, "SQLite checkpoint failed; the writer checkpoints by itself meanwhile");
+            }
+            std::thread::sleep(CHECKPOINT_PAUSE);
+        }
+    });
+    match spawned {
+        Ok(_) => Ok((conn, Some(wake))),
+        Err(error) => {
+            // Without the thread, the writer checkpoints as SQLite does by default.
+            tracing::warn!(%error, "no SQLite checkpoint thread; the writer checkpoints");
+            conn.pragma_update(None, "wal_autocheckpoint", 1000)?;
+            Ok((conn, None))
+        }
     }
 }
 
