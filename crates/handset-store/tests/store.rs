@@ -635,3 +635,95 @@ async fn postgres_over_tls() {
     assert!(sessions > 0, "the store keeps a session open");
     assert_eq!(encrypted, sessions, "every session of the store uses TLS");
 }
+
+/// SQLite's migrations are applied by the store itself (not by sqlx) and
+/// recorded as sqlx records them: a file sqlx's own migrator migrated is
+/// accepted as up to date, and a file this store migrated is one sqlx's
+/// migrator finds nothing to do on (same versions, same checksums).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_migrations_agree_with_sqlx() {
+    use sqlx::migrate::Migrator;
+    let migrator = Migrator::new(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../migrations/sqlite")))
+        .await
+        .unwrap();
+
+    // Migrated by sqlx, then opened by the store.
+    let by_sqlx = TestDatabase::sqlite();
+    let pool = sqlx::SqlitePool::connect(&format!("{}?mode=rwc", by_sqlx.url)).await.unwrap();
+    migrator.run(&pool).await.unwrap();
+    let store = handset_store::connect(&by_sqlx.url, &PoolSettings::default()).unwrap();
+    store.migrate().await.expect("the store accepts sqlx's record");
+    pool.close().await;
+
+    // Migrated by the store, then checked by sqlx: every migration applied, none dirty.
+    let by_store = TestDatabase::sqlite();
+    let store = handset_store::connect(&by_store.url, &PoolSettings::default()).unwrap();
+    store.migrate().await.unwrap();
+    let pool = sqlx::SqlitePool::connect(&by_store.url).await.unwrap();
+    migrator.run(&pool).await.expect("sqlx finds the store's record consistent");
+    let applied: Vec<(i64, bool)> = sqlx::query_as("SELECT version, success FROM _sqlx_migrations ORDER BY version")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let expected: Vec<(i64, bool)> =
+        migrator.iter().filter(|m| !m.migration_type.is_down_migration()).map(|m| (m.version, true)).collect();
+    assert_eq!(applied, expected);
+}
+
+/// A SQLite file from a newer handset (a migration this build does not
+/// know), or one whose applied migration was edited, is refused with a
+/// message that says so, and nothing is changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_refuses_a_schema_it_does_not_know() {
+    for (tamper, expected) in [
+        (
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+             VALUES (99990001, 'future', TRUE, x'00', 0)",
+            "does not know",
+        ),
+        ("UPDATE _sqlx_migrations SET checksum = x'00' WHERE version = 1", "was changed"),
+        ("UPDATE _sqlx_migrations SET success = FALSE WHERE version = 1", "half-applied"),
+    ] {
+        let db = TestDatabase::sqlite();
+        let store = handset_store::connect(&db.url, &PoolSettings::default()).unwrap();
+        store.migrate().await.unwrap();
+        let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+        sqlx::query(tamper).execute(&pool).await.unwrap();
+        let error = store.migrate().await.expect_err(tamper).to_string();
+        assert!(error.contains(expected), "{tamper}: {error}");
+    }
+}
+
+/// Writes queued together share one commit, but each is its own unit: one
+/// that fails (a duplicate id) is rolled back alone, and the writes grouped
+/// with it are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_failing_write_spares_its_group() {
+    let f = fixture(Kind::Sqlite).await;
+    let taken = insert_pending(&f).await;
+    let mut writes = Vec::new();
+    for i in 0..40 {
+        let v = verification(&f.partner);
+        let tx =
+            if i % 4 == 0 { Transaction { verification_id: v.id, ..taken.clone() } } else { pending(&f.partner, &v) };
+        let store = f.store.clone();
+        writes.push(tokio::spawn(async move {
+            let outcome = store.insert_transaction(&tx, Some(&v), None).await;
+            (tx.id, v.id, outcome.is_ok())
+        }));
+    }
+    let mut kept = 0;
+    for write in writes {
+        let (tx_id, verification_id, ok) = write.await.unwrap();
+        let verification = f.store.verification(verification_id).await.unwrap();
+        if tx_id == taken.id {
+            assert!(!ok, "a duplicate transaction id is refused");
+            assert!(verification.is_none(), "its verification was rolled back with it");
+        } else {
+            assert!(ok);
+            assert!(verification.is_some() && f.store.transaction(tx_id).await.unwrap().is_some());
+            kept += 1;
+        }
+    }
+    assert_eq!(kept, 30);
+}
