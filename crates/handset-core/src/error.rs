@@ -81,6 +81,7 @@ catalogue! {
     IdempotencyKeyInFlight = 3907, Some(409), "A request with this Idempotency-Key is still in flight";
     NoProvider = 3908, Some(422), "No configured provider serves this product for this phone number";
     BodyTimeout = 3909, Some(408), "Request body was not received in time";
+    InvalidStatsQuery = 3910, Some(422), "Query parameter since, until or group_by is invalid";
     PhoneRateLimited = 5300, Some(429), "Send limit reached for this phone number";
     ProvidersUnavailable = 5001, Some(503), "Every eligible provider is unavailable";
     // Transaction result errors (telecom)

@@ -8,6 +8,7 @@ pub mod breaker;
 pub mod callback;
 pub mod config;
 pub mod error;
+pub mod funnel;
 pub mod model;
 pub mod observe;
 pub mod partner_cache;

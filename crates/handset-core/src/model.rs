@@ -274,6 +274,9 @@ pub struct Transaction {
     pub provider: ProviderName,
     /// E.164; `None` once purged by retention.
     pub phone: Option<String>,
+    /// ISO 3166 alpha-2 region of the phone, when its numbering plan tells
+    /// it; kept after retention (the funnel counts by it).
+    pub country: Option<String>,
     pub birth_date: Option<String>,
     pub status: Status,
     pub created_at: DateTime<Utc>,
@@ -307,6 +310,7 @@ debug_only!(Transaction {
     partner_id,
     product,
     provider,
+    country,
     status,
     created_at,
     updated_at,
@@ -519,6 +523,7 @@ impl Transaction {
             product,
             provider,
             phone: Some(phone.to_owned()),
+            country: None,
             birth_date: None,
             status: Status::Pending,
             created_at: now,

@@ -289,6 +289,10 @@ pub trait Store: Send + Sync {
     /// before `created_before`, keeping statuses, codes and times. Returns the
     /// number of transactions purged.
     async fn purge_personal_data(&self, created_before: DateTime<Utc>, now: DateTime<Utc>) -> Result<u64, StoreError>;
+
+    /// The funnel of the transactions the query names, one entry per group
+    /// (ordered by provider, country, product).
+    async fn funnel(&self, query: &crate::funnel::FunnelQuery) -> Result<Vec<crate::funnel::FunnelCounts>, StoreError>;
 }
 
 /// A request's claim on an `Idempotency-Key`.

@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 use crate::dns::{CallbackGuard, HostLookup, SystemLookup};
 use crate::error::{Failure, error_response};
-use crate::routes::{callbacks, docs, health, identity, possession, providers, sandbox, transactions};
+use crate::routes::{callbacks, docs, health, identity, possession, providers, sandbox, stats, transactions};
 use crate::serve::{ConnectionLimits, serve};
 use crate::settings::Settings;
 use crate::telemetry;
@@ -401,6 +401,7 @@ pub fn api_routes(sandbox: bool, guarded: Option<&AppState>) -> OpenApiRouter<Ap
         .routes(routes!(transactions::get_transaction))
         .routes(routes!(callbacks::list))
         .routes(routes!(transactions::get_verification))
+        .routes(routes!(stats::get_stats))
         .routes(routes!(providers::webhook))
         .routes(routes!(providers::operator_return))
         .routes(routes!(health::health))

@@ -1,5 +1,5 @@
 //! The `handset` command line: `serve` (default), `migrate`, `health`,
-//! `openapi`, `partner ...`, `callbacks ...`. Operator commands print JSON on
+//! `openapi`, `partner ...`, `callbacks ...`, `stats`. Operator commands print JSON on
 //! stdout (logs go to stderr) and exit 1 with a message when refused.
 
 use std::path::PathBuf;
@@ -49,6 +49,22 @@ pub enum Command {
     /// Operate on callbacks.
     #[command(subcommand)]
     Callbacks(CallbacksCommand),
+    /// The verification funnel across partners (or of one), as `GET
+    /// /v1/stats` answers it: {"since","until","groups":[...]}.
+    Stats {
+        /// Start of the range: a time before now (1h, 2d) or an RFC 3339 time.
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// End of the range (RFC 3339); default: now.
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this partner's transactions.
+        #[arg(long)]
+        partner: Option<Uuid>,
+        /// Comma-separated subset of provider, country, product (default: all three).
+        #[arg(long)]
+        group_by: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -147,7 +163,34 @@ async fn command_run(settings: Settings, command: Command) -> CliResult {
         }
         Command::Partner(command) => partner(settings, command).await,
         Command::Callbacks(command) => callbacks(settings, command).await,
+        Command::Stats { since, until, partner, group_by } => {
+            stats(settings, &since, until.as_deref(), partner, group_by.as_deref()).await
+        }
     }
+}
+
+async fn stats(
+    settings: Settings,
+    since: &str,
+    until: Option<&str>,
+    partner: Option<Uuid>,
+    group_by: Option<&str>,
+) -> CliResult {
+    let store = open_store(&settings)?;
+    if settings.database.migrate_on_start {
+        store.migrate().await?;
+    }
+    let now = chrono::Utc::now();
+    // A duration counts back from now; anything else must be a time.
+    let since = match humantime::parse_duration(since) {
+        Ok(ago) => (now - chrono::Duration::from_std(ago).map_err(|_| "--since is too long")?).to_rfc3339(),
+        Err(_) => since.to_owned(),
+    };
+    let query = handset_core::funnel::FunnelQuery::parse(partner, Some(&since), until, group_by, now)
+        .map_err(|e| e.message.into_owned())?;
+    let counts = store.funnel(&query).await?;
+    println!("{}", serde_json::to_string_pretty(&handset_core::funnel::FunnelOut::of(&query, counts))?);
+    Ok(())
 }
 
 async fn callbacks(settings: Settings, command: CallbacksCommand) -> CliResult {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use handset_core::funnel::{Dimension, FunnelCounts, FunnelQuery};
 use handset_core::model::{
     CallbackAttempt, CallbackRecord, CallbackState, ClaimedCallback, OutboxMessage, ProviderName, Status, Transaction,
     TransactionResult, Verification,
@@ -21,8 +22,10 @@ use sqlx::types::Json;
 use sqlx::{PgPool, Postgres};
 use uuid::Uuid;
 
-use crate::queries::{self as q, local_code_update, outbox_columns};
-use crate::rows::{AttemptRow, OutboxRow, PartnerByKeyRow, PartnerRecordRow, TransactionRow, VerificationRow};
+use crate::queries::{self as q, funnel_groups, funnel_range, local_code_update, outbox_columns};
+use crate::rows::{
+    AttemptRow, FunnelRow, MedianRow, OutboxRow, PartnerByKeyRow, PartnerRecordRow, TransactionRow, VerificationRow,
+};
 
 /// Postgres, the production store: reads and writes share one pool.
 #[derive(Clone)]
@@ -56,7 +59,7 @@ fn bind_outbox<'q>(query: PgQuery<'q>, m: &'q OutboxMessage) -> PgQuery<'q> {
     query.bind(m.id).bind(m.transaction_id).bind(m.partner_id).bind(&m.callback_url).bind(&m.payload).bind(m.created_at)
 }
 
-/// The transaction's 24 columns bound as $1-$24, in `transaction_columns!` order.
+/// The transaction's 25 columns bound as $1-$25, in `transaction_columns!` order.
 fn bind_transaction<'q>(query: PgQuery<'q>, t: &'q Transaction) -> PgQuery<'q> {
     query
         .bind(t.id)
@@ -83,6 +86,7 @@ fn bind_transaction<'q>(query: PgQuery<'q>, t: &'q Transaction) -> PgQuery<'q> {
         .bind(&t.provider_verification)
         .bind(t.next_poll_at)
         .bind(t.poll_attempts)
+        .bind(&t.country)
 }
 
 /// `LOCAL_CODE_UPDATE`'s parameters $1-$5.
@@ -105,6 +109,37 @@ const LOCAL_CODE_WITH_CALLBACK: &str = concat!(
      AS m (id, status_code, payload, created_at) ON m.status_code = t.status_code WHERE m.id IS NOT NULL) \
      SELECT status_code, attempts_used FROM t"
 );
+
+/// Each group's median seconds from start to success.
+macro_rules! funnel_medians {
+    ($range:tt) => {
+        concat!(
+            "SELECT ",
+            funnel_groups!(),
+            ", percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM updated_at - created_at)::float8) \
+             FROM transactions WHERE status_code = 200 AND ",
+            funnel_range!($range),
+            " GROUP BY 1, 2, 3"
+        )
+    };
+}
+
+/// The funnel query's parameters: `$1`-`$5`, and `$6` for one partner.
+fn bind_funnel<'q, O>(
+    query: sqlx::query::QueryAs<'q, Postgres, O, PgArguments>,
+    f: &FunnelQuery,
+) -> sqlx::query::QueryAs<'q, Postgres, O, PgArguments> {
+    let query = query
+        .bind(f.since)
+        .bind(f.until)
+        .bind(f.groups_by(Dimension::Provider))
+        .bind(f.groups_by(Dimension::Country))
+        .bind(f.groups_by(Dimension::Product));
+    match f.partner_id {
+        Some(id) => query.bind(id),
+        None => query,
+    }
+}
 
 impl PgStore {
     async fn execute(&self, query: PgQuery<'_>) -> Result<u64, StoreError> {
@@ -668,5 +703,17 @@ impl Store for PgStore {
             .map_err(db)?;
         db_tx.commit().await.map_err(db)?;
         Ok(purged.rows_affected())
+    }
+
+    async fn funnel(&self, query: &FunnelQuery) -> Result<Vec<FunnelCounts>, StoreError> {
+        let (counts, medians) = match query.partner_id {
+            Some(_) => (q::FUNNEL_COUNTS_OF_PARTNER, funnel_medians!(partner)),
+            None => (q::FUNNEL_COUNTS, funnel_medians!(all)),
+        };
+        let rows: Vec<FunnelRow> =
+            bind_funnel(sqlx::query_as(counts), query).fetch_all(&self.pool).await.map_err(db)?;
+        let medians: Vec<MedianRow> =
+            bind_funnel(sqlx::query_as(medians), query).fetch_all(&self.pool).await.map_err(db)?;
+        Ok(crate::rows::funnel_counts(rows, medians))
     }
 }

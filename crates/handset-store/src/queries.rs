@@ -18,13 +18,13 @@ macro_rules! partner_rotations {
     };
 }
 
-/// The transaction's 24 columns; `bind_transaction` binds them as $1-$24 in this order.
+/// The transaction's 25 columns; `bind_transaction` binds them as $1-$25 in this order.
 macro_rules! transaction_columns {
     () => {
         "id, verification_id, partner_id, product, provider, phone, birth_date, \
          status_code, created_at, updated_at, expires_at, attempts_used, max_attempts, code_hash, provider_ref, \
          redirect_url, redirect_uri, callback_url, name, metadata, result, provider_verification, next_poll_at, \
-         poll_attempts"
+         poll_attempts, country"
     };
 }
 
@@ -95,16 +95,16 @@ pub(crate) const INSERT_TRANSACTION: &str = concat!(
     "INSERT INTO transactions (",
     transaction_columns!(),
     ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, \
-     $22, $23, $24)"
+     $22, $23, $24, $25)"
 );
 
-/// Postgres: the verification (`$25`-`$27`) and the transaction in one statement.
+/// Postgres: the verification (`$26`-`$28`) and the transaction in one statement.
 pub(crate) const INSERT_START: &str = concat!(
-    "WITH verification AS (INSERT INTO verifications (id, partner_id, created_at) VALUES ($25, $26, $27)) \
+    "WITH verification AS (INSERT INTO verifications (id, partner_id, created_at) VALUES ($26, $27, $28)) \
      INSERT INTO transactions (",
     transaction_columns!(),
     ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, \
-     $22, $23, $24)"
+     $22, $23, $24, $25)"
 );
 
 pub(crate) const TRANSACTION: &str = concat!("SELECT ", transaction_columns!(), " FROM transactions WHERE id = $1");
@@ -259,3 +259,43 @@ pub(crate) const PURGE_CALLBACK_BODIES: &str =
 pub(crate) const PURGE_TRANSACTIONS: &str = "UPDATE transactions SET phone = NULL, birth_date = NULL, name = NULL, \
      redirect_uri = NULL, metadata = $2, result = CASE WHEN status_code = 200 THEN $3 ELSE result END, \
      purged_at = $4 WHERE created_at < $1 AND status_code <> 210 AND purged_at IS NULL";
+
+/// The funnel's grouping columns: `$3`-`$5` say whether to group by
+/// provider, country and product (a column not grouped by reads NULL).
+macro_rules! funnel_groups {
+    () => {
+        "CASE WHEN $3 THEN provider END AS provider, CASE WHEN $4 THEN country END AS country, \
+         CASE WHEN $5 THEN product END AS product"
+    };
+}
+pub(crate) use funnel_groups;
+
+/// Transactions created in `[$1, $2)`, of partner `$6` (`_OF_PARTNER`) or of all.
+macro_rules! funnel_range {
+    (all) => {
+        "created_at >= $1 AND created_at < $2"
+    };
+    (partner) => {
+        "partner_id = $6 AND created_at >= $1 AND created_at < $2"
+    };
+}
+pub(crate) use funnel_range;
+
+/// Started, succeeded, failed, expired (final without success at or after
+/// the deadline) and pending, per group.
+macro_rules! funnel_counts {
+    ($range:tt) => {
+        concat!(
+            "SELECT ",
+            funnel_groups!(),
+            ", COUNT(*), COUNT(CASE WHEN status_code = 200 THEN 1 END), \
+             COUNT(CASE WHEN status_code = 300 AND NOT (expires_at IS NOT NULL AND updated_at >= expires_at) THEN 1 END), \
+             COUNT(CASE WHEN status_code = 300 AND expires_at IS NOT NULL AND updated_at >= expires_at THEN 1 END), \
+             COUNT(CASE WHEN status_code = 210 THEN 1 END) FROM transactions WHERE ",
+            funnel_range!($range),
+            " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+        )
+    };
+}
+pub(crate) const FUNNEL_COUNTS: &str = funnel_counts!(all);
+pub(crate) const FUNNEL_COUNTS_OF_PARTNER: &str = funnel_counts!(partner);

@@ -1,6 +1,7 @@
 //! Rows as both databases return them, and their conversion to domain records.
 
 use chrono::{DateTime, Utc};
+use handset_core::funnel::FunnelCounts;
 use handset_core::model::{
     CallbackAttempt, CallbackRecord, CallbackState, OutboxMessage, Partner, PersonName, Product, ProviderName, Status,
     Transaction, TransactionResult, Verification,
@@ -99,6 +100,7 @@ pub(crate) struct TransactionRow {
     product: String,
     provider: String,
     phone: Option<String>,
+    country: Option<String>,
     birth_date: Option<String>,
     status_code: i32,
     created_at: DateTime<Utc>,
@@ -131,6 +133,7 @@ impl TryFrom<TransactionRow> for Transaction {
             provider: ProviderName::parse(&row.provider)
                 .ok_or_else(|| corrupt("transactions.provider", &row.provider))?,
             phone: row.phone,
+            country: row.country,
             birth_date: row.birth_date,
             status: Status::from_code(row.status_code)
                 .ok_or_else(|| corrupt("transactions.status_code", &row.status_code.to_string()))?,
@@ -244,6 +247,34 @@ pub(crate) fn idempotency_begin(
     }
 }
 
+/// A group's key and counts as the funnel's counting query returns them.
+pub(crate) type FunnelRow = (Option<String>, Option<String>, Option<String>, i64, i64, i64, i64, i64);
+/// A group's key and median seconds to success.
+pub(crate) type MedianRow = (Option<String>, Option<String>, Option<String>, Option<f64>);
+
+/// The counts of each group with its median (groups without a success have none).
+pub(crate) fn funnel_counts(rows: Vec<FunnelRow>, medians: Vec<MedianRow>) -> Vec<FunnelCounts> {
+    rows.into_iter()
+        .map(|(provider, country, product, started, succeeded, failed, expired, pending)| {
+            let median = medians
+                .iter()
+                .find(|(p, c, pr, _)| *p == provider && *c == country && *pr == product)
+                .and_then(|(.., median)| *median);
+            FunnelCounts {
+                provider,
+                country,
+                product,
+                started,
+                succeeded,
+                failed,
+                expired,
+                pending,
+                median_seconds_to_success: median,
+            }
+        })
+        .collect()
+}
+
 fn corrupt(column: &str, value: &str) -> StoreError {
     StoreError::Corrupt(format!("{column} = {value:?}"))
 }
@@ -320,6 +351,7 @@ mod sqlite {
                 provider_verification: row.get(21)?,
                 next_poll_at: get_opt_ts(row, 22)?,
                 poll_attempts: row.get(23)?,
+                country: row.get(24)?,
             })
         }
     }

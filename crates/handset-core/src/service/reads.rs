@@ -90,3 +90,11 @@ impl Gateway {
         Ok(record.to_resource())
     }
 }
+
+impl Gateway {
+    /// The funnel `query` names (`GET /v1/stats` scopes it to the partner).
+    pub async fn funnel(&self, query: &crate::funnel::FunnelQuery) -> Result<crate::funnel::FunnelOut, GatewayError> {
+        let counts = self.store.funnel(query).await?;
+        Ok(crate::funnel::FunnelOut::of(query, counts))
+    }
+}

@@ -145,6 +145,7 @@ impl Gateway {
         Transaction {
             expires_at: product.is_possession().then(|| now + self.settings.code_ttl),
             max_attempts: if product == Product::PossessionSms { self.settings.max_attempts } else { 0 },
+            country: phone.region().map(str::to_owned),
             ..Transaction::pending(partner.id, verification_id, product, provider, phone.e164(), now)
         }
     }

@@ -32,6 +32,7 @@ use crate::input::{ConfirmIn, IdentityIn, PossessionIn};
         (name = "identity", description = "Match a phone number and birth date against carrier records"),
         (name = "transactions", description = "Read outcomes"),
         (name = "callbacks", description = "Signed webhooks sent to the partner's callback_url"),
+        (name = "stats", description = "The verification funnel: how checks ended, by provider, country and product"),
         (name = "providers", description = "Called by providers and by the user's browser, not by partners"),
         (name = "sandbox", description = "Development only"),
         (name = "operations", description = "Probes, metrics and this document"),

@@ -7,4 +7,5 @@ pub mod identity;
 pub mod possession;
 pub mod providers;
 pub mod sandbox;
+pub mod stats;
 pub mod transactions;

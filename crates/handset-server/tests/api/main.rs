@@ -20,4 +20,5 @@ mod production;
 mod rate_limits;
 mod rules;
 mod sandbox;
+mod stats;
 mod veratad;

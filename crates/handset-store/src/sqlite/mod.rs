@@ -7,6 +7,7 @@ pub(crate) mod engine;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use handset_core::funnel::{Dimension, FunnelCounts, FunnelQuery};
 use handset_core::model::{
     CallbackAttempt, CallbackRecord, CallbackState, ClaimedCallback, OutboxMessage, ProviderName, Status, Transaction,
     TransactionResult, Verification,
@@ -19,8 +20,10 @@ use rusqlite::{Connection, ToSql};
 use uuid::Uuid;
 
 use self::engine::{Engine, Location, execute, json, opt_ts, query, query_row, ts};
-use crate::queries as q;
-use crate::rows::{AttemptRow, OutboxRow, PartnerByKeyRow, PartnerRecordRow, TransactionRow, VerificationRow};
+use crate::queries::{self as q, funnel_groups, funnel_range};
+use crate::rows::{
+    AttemptRow, FunnelRow, MedianRow, OutboxRow, PartnerByKeyRow, PartnerRecordRow, TransactionRow, VerificationRow,
+};
 
 /// SQLite, the embedded default. SQLite has one writer at a time: every
 /// write goes to one thread and connection, so writers take turns in a
@@ -132,9 +135,30 @@ fn insert_transaction(c: &Connection, t: &Transaction) -> Result<(), StoreError>
             &t.provider_verification,
             &opt_ts(t.next_poll_at),
             &t.poll_attempts,
+            &t.country,
         ],
     )?;
     Ok(())
+}
+
+/// Each group's median seconds from start to success: SQLite has no
+/// median, so each group's successes are ranked and the middle one (or the
+/// mean of the middle two) read.
+macro_rules! funnel_medians {
+    ($range:tt) => {
+        concat!(
+            "WITH s AS (SELECT ",
+            funnel_groups!(),
+            ", (julianday(updated_at) - julianday(created_at)) * 86400.0 AS seconds FROM transactions \
+             WHERE status_code = 200 AND ",
+            funnel_range!($range),
+            "), r AS (SELECT provider, country, product, seconds, \
+             ROW_NUMBER() OVER (PARTITION BY provider, country, product ORDER BY seconds) AS n, \
+             COUNT(*) OVER (PARTITION BY provider, country, product) AS c FROM s) \
+             SELECT provider, country, product, AVG(seconds) FROM r WHERE n IN ((c + 1) / 2, (c + 2) / 2) \
+             GROUP BY provider, country, product"
+        )
+    };
 }
 
 fn transactions(rows: Vec<TransactionRow>) -> Result<Vec<Transaction>, StoreError> {
@@ -592,5 +616,33 @@ impl Store for SqliteStore {
                 Ok(u64::try_from(purged).unwrap_or(0))
             })
             .await
+    }
+
+    async fn funnel(&self, funnel: &FunnelQuery) -> Result<Vec<FunnelCounts>, StoreError> {
+        let (counts, medians) = match funnel.partner_id {
+            Some(_) => (q::FUNNEL_COUNTS_OF_PARTNER, funnel_medians!(partner)),
+            None => (q::FUNNEL_COUNTS, funnel_medians!(all)),
+        };
+        let f = funnel.clone();
+        let (rows, medians) = self
+            .engine
+            .read(move |c| {
+                let args: [&dyn ToSql; 6] = [
+                    &ts(f.since),
+                    &ts(f.until),
+                    &f.groups_by(Dimension::Provider),
+                    &f.groups_by(Dimension::Country),
+                    &f.groups_by(Dimension::Product),
+                    &f.partner_id,
+                ];
+                let rows: Vec<FunnelRow> = query(c, counts, &args, |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+                })?;
+                let medians: Vec<MedianRow> =
+                    query(c, medians, &args, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+                Ok((rows, medians))
+            })
+            .await?;
+        Ok(crate::rows::funnel_counts(rows, medians))
     }
 }
