@@ -54,6 +54,9 @@ struct Args {
     /// row runs the shipped default; SQLite never caches partners).
     #[arg(long, default_value = "0s")]
     partner_cache_ttl: String,
+    /// Transactions in the day the funnel query reads (Postgres only; 0 skips it).
+    #[arg(long, default_value_t = 1_000_000)]
+    stats_rows: i64,
 }
 
 /// One measurement: wall time, each flow's latency, and flows that failed.
@@ -290,6 +293,69 @@ async fn minimal_flow(pool: &sqlx::PgPool) -> FlowResult {
     .await
     .map_err(|e| e.to_string())?;
     confirm.commit().await.map_err(|e| e.to_string())
+}
+
+/// The funnel (`GET /v1/stats`) over a day of `rows` transactions on
+/// Postgres: one partner's day grouped by provider, country and product,
+/// and every partner's, through the store as the API calls it (best of three).
+async fn funnel_run(rows: i64) {
+    use handset_core::funnel::FunnelQuery;
+    let db = TestDatabase::new(Kind::Postgres).await;
+    prepare(&db).await;
+    let pool = sqlx::PgPool::connect(&db.url).await.expect("connect");
+    let day_start = Utc::now() - chrono::Duration::days(1);
+    let loaded = Instant::now();
+    // A day of traffic: every 86,400,000 / rows ms, mixed providers,
+    // countries, products and outcomes, each verification of its own.
+    sqlx::query(
+        "INSERT INTO verifications (id, partner_id, created_at) SELECT md5(i::text)::uuid, $1, \
+         $2 + i * ($4 * interval '1 millisecond') FROM generate_series(1, $3) AS i",
+    )
+    .bind(DEV_PARTNER_ID)
+    .bind(day_start)
+    .bind(rows)
+    .bind(86_400_000.0 / rows as f64)
+    .execute(&pool)
+    .await
+    .expect("verifications");
+    sqlx::query(
+        "INSERT INTO transactions (id, verification_id, partner_id, product, provider, phone, country, status_code, \
+         created_at, updated_at, expires_at, attempts_used, max_attempts, metadata) \
+         SELECT gen_random_uuid(), md5(i::text)::uuid, $1, \
+         CASE WHEN i % 10 = 0 THEN 'identity' ELSE 'possession.sms' END, \
+         CASE WHEN i % 3 = 0 THEN 'veratad' ELSE 'idme' END, '+14155550123', \
+         CASE WHEN i % 7 = 0 THEN 'FR' ELSE 'US' END, \
+         CASE WHEN i % 5 = 0 THEN 300 WHEN i % 11 = 0 THEN 210 ELSE 200 END, \
+         t, t + (i % 60) * interval '1 second', t + interval '10 minutes', 1, 5, '{}' \
+         FROM (SELECT i, $2 + i * ($4 * interval '1 millisecond') AS t FROM generate_series(1, $3) AS i) AS s",
+    )
+    .bind(DEV_PARTNER_ID)
+    .bind(day_start)
+    .bind(rows)
+    .bind(86_400_000.0 / rows as f64)
+    .execute(&pool)
+    .await
+    .expect("transactions");
+    sqlx::query("ANALYZE transactions").execute(&pool).await.expect("analyze");
+    let loaded = loaded.elapsed();
+    let store = handset_store::connect(&db.url, &handset_store::PoolSettings::default()).expect("store");
+    let until = Utc::now();
+    for (label, partner) in [("one partner's day", Some(DEV_PARTNER_ID)), ("every partner's day", None)] {
+        let query = FunnelQuery::parse(partner, Some(&day_start.to_rfc3339()), Some(&until.to_rfc3339()), None, until)
+            .expect("query");
+        let mut best = Duration::MAX;
+        let mut groups = 0;
+        for _ in 0..3 {
+            let at = Instant::now();
+            groups = store.funnel(&query).await.expect("funnel").len();
+            best = best.min(at.elapsed());
+        }
+        println!(
+            "postgres  funnel of {label}: {rows} transactions, {groups} groups, {:.0} ms (loaded in {:.0} s)",
+            best.as_secs_f64() * 1000.0,
+            loaded.as_secs_f64()
+        );
+    }
 }
 
 /// The schema and the development partner, as the app creates them at start.
@@ -531,6 +597,9 @@ async fn main() {
                 args.partner_cache_ttl
             ),
             None => println!("{name:<9} handset reaches {:.2}x of the ceiling", ratio(&gateway)),
+        }
+        if kind == Kind::Postgres && args.stats_rows > 0 {
+            funnel_run(args.stats_rows).await;
         }
         if args.in_flight > 0 {
             let (run, peak) = in_flight_run(kind, &args).await;

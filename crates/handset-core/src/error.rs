@@ -83,6 +83,7 @@ catalogue! {
     BodyTimeout = 3909, Some(408), "Request body was not received in time";
     InvalidStatsQuery = 3910, Some(422), "Query parameter since, until or group_by is invalid";
     PhoneRateLimited = 5300, Some(429), "Send limit reached for this phone number";
+    NumberRangePaused = 5301, Some(429), "Sends to this number range are paused";
     ProvidersUnavailable = 5001, Some(503), "Every eligible provider is unavailable";
     // Transaction result errors (telecom)
     CannotReceiveSms = 1001, None, "Phone number cannot receive SMS message";

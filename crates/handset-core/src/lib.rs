@@ -14,6 +14,7 @@ pub mod observe;
 pub mod partner_cache;
 pub mod phone;
 pub mod provider;
+pub mod pumping;
 pub mod rate_limit;
 pub mod routing;
 pub mod sandbox;

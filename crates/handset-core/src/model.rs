@@ -277,6 +277,9 @@ pub struct Transaction {
     /// ISO 3166 alpha-2 region of the phone, when its numbering plan tells
     /// it; kept after retention (the funnel counts by it).
     pub country: Option<String>,
+    /// The number's range as the pumping guard reads it (`+1415555`), on
+    /// SMS checks only.
+    pub number_range: Option<String>,
     pub birth_date: Option<String>,
     pub status: Status,
     pub created_at: DateTime<Utc>,
@@ -524,6 +527,7 @@ impl Transaction {
             provider,
             phone: Some(phone.to_owned()),
             country: None,
+            number_range: None,
             birth_date: None,
             status: Status::Pending,
             created_at: now,

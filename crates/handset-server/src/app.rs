@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use handset_core::breaker::BreakerSettings;
 use handset_core::model::{Partner, Product, ProviderName};
 use handset_core::provider::Provider;
+use handset_core::pumping::PumpingGuard;
 use handset_core::rate_limit::RateLimits;
 use handset_core::routing::Routing;
 use handset_core::sandbox::Sandbox;
@@ -167,6 +168,14 @@ impl Application {
                     open_for: settings.circuit_breaker.open_for,
                 },
                 partner_cache_ttl: settings.security.partner_cache_ttl,
+                pumping_guard: PumpingGuard {
+                    prefix_digits: settings.fraud.prefix_digits,
+                    window: chrono::Duration::from_std(settings.fraud.window).unwrap_or(chrono::Duration::MAX),
+                    min_sends: i64::from(settings.fraud.min_sends),
+                    max_conversion: settings.fraud.max_conversion,
+                    cooldown: chrono::Duration::from_std(settings.fraud.cooldown).unwrap_or(chrono::Duration::MAX),
+                },
+                pumping_guard_enabled: settings.fraud.enabled(settings.is_production()),
                 rate_limits: RateLimits {
                     per_product_per_minute: settings.rate_limits.per_product_per_minute,
                     per_partner_per_minute: settings.rate_limits.per_partner_per_minute,

@@ -1,5 +1,5 @@
 //! The `handset` command line: `serve` (default), `migrate`, `health`,
-//! `openapi`, `partner ...`, `callbacks ...`, `stats`. Operator commands print JSON on
+//! `openapi`, `partner ...`, `callbacks ...`, `fraud ...`, `stats`. Operator commands print JSON on
 //! stdout (logs go to stderr) and exit 1 with a message when refused.
 
 use std::path::PathBuf;
@@ -49,6 +49,9 @@ pub enum Command {
     /// Operate on callbacks.
     #[command(subcommand)]
     Callbacks(CallbacksCommand),
+    /// The SMS pumping guard's paused number ranges.
+    #[command(subcommand)]
+    Fraud(FraudCommand),
     /// The verification funnel across partners (or of one), as `GET
     /// /v1/stats` answers it: {"since","until","groups":[...]}.
     Stats {
@@ -65,6 +68,16 @@ pub enum Command {
         #[arg(long)]
         group_by: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FraudCommand {
+    /// The ranges paused now, as a JSON array of {"range","paused_at",
+    /// "paused_until","sends","succeeded"}.
+    List,
+    /// Lift a range's pause (e.g. +1415555); its sends so far stop counting.
+    /// Prints {"range","released"}.
+    Release { range: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,10 +176,30 @@ async fn command_run(settings: Settings, command: Command) -> CliResult {
         }
         Command::Partner(command) => partner(settings, command).await,
         Command::Callbacks(command) => callbacks(settings, command).await,
+        Command::Fraud(command) => fraud(settings, command).await,
         Command::Stats { since, until, partner, group_by } => {
             stats(settings, &since, until.as_deref(), partner, group_by.as_deref()).await
         }
     }
+}
+
+async fn fraud(settings: Settings, command: FraudCommand) -> CliResult {
+    let store = open_store(&settings)?;
+    if settings.database.migrate_on_start {
+        store.migrate().await?;
+    }
+    let now = chrono::Utc::now();
+    match command {
+        FraudCommand::List => println!("{}", serde_json::to_string_pretty(&store.paused_ranges(now).await?)?),
+        FraudCommand::Release { range } => {
+            if !store.release_range(&range, now).await? {
+                return Err(format!("{range} is not paused (handset fraud list shows the paused ranges)").into());
+            }
+            tracing::info!(range = %range, "number range released");
+            println!("{}", json!({ "range": range, "released": true }));
+        }
+    }
+    Ok(())
 }
 
 async fn stats(

@@ -44,6 +44,7 @@ pub struct Settings {
     pub providers: ProvidersSettings,
     pub circuit_breaker: CircuitBreakerSettings,
     pub rate_limits: RateLimitSettings,
+    pub fraud: FraudSettings,
     pub routing: RoutingSettings,
     pub security: SecuritySettings,
     pub dev: DevSettings,
@@ -166,6 +167,27 @@ pub struct RateLimitSettings {
     pub per_product_per_minute: u32,
     pub per_partner_per_minute: u32,
     pub per_phone_per_hour: u32,
+}
+
+/// The SMS pumping guard (`handset_core::pumping`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FraudSettings {
+    /// Unset: on in production, off in development.
+    pub enabled: Option<bool>,
+    pub prefix_digits: usize,
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    pub min_sends: u32,
+    pub max_conversion: f64,
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+}
+
+impl FraudSettings {
+    pub fn enabled(&self, production: bool) -> bool {
+        self.enabled.unwrap_or(production)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -297,6 +319,16 @@ impl Settings {
         }
         if self.server.max_connections == 0 {
             return invalid("server.max_connections must be at least 1".into());
+        }
+        let fraud = &self.fraud;
+        if !(1..=12).contains(&fraud.prefix_digits) {
+            return invalid("fraud.prefix_digits must be between 1 and 12".into());
+        }
+        if !(0.0..=1.0).contains(&fraud.max_conversion) {
+            return invalid("fraud.max_conversion is a share: between 0 and 1".into());
+        }
+        if fraud.window.is_zero() || fraud.cooldown.is_zero() {
+            return invalid("fraud.window and fraud.cooldown must be more than zero".into());
         }
         for (key, value, max) in self.bounded_durations() {
             // Zero turns these two off.
@@ -498,6 +530,26 @@ mod tests {
         let open_in_production =
             env(&[("HANDSET__ENVIRONMENT", "production"), ("HANDSET__CALLBACKS__ALLOW_PRIVATE_NETWORKS", "true")]);
         assert!(Settings::load_with(None, open_in_production).is_err());
+        for (key, value) in [
+            ("HANDSET__FRAUD__PREFIX_DIGITS", "0"),
+            ("HANDSET__FRAUD__MAX_CONVERSION", "1.5"),
+            ("HANDSET__FRAUD__COOLDOWN", "0s"),
+        ] {
+            assert!(Settings::load_with(None, env(&[(key, value)])).is_err(), "{key} = {value}");
+        }
+    }
+
+    /// The pumping guard is on in production and off in development unless set.
+    #[test]
+    fn the_pumping_guard_follows_the_environment() {
+        let development = Settings::load_with(None, env(&[])).unwrap();
+        assert!(!development.fraud.enabled(development.is_production()));
+        let production = Settings::load_with(None, env(&[("HANDSET__ENVIRONMENT", "production")])).unwrap();
+        assert!(production.fraud.enabled(production.is_production()));
+        let opted_out = env(&[("HANDSET__ENVIRONMENT", "production"), ("HANDSET__FRAUD__ENABLED", "false")]);
+        let opted_out = Settings::load_with(None, opted_out).unwrap();
+        assert!(!opted_out.fraud.enabled(opted_out.is_production()));
+        assert_eq!((development.fraud.prefix_digits, development.fraud.min_sends), (6, 20));
     }
 
     #[test]

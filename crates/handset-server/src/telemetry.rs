@@ -134,6 +134,14 @@ fn describe_metrics() {
         "Time to answer an HTTP request, by method, route and status"
     );
     describe_counter!(
+        "handset_number_range_pauses_total",
+        "Number ranges the SMS pumping guard paused (the range is in the log line, never a full number)"
+    );
+    describe_counter!(
+        "handset_number_range_refusals_total",
+        "SMS starts refused (429 5301) because their number range is paused"
+    );
+    describe_counter!(
         "handset_verifications_started_total",
         "Transactions recorded at their start, by product and provider (refused requests record none)"
     );

@@ -12,6 +12,7 @@ use handset_core::model::{
     TransactionResult, Verification,
 };
 use handset_core::partner_cache::PartnerCache;
+use handset_core::pumping::{PausedRange, RangeTraffic};
 use handset_core::store::{
     AfterAttempt, Claim, Finalization, IdempotencyBegin, IdempotencyClaim, LocalCodeAttempt, NewPartner, PartnerByKey,
     PartnerRecord, PoolUsage, Requeued, Store, StoreError,
@@ -87,6 +88,7 @@ fn bind_transaction<'q>(query: PgQuery<'q>, t: &'q Transaction) -> PgQuery<'q> {
         .bind(t.next_poll_at)
         .bind(t.poll_attempts)
         .bind(&t.country)
+        .bind(&t.number_range)
 }
 
 /// `LOCAL_CODE_UPDATE`'s parameters $1-$5.
@@ -715,5 +717,37 @@ impl Store for PgStore {
         let medians: Vec<MedianRow> =
             bind_funnel(sqlx::query_as(medians), query).fetch_all(&self.pool).await.map_err(db)?;
         Ok(crate::rows::funnel_counts(rows, medians))
+    }
+
+    async fn range_traffic(&self, range: &str, since: DateTime<Utc>) -> Result<RangeTraffic, StoreError> {
+        let pause: Option<(DateTime<Utc>, Option<DateTime<Utc>>)> =
+            sqlx::query_as(q::RANGE_PAUSE).bind(range).fetch_optional(&self.pool).await.map_err(db)?;
+        let (paused_until, released_at) = pause.map_or((None, None), |(until, released)| (Some(until), released));
+        let since = released_at.map_or(since, |released| released.max(since));
+        let (sends, succeeded): (i64, i64) =
+            sqlx::query_as(q::RANGE_SENDS).bind(range).bind(since).fetch_one(&self.pool).await.map_err(db)?;
+        Ok(RangeTraffic { sends, succeeded, paused_until, released_at })
+    }
+
+    async fn pause_range(
+        &self,
+        range: &str,
+        traffic: &RangeTraffic,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let query = sqlx::query(q::PAUSE_RANGE).bind(range).bind(now).bind(until).bind(traffic.sends + 1);
+        self.execute(query.bind(traffic.succeeded)).await?;
+        Ok(())
+    }
+
+    async fn paused_ranges(&self, now: DateTime<Utc>) -> Result<Vec<PausedRange>, StoreError> {
+        let rows: Vec<(String, DateTime<Utc>, DateTime<Utc>, i64, i64)> =
+            sqlx::query_as(q::PAUSED_RANGES).bind(now).fetch_all(&self.pool).await.map_err(db)?;
+        Ok(rows.into_iter().map(crate::rows::paused_range).collect())
+    }
+
+    async fn release_range(&self, range: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        Ok(self.execute(sqlx::query(q::RELEASE_RANGE).bind(range).bind(now)).await? == 1)
     }
 }

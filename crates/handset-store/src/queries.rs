@@ -18,13 +18,13 @@ macro_rules! partner_rotations {
     };
 }
 
-/// The transaction's 25 columns; `bind_transaction` binds them as $1-$25 in this order.
+/// The transaction's 26 columns; `bind_transaction` binds them as $1-$26 in this order.
 macro_rules! transaction_columns {
     () => {
         "id, verification_id, partner_id, product, provider, phone, birth_date, \
          status_code, created_at, updated_at, expires_at, attempts_used, max_attempts, code_hash, provider_ref, \
          redirect_url, redirect_uri, callback_url, name, metadata, result, provider_verification, next_poll_at, \
-         poll_attempts, country"
+         poll_attempts, country, number_range"
     };
 }
 
@@ -95,16 +95,16 @@ pub(crate) const INSERT_TRANSACTION: &str = concat!(
     "INSERT INTO transactions (",
     transaction_columns!(),
     ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, \
-     $22, $23, $24, $25)"
+     $22, $23, $24, $25, $26)"
 );
 
-/// Postgres: the verification (`$26`-`$28`) and the transaction in one statement.
+/// Postgres: the verification (`$27`-`$29`) and the transaction in one statement.
 pub(crate) const INSERT_START: &str = concat!(
-    "WITH verification AS (INSERT INTO verifications (id, partner_id, created_at) VALUES ($26, $27, $28)) \
+    "WITH verification AS (INSERT INTO verifications (id, partner_id, created_at) VALUES ($27, $28, $29)) \
      INSERT INTO transactions (",
     transaction_columns!(),
     ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, \
-     $22, $23, $24, $25)"
+     $22, $23, $24, $25, $26)"
 );
 
 pub(crate) const TRANSACTION: &str = concat!("SELECT ", transaction_columns!(), " FROM transactions WHERE id = $1");
@@ -299,3 +299,22 @@ macro_rules! funnel_counts {
 }
 pub(crate) const FUNNEL_COUNTS: &str = funnel_counts!(all);
 pub(crate) const FUNNEL_COUNTS_OF_PARTNER: &str = funnel_counts!(partner);
+
+/// A range's pause, and since when its sends count (`$2`, or its release if later).
+pub(crate) const RANGE_PAUSE: &str =
+    "SELECT paused_until, released_at FROM number_range_pauses WHERE number_range = $1";
+
+/// A range's SMS sends since `$2`, and how many succeeded.
+pub(crate) const RANGE_SENDS: &str = "SELECT COUNT(*), COUNT(CASE WHEN status_code = 200 THEN 1 END) \
+     FROM transactions WHERE number_range = $1 AND created_at >= $2";
+
+pub(crate) const PAUSE_RANGE: &str = "INSERT INTO number_range_pauses (number_range, paused_at, paused_until, sends, \
+     succeeded, released_at) VALUES ($1, $2, $3, $4, $5, NULL) ON CONFLICT (number_range) DO UPDATE SET \
+     paused_at = excluded.paused_at, paused_until = excluded.paused_until, sends = excluded.sends, \
+     succeeded = excluded.succeeded";
+
+pub(crate) const PAUSED_RANGES: &str = "SELECT number_range, paused_at, paused_until, sends, succeeded \
+     FROM number_range_pauses WHERE paused_until > $1 ORDER BY paused_at, number_range";
+
+pub(crate) const RELEASE_RANGE: &str = "UPDATE number_range_pauses SET paused_until = $2, released_at = $2 \
+     WHERE number_range = $1 AND paused_until > $2";

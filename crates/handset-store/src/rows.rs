@@ -6,6 +6,7 @@ use handset_core::model::{
     CallbackAttempt, CallbackRecord, CallbackState, OutboxMessage, Partner, PersonName, Product, ProviderName, Status,
     Transaction, TransactionResult, Verification,
 };
+use handset_core::pumping::PausedRange;
 use handset_core::store::{IdempotencyBegin, PartnerByKey, PartnerRecord, StoreError};
 use serde_json::Value;
 use sqlx::types::Json;
@@ -101,6 +102,7 @@ pub(crate) struct TransactionRow {
     provider: String,
     phone: Option<String>,
     country: Option<String>,
+    number_range: Option<String>,
     birth_date: Option<String>,
     status_code: i32,
     created_at: DateTime<Utc>,
@@ -134,6 +136,7 @@ impl TryFrom<TransactionRow> for Transaction {
                 .ok_or_else(|| corrupt("transactions.provider", &row.provider))?,
             phone: row.phone,
             country: row.country,
+            number_range: row.number_range,
             birth_date: row.birth_date,
             status: Status::from_code(row.status_code)
                 .ok_or_else(|| corrupt("transactions.status_code", &row.status_code.to_string()))?,
@@ -275,6 +278,12 @@ pub(crate) fn funnel_counts(rows: Vec<FunnelRow>, medians: Vec<MedianRow>) -> Ve
         .collect()
 }
 
+/// A paused range as `PAUSED_RANGES` returns it.
+pub(crate) fn paused_range(row: (String, DateTime<Utc>, DateTime<Utc>, i64, i64)) -> PausedRange {
+    let (range, paused_at, paused_until, sends, succeeded) = row;
+    PausedRange { range, paused_at, paused_until, sends, succeeded }
+}
+
 fn corrupt(column: &str, value: &str) -> StoreError {
     StoreError::Corrupt(format!("{column} = {value:?}"))
 }
@@ -352,6 +361,7 @@ mod sqlite {
                 next_poll_at: get_opt_ts(row, 22)?,
                 poll_attempts: row.get(23)?,
                 country: row.get(24)?,
+                number_range: row.get(25)?,
             })
         }
     }

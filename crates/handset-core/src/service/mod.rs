@@ -28,6 +28,7 @@ use crate::model::{
 use crate::partner_cache::PartnerCache;
 use crate::phone::Phone;
 use crate::provider::{CodeCheck, Outcome, Provider, ProviderError, Renewed, StartRequest, Started};
+use crate::pumping::PumpingGuard;
 use crate::rate_limit::{RateLimiter, RateLimits, Scope};
 use crate::routing::Routing;
 use crate::secret::{Secret, api_key_hash, code_hash, constant_time_eq};
@@ -61,6 +62,10 @@ pub struct GatewaySettings {
     pub rate_limits: RateLimits,
     /// How long a partner read by its key is reused (`security.partner_cache_ttl`).
     pub partner_cache_ttl: std::time::Duration,
+    /// The SMS pumping guard (`fraud.*`); its ranges are recorded on every
+    /// SMS transaction, and judged only when `pumping_guard_enabled`.
+    pub pumping_guard: crate::pumping::PumpingGuard,
+    pub pumping_guard_enabled: bool,
 }
 
 /// Where the gateway reads the time: rules compare against one `now`, and

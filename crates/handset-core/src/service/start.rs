@@ -46,6 +46,7 @@ impl Gateway {
         // number: requests refused above, or that no provider can take, cost
         // the phone nothing.
         if product == Product::PossessionSms && !chain.providers.is_empty() {
+            self.guard_number_range(&input.phone).await?;
             self.limit(Scope::Phone(&input.phone)).await?;
         }
         let mut draft = self.draft(partner, product, joined.id, &input.phone, chain.first);
@@ -70,6 +71,35 @@ impl Gateway {
         let started =
             self.first_available(&chain.providers, &mut draft, &input.phone, Some(&input.birth_date), &joined).await;
         self.record_start(draft, joined.new, started).await
+    }
+
+    /// The pumping guard (`crate::pumping`): 429 5301 while the number's
+    /// range is paused, and the send that tips a range over pauses it.
+    async fn guard_number_range(&self, phone: &Phone) -> Result<(), GatewayError> {
+        if !self.settings.pumping_guard_enabled {
+            return Ok(());
+        }
+        let guard = &self.settings.pumping_guard;
+        let range = PumpingGuard::range_of(phone, guard.prefix_digits);
+        let now = self.now();
+        let traffic = self.store.range_traffic(&range, now - guard.window).await?;
+        let paused_until = match traffic.paused_until.filter(|until| *until > now) {
+            Some(until) => until,
+            None if guard.pauses(traffic.sends + 1, traffic.succeeded) => {
+                let until = now + guard.cooldown;
+                self.store.pause_range(&range, &traffic, now, until).await?;
+                tracing::warn!(
+                    range = %range, sends = traffic.sends + 1, succeeded = traffic.succeeded,
+                    "pausing SMS sends to a number range: many sends, few confirmed (SMS pumping?)"
+                );
+                metrics::counter!("handset_number_range_pauses_total").increment(1);
+                until
+            }
+            None => return Ok(()),
+        };
+        metrics::counter!("handset_number_range_refusals_total").increment(1);
+        let wait = (paused_until - now).to_std().unwrap_or_default();
+        Err(ApiError::new(ErrorCode::NumberRangePaused).retry_after(wait).into())
     }
 
     /// The verification a new transaction joins: the requested one (with the
@@ -146,6 +176,8 @@ impl Gateway {
             expires_at: product.is_possession().then(|| now + self.settings.code_ttl),
             max_attempts: if product == Product::PossessionSms { self.settings.max_attempts } else { 0 },
             country: phone.region().map(str::to_owned),
+            number_range: (product == Product::PossessionSms)
+                .then(|| PumpingGuard::range_of(phone, self.settings.pumping_guard.prefix_digits)),
             ..Transaction::pending(partner.id, verification_id, product, provider, phone.e164(), now)
         }
     }

@@ -20,7 +20,9 @@ use crate::input::{self, ConfirmIn, PossessionIn};
         (status = 201, description = "Check started (or already final)", body = TransactionOut),
         (status = 401, body = ErrorsOut), (status = 403, body = ErrorsOut), (status = 404, body = ErrorsOut),
         (status = 408, description = "3909: the body did not arrive within server.body_read_timeout", body = ErrorsOut),
-        (status = 422, body = ErrorsOut), (status = 429, body = ErrorsOut), (status = 503, body = ErrorsOut),
+        (status = 422, body = ErrorsOut),
+        (status = 429, description = "5100, 5200: rate limits; 5300: the number's send limit; 5301: sends to this number range are paused (SMS pumping guard). Each with Retry-After", body = ErrorsOut),
+        (status = 503, body = ErrorsOut),
     ),
     security(("bearer" = []))
 )]

@@ -17,6 +17,7 @@ mod operations;
 mod operator_cli;
 mod processes;
 mod production;
+mod pumping;
 mod rate_limits;
 mod rules;
 mod sandbox;

@@ -12,6 +12,7 @@ use handset_core::model::{
     CallbackAttempt, CallbackRecord, CallbackState, ClaimedCallback, OutboxMessage, ProviderName, Status, Transaction,
     TransactionResult, Verification,
 };
+use handset_core::pumping::{PausedRange, RangeTraffic};
 use handset_core::store::{
     AfterAttempt, Claim, Finalization, IdempotencyBegin, IdempotencyClaim, LocalCodeAttempt, NewPartner, PartnerByKey,
     PartnerRecord, PoolUsage, Requeued, Store, StoreError,
@@ -19,7 +20,7 @@ use handset_core::store::{
 use rusqlite::{Connection, ToSql};
 use uuid::Uuid;
 
-use self::engine::{Engine, Location, execute, json, opt_ts, query, query_row, ts};
+use self::engine::{Engine, Location, execute, get_opt_ts, get_ts, json, opt_ts, query, query_row, ts};
 use crate::queries::{self as q, funnel_groups, funnel_range};
 use crate::rows::{
     AttemptRow, FunnelRow, MedianRow, OutboxRow, PartnerByKeyRow, PartnerRecordRow, TransactionRow, VerificationRow,
@@ -136,6 +137,7 @@ fn insert_transaction(c: &Connection, t: &Transaction) -> Result<(), StoreError>
             &opt_ts(t.next_poll_at),
             &t.poll_attempts,
             &t.country,
+            &t.number_range,
         ],
     )?;
     Ok(())
@@ -644,5 +646,54 @@ impl Store for SqliteStore {
             })
             .await?;
         Ok(crate::rows::funnel_counts(rows, medians))
+    }
+
+    async fn range_traffic(&self, range: &str, since: DateTime<Utc>) -> Result<RangeTraffic, StoreError> {
+        let range = range.to_owned();
+        self.engine
+            .read(move |c| {
+                let pause = query_row(c, q::RANGE_PAUSE, &[&range], |r| Ok((get_ts(r, 0)?, get_opt_ts(r, 1)?)))?;
+                let (paused_until, released_at) =
+                    pause.map_or((None, None), |(until, released)| (Some(until), released));
+                let since = released_at.map_or(since, |released| released.max(since));
+                let counted = query_row(c, q::RANGE_SENDS, &[&range, &ts(since)], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                let (sends, succeeded) = counted.unwrap_or((0, 0));
+                Ok(RangeTraffic { sends, succeeded, paused_until, released_at })
+            })
+            .await
+    }
+
+    async fn pause_range(
+        &self,
+        range: &str,
+        traffic: &RangeTraffic,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let args: Vec<Box<dyn ToSql + Send>> = vec![
+            Box::new(range.to_owned()),
+            Box::new(ts(now)),
+            Box::new(ts(until)),
+            Box::new(traffic.sends + 1),
+            Box::new(traffic.succeeded),
+        ];
+        self.update(q::PAUSE_RANGE, args).await?;
+        Ok(())
+    }
+
+    async fn paused_ranges(&self, now: DateTime<Utc>) -> Result<Vec<PausedRange>, StoreError> {
+        let rows = self
+            .engine
+            .read(move |c| {
+                query(c, q::PAUSED_RANGES, &[&ts(now)], |r| {
+                    Ok((r.get(0)?, get_ts(r, 1)?, get_ts(r, 2)?, r.get(3)?, r.get(4)?))
+                })
+            })
+            .await?;
+        Ok(rows.into_iter().map(crate::rows::paused_range).collect())
+    }
+
+    async fn release_range(&self, range: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        Ok(self.update(q::RELEASE_RANGE, vec![Box::new(range.to_owned()), Box::new(ts(now))]).await? == 1)
     }
 }

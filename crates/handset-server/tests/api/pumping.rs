@@ -1,0 +1,106 @@
+//! The SMS pumping guard over real HTTP on both stores: a burst of
+//! never-confirmed sends to one number range pauses it (429 5301) while
+//! another range keeps working; `handset fraud list|release` see and lift it.
+
+use std::process::Command;
+
+use handset_testkit::Kind;
+use serde_json::{Value, json};
+
+use crate::helpers::TestApp;
+
+/// Five sends judge a range; under half confirmed pauses it for an hour.
+const GUARD: &[(&str, &str)] = &[
+    ("HANDSET__FRAUD__ENABLED", "true"),
+    ("HANDSET__FRAUD__PREFIX_DIGITS", "6"),
+    ("HANDSET__FRAUD__MIN_SENDS", "5"),
+    ("HANDSET__FRAUD__MAX_CONVERSION", "0.5"),
+    ("HANDSET__FRAUD__WINDOW", "1h"),
+    ("HANDSET__FRAUD__COOLDOWN", "1h"),
+];
+
+fn handset(app: &TestApp, args: &[&str]) -> Result<Value, String> {
+    let output = Command::new(env!("CARGO_BIN_EXE_handset"))
+        .args(args)
+        .env("HANDSET__DATABASE__URL", &app.db.url)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run handset");
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    serde_json::from_slice(&output.stdout).map_err(|e| e.to_string())
+}
+
+async fn a_pumped_range_is_paused_and_others_keep_working(kind: Kind) {
+    let app = TestApp::spawn_with(kind, GUARD).await;
+    // +1 415 555: five sends, none confirmed. The sixth tips it over.
+    for last in 10..15 {
+        let started = app.start_sms(&format!("41555501{last}")).await;
+        assert_eq!(started.status, 201, "{}", started.text);
+    }
+    let refused = app.start_sms("4155550199").await;
+    refused.assert_error(429, 5301);
+    let wait: u64 = refused.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((3500..=3600).contains(&wait), "the cooldown: {wait}");
+    app.start_sms("4155550120").await.assert_error(429, 5301);
+    let before = app.count("transactions").await;
+
+    // Another range, and the same range's other products, are not paused.
+    let elsewhere = app.start_sms("2125550100").await;
+    assert_eq!(elsewhere.status, 201, "{}", elsewhere.text);
+    assert_eq!(app.confirm(&elsewhere.id(), "123123").await.status, 200);
+    let identity = app.post("/v1/identity", json!({ "phone": "4155550123", "birth_date": "1990-01-31" })).await;
+    assert_eq!(identity.status, 201, "{}", identity.text);
+    app.start_sms("4155550121").await.assert_error(429, 5301);
+    assert_eq!(app.count("transactions").await, before + 2, "a refused start records nothing");
+
+    // Counters are per process, shared with the tests running beside this one.
+    let metrics = app.get("/metrics").await.text;
+    let counted = |name: &str| {
+        let line = metrics.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name}: {metrics}"));
+        line.rsplit(' ').next().unwrap().parse::<f64>().unwrap()
+    };
+    assert!(counted("handset_number_range_pauses_total") >= 1.0);
+    assert!(counted("handset_number_range_refusals_total") >= 3.0);
+
+    // The operator sees the range (never a full number) and lifts the pause:
+    // the range starts afresh.
+    let listed = handset(&app, &["fraud", "list"]).unwrap();
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0]["range"], "+1415555");
+    assert_eq!((listed[0]["sends"].as_i64(), listed[0]["succeeded"].as_i64()), (Some(6), Some(0)));
+    assert!(!listed.to_string().contains("4155550"), "no full number: {listed}");
+    assert_eq!(handset(&app, &["fraud", "release", "+1415555"]).unwrap()["released"], true);
+    assert_eq!(handset(&app, &["fraud", "list"]).unwrap(), json!([]));
+    assert!(handset(&app, &["fraud", "release", "+1415555"]).unwrap_err().contains("not paused"));
+    let again = app.start_sms("4155550122").await;
+    assert_eq!(again.status, 201, "released: {}", again.text);
+}
+
+/// A range whose sends are confirmed is never paused, however many there are.
+async fn a_converting_range_is_never_paused(kind: Kind) {
+    let app = TestApp::spawn_with(kind, GUARD).await;
+    for last in 10..22 {
+        let started = app.start_sms(&format!("41555501{last}")).await;
+        assert_eq!(started.status, 201, "{}", started.text);
+        if last % 3 != 0 {
+            assert_eq!(app.confirm(&started.id(), "123123").await.status, 200);
+        }
+    }
+    assert_eq!(handset(&app, &["fraud", "list"]).unwrap(), json!([]));
+}
+
+/// Off in development unless enabled: the same burst goes through.
+async fn the_guard_is_off_in_development_by_default(kind: Kind) {
+    let app = TestApp::spawn(kind).await;
+    for last in 10..20 {
+        assert_eq!(app.start_sms(&format!("41555501{last}")).await.status, 201);
+    }
+}
+
+crate::on_both_kinds!(
+    a_pumped_range_is_paused_and_others_keep_working,
+    a_converting_range_is_never_paused,
+    the_guard_is_off_in_development_by_default
+);
