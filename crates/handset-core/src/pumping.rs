@@ -4,10 +4,13 @@
 //! traffic pumping looks like (fraudulent sends to numbers whose operator
 //! pays the fraudster per message).
 //!
-//! Counted from the database (every replica sees the same transactions):
-//! the SMS transactions of the range created in the last `window` (since
-//! the range was last released, if later), and how many of them succeeded.
-//! A pause is a row of its own, so every replica and the CLI see it.
+//! Counted in the database, so every replica judges the same numbers: each
+//! SMS send to a range adds one to the range's counter for the current
+//! fixed `window` (an atomic upsert before the provider is called, so
+//! concurrent sends each see their own count), and the range's confirmed
+//! checks are counted from its transactions. A pause is a row of its own,
+//! so every replica and the CLI see it; after a pause ends or is lifted the
+//! range counts afresh (a counter of its own).
 
 use chrono::{DateTime, Duration, Utc};
 
@@ -40,15 +43,59 @@ impl PumpingGuard {
     }
 }
 
-/// A range's traffic in the guard's window.
+/// A range's state as the guard reads it before a send.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RangeTraffic {
+    /// Confirmed SMS checks of the range since the count began (see
+    /// `Store::range_traffic`).
+    pub succeeded: i64,
+    /// The range's last pause ends (or ended) then.
+    pub paused_until: Option<DateTime<Utc>>,
+    /// An operator lifted its last pause then.
+    pub released_at: Option<DateTime<Utc>>,
+}
+
+impl RangeTraffic {
+    /// Since when the range's sends and successes count: its release, or
+    /// the end of its last pause once that is over (`None`: always).
+    pub fn counting_since(
+        paused_until: Option<DateTime<Utc>>,
+        released_at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
+        let ended = paused_until.filter(|until| *until <= now);
+        ended.max(released_at)
+    }
+}
+
+/// A pause to record: the range, until when, and the counts that caused it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewPause<'a> {
+    pub range: &'a str,
+    pub paused_at: DateTime<Utc>,
+    pub paused_until: DateTime<Utc>,
     pub sends: i64,
     pub succeeded: i64,
-    /// An active pause ends then.
-    pub paused_until: Option<DateTime<Utc>>,
-    /// Sends before this are not counted (the range was released then).
-    pub released_at: Option<DateTime<Utc>>,
+    /// The release the guard saw: a pause is recorded only if no other
+    /// release happened since (an operator's release is not undone by a
+    /// start that counted before it).
+    pub released_at_seen: Option<DateTime<Utc>>,
+}
+
+impl PumpingGuard {
+    /// The start of the fixed window `now` is in (windows align to the epoch).
+    pub fn window_start(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        let length = self.window.num_seconds().max(1);
+        let start = now.timestamp() - now.timestamp().rem_euclid(length);
+        DateTime::from_timestamp(start, 0).unwrap_or(now)
+    }
+
+    /// The counter that holds a range's sends in a window, since it last
+    /// became countable again (`RangeTraffic::counting_since`): a new pause
+    /// or release starts a new counter, with nothing to clear.
+    pub fn counter_scope(range: &str, since: Option<DateTime<Utc>>) -> String {
+        format!("range:{range}@{}", since.map_or(0, |at| at.timestamp_millis()))
+    }
 }
 
 /// A paused range, as `handset fraud list` prints it.

@@ -290,27 +290,23 @@ pub trait Store: Send + Sync {
     /// number of transactions purged.
     async fn purge_personal_data(&self, created_before: DateTime<Utc>, now: DateTime<Utc>) -> Result<u64, StoreError>;
 
-    /// A number range's SMS transactions created since `since` (or since
-    /// the range was last released, if later), how many succeeded, and its pause.
+    /// A number range's pause, and its confirmed SMS checks created since
+    /// `since` or, if later, since its last pause ended or its release.
     async fn range_traffic(
         &self,
         range: &str,
         since: DateTime<Utc>,
+        now: DateTime<Utc>,
     ) -> Result<crate::pumping::RangeTraffic, StoreError>;
 
-    /// Pauses `range` until `until` (a release, an earlier pause, replaced).
-    async fn pause_range(
-        &self,
-        range: &str,
-        traffic: &crate::pumping::RangeTraffic,
-        now: DateTime<Utc>,
-        until: DateTime<Utc>,
-    ) -> Result<(), StoreError>;
+    /// Records a pause; false (nothing written) if the range was released
+    /// since the guard read it.
+    async fn pause_range(&self, pause: &crate::pumping::NewPause<'_>) -> Result<bool, StoreError>;
 
     /// The ranges paused at `now`, the longest paused first.
     async fn paused_ranges(&self, now: DateTime<Utc>) -> Result<Vec<crate::pumping::PausedRange>, StoreError>;
 
-    /// Lifts a pause; its sends so far no longer count. False if it was not paused.
+    /// Lifts a pause (the range counts afresh from `now`). False if it was not paused.
     async fn release_range(&self, range: &str, now: DateTime<Utc>) -> Result<bool, StoreError>;
 
     /// The funnel of the transactions the query names, one entry per group

@@ -289,6 +289,9 @@ fn runner_settings(settings: &Settings) -> RunnerSettings {
         lease: settings.callbacks.timeout * 2 + Duration::from_secs(2),
         batch_size: i64::from(settings.workers.batch_size),
         retention: (!retention.is_zero()).then_some(retention),
+        // Rate windows last an hour at most, the pumping guard's
+        // `fraud.window`; keep one more hour for clock skew between replicas.
+        counter_lifetime: settings.fraud.window.max(Duration::from_secs(3600)) + Duration::from_secs(3600),
     }
 }
 

@@ -216,7 +216,7 @@ async fn stats(
     let now = chrono::Utc::now();
     // A duration counts back from now; anything else must be a time.
     let since = match humantime::parse_duration(since) {
-        Ok(ago) => (now - chrono::Duration::from_std(ago).map_err(|_| "--since is too long")?).to_rfc3339(),
+        Ok(ago) => before(now, ago)?.to_rfc3339(),
         Err(_) => since.to_owned(),
     };
     let query = handset_core::funnel::FunnelQuery::parse(partner, Some(&since), until, group_by, now)
@@ -240,7 +240,7 @@ async fn callbacks(settings: Settings, command: CallbacksCommand) -> CliResult {
                 return Err(format!("no partner {partner}").into());
             }
             let now = chrono::Utc::now();
-            let since = now - chrono::Duration::from_std(since).map_err(|_| "--since is too long")?;
+            let since = before(now, since)?;
             let requeued = store.requeue_failed_callbacks(partner, since, now).await?;
             if requeued.purged > 0 {
                 tracing::warn!(
@@ -424,4 +424,15 @@ async fn shutdown_signal() {
         () = terminate => {},
     }
     tracing::info!("shutting down");
+}
+
+/// `ago` before `now`, or a refusal when that is before any representable time.
+fn before(
+    now: chrono::DateTime<chrono::Utc>,
+    ago: std::time::Duration,
+) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::Duration::from_std(ago)
+        .ok()
+        .and_then(|ago| now.checked_sub_signed(ago))
+        .ok_or_else(|| "--since is too long".to_owned())
 }

@@ -327,9 +327,7 @@ impl Settings {
         if !(0.0..=1.0).contains(&fraud.max_conversion) {
             return invalid("fraud.max_conversion is a share: between 0 and 1".into());
         }
-        if fraud.window.is_zero() || fraud.cooldown.is_zero() {
-            return invalid("fraud.window and fraud.cooldown must be more than zero".into());
-        }
+
         for (key, value, max) in self.bounded_durations() {
             // Zero turns these two off.
             if value.is_zero()
@@ -393,6 +391,8 @@ impl Settings {
             ("providers.idme.timeout".to_owned(), self.providers.idme.timeout, max(5 * MINUTE)),
             ("providers.veratad.timeout".to_owned(), self.providers.veratad.timeout, max(5 * MINUTE)),
             ("providers.dqe.timeout".to_owned(), self.providers.dqe.timeout, max(5 * MINUTE)),
+            ("fraud.window".to_owned(), self.fraud.window, max(DAY)),
+            ("fraud.cooldown".to_owned(), self.fraud.cooldown, max(30 * DAY)),
         ];
         for (i, delay) in self.callbacks.retry_schedule.iter().enumerate() {
             bounded.push((format!("callbacks.retry_schedule[{i}]"), *delay, max(7 * DAY)));

@@ -12,7 +12,7 @@ use handset_core::model::{
     TransactionResult, Verification,
 };
 use handset_core::partner_cache::PartnerCache;
-use handset_core::pumping::{PausedRange, RangeTraffic};
+use handset_core::pumping::{NewPause, PausedRange, RangeTraffic};
 use handset_core::store::{
     AfterAttempt, Claim, Finalization, IdempotencyBegin, IdempotencyClaim, LocalCodeAttempt, NewPartner, PartnerByKey,
     PartnerRecord, PoolUsage, Requeued, Store, StoreError,
@@ -23,10 +23,8 @@ use sqlx::types::Json;
 use sqlx::{PgPool, Postgres};
 use uuid::Uuid;
 
-use crate::queries::{self as q, funnel_groups, funnel_range, local_code_update, outbox_columns};
-use crate::rows::{
-    AttemptRow, FunnelRow, MedianRow, OutboxRow, PartnerByKeyRow, PartnerRecordRow, TransactionRow, VerificationRow,
-};
+use crate::queries::{self as q, funnel_groups, funnel_histogram, funnel_range, local_code_update, outbox_columns};
+use crate::rows::{AttemptRow, OutboxRow, PartnerByKeyRow, PartnerRecordRow, TransactionRow, VerificationRow};
 
 /// Postgres, the production store: reads and writes share one pool.
 #[derive(Clone)]
@@ -60,7 +58,7 @@ fn bind_outbox<'q>(query: PgQuery<'q>, m: &'q OutboxMessage) -> PgQuery<'q> {
     query.bind(m.id).bind(m.transaction_id).bind(m.partner_id).bind(&m.callback_url).bind(&m.payload).bind(m.created_at)
 }
 
-/// The transaction's 25 columns bound as $1-$25, in `transaction_columns!` order.
+/// The transaction's 26 columns bound as $1-$26, in `transaction_columns!` order.
 fn bind_transaction<'q>(query: PgQuery<'q>, t: &'q Transaction) -> PgQuery<'q> {
     query
         .bind(t.id)
@@ -112,17 +110,12 @@ const LOCAL_CODE_WITH_CALLBACK: &str = concat!(
      SELECT status_code, attempts_used FROM t"
 );
 
-/// Each group's median seconds from start to success.
-macro_rules! funnel_medians {
-    ($range:tt) => {
-        concat!(
-            "SELECT ",
-            funnel_groups!(),
-            ", percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM updated_at - created_at)::float8) \
-             FROM transactions WHERE status_code = 200 AND ",
-            funnel_range!($range),
-            " GROUP BY 1, 2, 3"
-        )
+/// Whole seconds from start to success below ten minutes, then 600 + whole minutes.
+macro_rules! pg_bucket {
+    () => {
+        "CASE WHEN date_part('epoch', updated_at - created_at) < 600 \
+         THEN floor(date_part('epoch', updated_at - created_at)) \
+         ELSE 600 + floor(date_part('epoch', updated_at - created_at) / 60) END"
     };
 }
 
@@ -708,37 +701,40 @@ impl Store for PgStore {
     }
 
     async fn funnel(&self, query: &FunnelQuery) -> Result<Vec<FunnelCounts>, StoreError> {
-        let (counts, medians) = match query.partner_id {
-            Some(_) => (q::FUNNEL_COUNTS_OF_PARTNER, funnel_medians!(partner)),
-            None => (q::FUNNEL_COUNTS, funnel_medians!(all)),
+        let sql = match query.partner_id {
+            Some(_) => funnel_histogram!(pg_bucket!(), partner),
+            None => funnel_histogram!(pg_bucket!(), all),
         };
-        let rows: Vec<FunnelRow> =
-            bind_funnel(sqlx::query_as(counts), query).fetch_all(&self.pool).await.map_err(db)?;
-        let medians: Vec<MedianRow> =
-            bind_funnel(sqlx::query_as(medians), query).fetch_all(&self.pool).await.map_err(db)?;
-        Ok(crate::rows::funnel_counts(rows, medians))
+        let rows: Vec<(Option<String>, Option<String>, Option<String>, Option<f64>, i64, i64, i64, i64, i64)> =
+            bind_funnel(sqlx::query_as(sql), query).fetch_all(&self.pool).await.map_err(db)?;
+        let rows = rows.into_iter().map(|(p, c, pr, b, n, s, f, e, w)| (p, c, pr, b, [n, s, f, e, w])).collect();
+        Ok(crate::rows::funnel_counts(rows))
     }
 
-    async fn range_traffic(&self, range: &str, since: DateTime<Utc>) -> Result<RangeTraffic, StoreError> {
+    async fn range_traffic(
+        &self,
+        range: &str,
+        since: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<RangeTraffic, StoreError> {
         let pause: Option<(DateTime<Utc>, Option<DateTime<Utc>>)> =
             sqlx::query_as(q::RANGE_PAUSE).bind(range).fetch_optional(&self.pool).await.map_err(db)?;
         let (paused_until, released_at) = pause.map_or((None, None), |(until, released)| (Some(until), released));
-        let since = released_at.map_or(since, |released| released.max(since));
-        let (sends, succeeded): (i64, i64) =
-            sqlx::query_as(q::RANGE_SENDS).bind(range).bind(since).fetch_one(&self.pool).await.map_err(db)?;
-        Ok(RangeTraffic { sends, succeeded, paused_until, released_at })
+        let from = crate::rows::counts_from(since, paused_until, released_at, now);
+        let succeeded: i64 =
+            sqlx::query_scalar(q::RANGE_SUCCEEDED).bind(range).bind(from).fetch_one(&self.pool).await.map_err(db)?;
+        Ok(RangeTraffic { succeeded, paused_until, released_at })
     }
 
-    async fn pause_range(
-        &self,
-        range: &str,
-        traffic: &RangeTraffic,
-        now: DateTime<Utc>,
-        until: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        let query = sqlx::query(q::PAUSE_RANGE).bind(range).bind(now).bind(until).bind(traffic.sends + 1);
-        self.execute(query.bind(traffic.succeeded)).await?;
-        Ok(())
+    async fn pause_range(&self, pause: &NewPause<'_>) -> Result<bool, StoreError> {
+        let query = sqlx::query(q::PAUSE_RANGE)
+            .bind(pause.range)
+            .bind(pause.paused_at)
+            .bind(pause.paused_until)
+            .bind(pause.sends)
+            .bind(pause.succeeded)
+            .bind(pause.released_at_seen);
+        Ok(self.execute(query).await? == 1)
     }
 
     async fn paused_ranges(&self, now: DateTime<Utc>) -> Result<Vec<PausedRange>, StoreError> {

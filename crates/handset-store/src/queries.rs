@@ -281,37 +281,42 @@ macro_rules! funnel_range {
 }
 pub(crate) use funnel_range;
 
-/// Started, succeeded, failed, expired (final without success at or after
-/// the deadline) and pending, per group.
-macro_rules! funnel_counts {
-    ($range:tt) => {
+/// Per group and, for successes, per bucket of time to success (`$bucket`,
+/// the dialect's: whole seconds below 600, then 600 + whole minutes): the
+/// transactions started, succeeded, failed, expired (final without success
+/// at or after the deadline) and pending. One pass over the range; the
+/// median is read from the buckets (`rows::funnel_counts`).
+macro_rules! funnel_histogram {
+    ($bucket:expr, $range:tt) => {
         concat!(
             "SELECT ",
             funnel_groups!(),
-            ", COUNT(*), COUNT(CASE WHEN status_code = 200 THEN 1 END), \
+            ", CASE WHEN status_code = 200 THEN ",
+            $bucket,
+            " END AS bucket, COUNT(*), COUNT(CASE WHEN status_code = 200 THEN 1 END), \
              COUNT(CASE WHEN status_code = 300 AND NOT (expires_at IS NOT NULL AND updated_at >= expires_at) THEN 1 END), \
              COUNT(CASE WHEN status_code = 300 AND expires_at IS NOT NULL AND updated_at >= expires_at THEN 1 END), \
              COUNT(CASE WHEN status_code = 210 THEN 1 END) FROM transactions WHERE ",
             funnel_range!($range),
-            " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+            " GROUP BY 1, 2, 3, 4"
         )
     };
 }
-pub(crate) const FUNNEL_COUNTS: &str = funnel_counts!(all);
-pub(crate) const FUNNEL_COUNTS_OF_PARTNER: &str = funnel_counts!(partner);
+pub(crate) use funnel_histogram;
 
-/// A range's pause, and since when its sends count (`$2`, or its release if later).
+/// A range's last pause and release.
 pub(crate) const RANGE_PAUSE: &str =
     "SELECT paused_until, released_at FROM number_range_pauses WHERE number_range = $1";
 
-/// A range's SMS sends since `$2`, and how many succeeded.
-pub(crate) const RANGE_SENDS: &str = "SELECT COUNT(*), COUNT(CASE WHEN status_code = 200 THEN 1 END) \
-     FROM transactions WHERE number_range = $1 AND created_at >= $2";
+/// A range's confirmed SMS checks created since `$2`.
+pub(crate) const RANGE_SUCCEEDED: &str =
+    "SELECT COUNT(*) FROM transactions WHERE number_range = $1 AND created_at >= $2 AND status_code = 200";
 
+/// A pause, unless the range was released since the guard read it (`$6`).
 pub(crate) const PAUSE_RANGE: &str = "INSERT INTO number_range_pauses (number_range, paused_at, paused_until, sends, \
      succeeded, released_at) VALUES ($1, $2, $3, $4, $5, NULL) ON CONFLICT (number_range) DO UPDATE SET \
      paused_at = excluded.paused_at, paused_until = excluded.paused_until, sends = excluded.sends, \
-     succeeded = excluded.succeeded";
+     succeeded = excluded.succeeded WHERE number_range_pauses.released_at IS NOT DISTINCT FROM $6";
 
 pub(crate) const PAUSED_RANGES: &str = "SELECT number_range, paused_at, paused_until, sends, succeeded \
      FROM number_range_pauses WHERE paused_until > $1 ORDER BY paused_at, number_range";

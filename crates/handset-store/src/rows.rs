@@ -6,7 +6,7 @@ use handset_core::model::{
     CallbackAttempt, CallbackRecord, CallbackState, OutboxMessage, Partner, PersonName, Product, ProviderName, Status,
     Transaction, TransactionResult, Verification,
 };
-use handset_core::pumping::PausedRange;
+use handset_core::pumping::{PausedRange, RangeTraffic};
 use handset_core::store::{IdempotencyBegin, PartnerByKey, PartnerRecord, StoreError};
 use serde_json::Value;
 use sqlx::types::Json;
@@ -250,19 +250,38 @@ pub(crate) fn idempotency_begin(
     }
 }
 
-/// A group's key and counts as the funnel's counting query returns them.
-pub(crate) type FunnelRow = (Option<String>, Option<String>, Option<String>, i64, i64, i64, i64, i64);
-/// A group's key and median seconds to success.
-pub(crate) type MedianRow = (Option<String>, Option<String>, Option<String>, Option<f64>);
+/// A row of `funnel_histogram!`: a group's key, a bucket of time to
+/// success (`None` for the transactions that did not succeed), and counts.
+pub(crate) type FunnelRow = (Option<String>, Option<String>, Option<String>, Option<f64>, [i64; 5]);
 
-/// The counts of each group with its median (groups without a success have none).
-pub(crate) fn funnel_counts(rows: Vec<FunnelRow>, medians: Vec<MedianRow>) -> Vec<FunnelCounts> {
-    rows.into_iter()
-        .map(|(provider, country, product, started, succeeded, failed, expired, pending)| {
-            let median = medians
-                .iter()
-                .find(|(p, c, pr, _)| *p == provider && *c == country && *pr == product)
-                .and_then(|(.., median)| *median);
+/// The seconds a bucket of `funnel_histogram!` covers.
+fn bucket_span(bucket: f64) -> (f64, f64) {
+    if bucket < 600.0 { (bucket, bucket + 1.0) } else { ((bucket - 600.0) * 60.0, (bucket - 600.0) * 60.0 + 60.0) }
+}
+
+/// The funnel's groups from its rows, ordered by provider, country and
+/// product (no group first). The median time to success is read from the
+/// buckets, interpolated within the middle one: exact to the second below
+/// ten minutes, to the minute above.
+pub(crate) fn funnel_counts(rows: Vec<FunnelRow>) -> Vec<FunnelCounts> {
+    type Key = (Option<String>, Option<String>, Option<String>);
+    /// A group's five counts, and its successes per bucket.
+    type Group = ([i64; 5], Vec<(f64, i64)>);
+    let mut groups: std::collections::BTreeMap<Key, Group> = Default::default();
+    for (provider, country, product, bucket, counts) in rows {
+        let (totals, buckets) = groups.entry((provider, country, product)).or_default();
+        for (total, count) in totals.iter_mut().zip(counts) {
+            *total += count;
+        }
+        if let Some(bucket) = bucket {
+            buckets.push((bucket, counts[1]));
+        }
+    }
+    groups
+        .into_iter()
+        .map(|((provider, country, product), (counts, mut buckets))| {
+            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let [started, succeeded, failed, expired, pending] = counts;
             FunnelCounts {
                 provider,
                 country,
@@ -272,10 +291,36 @@ pub(crate) fn funnel_counts(rows: Vec<FunnelRow>, medians: Vec<MedianRow>) -> Ve
                 failed,
                 expired,
                 pending,
-                median_seconds_to_success: median,
+                median_seconds_to_success: median(&buckets),
             }
         })
         .collect()
+}
+
+fn median(buckets: &[(f64, i64)]) -> Option<f64> {
+    let total: i64 = buckets.iter().map(|(_, count)| count).sum();
+    let middle = total as f64 / 2.0;
+    let mut below = 0.0;
+    for &(bucket, count) in buckets {
+        let count = count as f64;
+        if below + count >= middle && count > 0.0 {
+            let (low, high) = bucket_span(bucket);
+            return Some(low + (middle - below) / count * (high - low));
+        }
+        below += count;
+    }
+    None
+}
+
+/// Where a range's count of confirmed checks begins: the window's start,
+/// or its last release, or the end of its last pause if that is over.
+pub(crate) fn counts_from(
+    since: DateTime<Utc>,
+    paused_until: Option<DateTime<Utc>>,
+    released_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> DateTime<Utc> {
+    RangeTraffic::counting_since(paused_until, released_at, now).map_or(since, |from| from.max(since))
 }
 
 /// A paused range as `PAUSED_RANGES` returns it.
@@ -393,5 +438,27 @@ mod sqlite {
                 latency_ms: row.get(4)?,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_is_read_from_the_buckets() {
+        let key = || (Some("idme".to_owned()), None, None);
+        let row = |bucket: Option<f64>, started, succeeded| {
+            let (p, c, pr) = key();
+            (p, c, pr, bucket, [started, succeeded, 0, 0, 0])
+        };
+        let one_group = |rows| funnel_counts(rows).remove(0);
+        // Four successes at 0.x, 1.x, 1.x and 2.x seconds: halfway through the 1 s bucket.
+        let group = one_group(vec![row(Some(1.0), 2, 2), row(Some(0.0), 1, 1), row(Some(2.0), 1, 1), row(None, 3, 0)]);
+        assert_eq!((group.started, group.succeeded), (7, 4));
+        assert_eq!(group.median_seconds_to_success, Some(1.5));
+        // Minute buckets beyond ten minutes: 605 is [300 s, 360 s).
+        assert_eq!(one_group(vec![row(Some(605.0), 3, 3)]).median_seconds_to_success, Some(330.0));
+        assert_eq!(one_group(vec![row(None, 2, 0)]).median_seconds_to_success, None);
     }
 }

@@ -28,7 +28,7 @@ use crate::model::{
 use crate::partner_cache::PartnerCache;
 use crate::phone::Phone;
 use crate::provider::{CodeCheck, Outcome, Provider, ProviderError, Renewed, StartRequest, Started};
-use crate::pumping::PumpingGuard;
+use crate::pumping::{NewPause, PumpingGuard, RangeTraffic};
 use crate::rate_limit::{RateLimiter, RateLimits, Scope};
 use crate::routing::Routing;
 use crate::secret::{Secret, api_key_hash, code_hash, constant_time_eq};

@@ -74,7 +74,8 @@ impl Gateway {
     }
 
     /// The pumping guard (`crate::pumping`): 429 5301 while the number's
-    /// range is paused, and the send that tips a range over pauses it.
+    /// range is paused; otherwise the send is counted, and the one that
+    /// tips a range over pauses it.
     async fn guard_number_range(&self, phone: &Phone) -> Result<(), GatewayError> {
         if !self.settings.pumping_guard_enabled {
             return Ok(());
@@ -82,20 +83,37 @@ impl Gateway {
         let guard = &self.settings.pumping_guard;
         let range = PumpingGuard::range_of(phone, guard.prefix_digits);
         let now = self.now();
-        let traffic = self.store.range_traffic(&range, now - guard.window).await?;
+        let window_start = guard.window_start(now);
+        let traffic = self.store.range_traffic(&range, window_start, now).await?;
         let paused_until = match traffic.paused_until.filter(|until| *until > now) {
             Some(until) => until,
-            None if guard.pauses(traffic.sends + 1, traffic.succeeded) => {
-                let until = now + guard.cooldown;
-                self.store.pause_range(&range, &traffic, now, until).await?;
+            None => {
+                let since = RangeTraffic::counting_since(traffic.paused_until, traffic.released_at, now);
+                let scope = PumpingGuard::counter_scope(&range, since);
+                let sends = self.store.add_rate_hits(&scope, window_start, 1).await?;
+                if !guard.pauses(sends, traffic.succeeded) {
+                    return Ok(());
+                }
+                let until = now.checked_add_signed(guard.cooldown).unwrap_or(DateTime::<Utc>::MAX_UTC);
+                let pause = NewPause {
+                    range: &range,
+                    paused_at: now,
+                    paused_until: until,
+                    sends,
+                    succeeded: traffic.succeeded,
+                    released_at_seen: traffic.released_at,
+                };
+                if !self.store.pause_range(&pause).await? {
+                    // An operator released the range meanwhile: let this one through.
+                    return Ok(());
+                }
                 tracing::warn!(
-                    range = %range, sends = traffic.sends + 1, succeeded = traffic.succeeded,
+                    range = %range, sends, succeeded = traffic.succeeded,
                     "pausing SMS sends to a number range: many sends, few confirmed (SMS pumping?)"
                 );
                 metrics::counter!("handset_number_range_pauses_total").increment(1);
                 until
             }
-            None => return Ok(()),
         };
         metrics::counter!("handset_number_range_refusals_total").increment(1);
         let wait = (paused_until - now).to_std().unwrap_or_default();

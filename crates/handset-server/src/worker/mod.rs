@@ -32,6 +32,8 @@ pub struct RunnerSettings {
     pub batch_size: i64,
     /// Personal data older than this is purged; `None` keeps it.
     pub retention: Option<Duration>,
+    /// Rate and range counters whose window began longer ago are purged.
+    pub counter_lifetime: Duration,
 }
 
 /// What one round did.
@@ -173,8 +175,9 @@ impl Runner {
                 let lifetime =
                     chrono::Duration::from_std(crate::idempotency::KEY_LIFETIME).unwrap_or(chrono::Duration::MAX);
                 self.store.purge_idempotency(now - lifetime).await?;
-                // Windows last an hour at most; keep one more for clock skew between replicas.
-                self.store.purge_rate_counters(now - chrono::Duration::hours(2)).await?;
+                let lifetime =
+                    chrono::Duration::from_std(self.settings.counter_lifetime).unwrap_or(chrono::Duration::MAX);
+                self.store.purge_rate_counters(now - lifetime).await?;
                 self.gateway.forget_rate_windows(now - chrono::Duration::minutes(2));
                 let due = self.store.due_callbacks(now).await?;
                 metrics::gauge!("handset_callback_queue_due").set(due as f64);

@@ -7,7 +7,7 @@ use std::process::Command;
 use handset_testkit::Kind;
 use serde_json::{Value, json};
 
-use crate::helpers::TestApp;
+use crate::helpers::{DEV_KEY, TestApp};
 
 /// Five sends judge a range; under half confirmed pauses it for an hour.
 const GUARD: &[(&str, &str)] = &[
@@ -78,6 +78,44 @@ async fn a_pumped_range_is_paused_and_others_keep_working(kind: Kind) {
     assert_eq!(again.status, 201, "released: {}", again.text);
 }
 
+/// Sends fired together are each counted before the provider is called:
+/// a burst cannot slip past the guard by arriving at once.
+async fn a_simultaneous_burst_is_stopped(kind: Kind) {
+    let app = TestApp::spawn_with(kind, GUARD).await;
+    let mut burst = tokio::task::JoinSet::new();
+    for last in 10..30 {
+        let (client, url) = (app.client.clone(), app.url("/v1/possession"));
+        burst.spawn(async move {
+            let body = json!({ "phone": format!("41555501{last}") });
+            client.post(url).bearer_auth(DEV_KEY).json(&body).send().await.expect("POST").status().as_u16()
+        });
+    }
+    let statuses = burst.join_all().await;
+    let sent = statuses.iter().filter(|s| **s == 201).count();
+    assert_eq!(sent + statuses.iter().filter(|s| **s == 429).count(), 20, "201 or 429 only: {statuses:?}");
+    // Each send has its own count: the five under the minimum go, the rest are refused.
+    assert_eq!(sent, 5, "{statuses:?}");
+}
+
+/// A pause lasts `fraud.cooldown`; then the range counts afresh (its sends
+/// before the pause do not pause it again at once).
+async fn a_pause_ends_after_its_cooldown(kind: Kind) {
+    let mut env = GUARD.to_vec();
+    env.retain(|(key, _)| *key != "HANDSET__FRAUD__COOLDOWN");
+    env.push(("HANDSET__FRAUD__COOLDOWN", "1s"));
+    let app = TestApp::spawn_with(kind, &env).await;
+    for last in 10..15 {
+        assert_eq!(app.start_sms(&format!("41555501{last}")).await.status, 201);
+    }
+    app.start_sms("4155550115").await.assert_error(429, 5301);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    for last in 16..21 {
+        let again = app.start_sms(&format!("41555501{last}")).await;
+        assert_eq!(again.status, 201, "counted afresh: {}", again.text);
+    }
+    app.start_sms("4155550121").await.assert_error(429, 5301);
+}
+
 /// A range whose sends are confirmed is never paused, however many there are.
 async fn a_converting_range_is_never_paused(kind: Kind) {
     let app = TestApp::spawn_with(kind, GUARD).await;
@@ -101,6 +139,8 @@ async fn the_guard_is_off_in_development_by_default(kind: Kind) {
 
 crate::on_both_kinds!(
     a_pumped_range_is_paused_and_others_keep_working,
+    a_simultaneous_burst_is_stopped,
+    a_pause_ends_after_its_cooldown,
     a_converting_range_is_never_paused,
     the_guard_is_off_in_development_by_default
 );

@@ -9,8 +9,8 @@
 
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -141,7 +141,7 @@ pub(crate) struct Engine {
     /// Closing it (dropping the engine) ends the writer thread.
     jobs: mpsc::Sender<Box<dyn Job>>,
     /// Idle reader connections; `None` in memory (reads go to the writer).
-    readers: Option<Mutex<Vec<Connection>>>,
+    readers: Option<Arc<Mutex<Vec<Connection>>>>,
     max_idle_readers: usize,
 }
 
@@ -158,7 +158,7 @@ impl Engine {
             .map_err(|e| StoreError::Database(Box::new(e)))?;
         let readers = match location {
             Location::Memory => None,
-            Location::File(_) => Some(Mutex::new(Vec::new())),
+            Location::File(_) => Some(Arc::new(Mutex::new(Vec::new()))),
         };
         Ok(Engine { location, jobs, readers, max_idle_readers: max_readers.max(1) })
     }
@@ -200,19 +200,44 @@ impl Engine {
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let Some(readers) = &self.readers else { return self.write(work).await };
-        let idle = readers.lock().ok().and_then(|mut pool| pool.pop());
-        let conn = match idle {
-            Some(conn) => conn,
-            None => open(&self.location, true).map_err(db)?,
-        };
-        let outcome = work(&conn);
-        if let Ok(mut pool) = readers.lock()
-            && pool.len() < self.max_idle_readers
-        {
-            pool.push(conn);
-        }
-        outcome
+        read_on(readers, &self.location, self.max_idle_readers, work)
     }
+
+    /// As `read`, on a blocking thread: for scans that may take long (the
+    /// funnel over a range of days), which must not hold up the runtime.
+    pub(crate) async fn read_apart<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let Some(readers) = &self.readers else { return self.write(work).await };
+        let (readers, location, max_idle) = (readers.clone(), self.location.clone(), self.max_idle_readers);
+        tokio::task::spawn_blocking(move || read_on(&readers, &location, max_idle, work))
+            .await
+            .map_err(|e| StoreError::Database(Box::new(e)))?
+    }
+}
+
+/// Runs `work` on an idle reader connection (or a new one), then keeps it
+/// idle unless `max_idle` already are.
+fn read_on<T>(
+    readers: &Mutex<Vec<Connection>>,
+    location: &Location,
+    max_idle: usize,
+    work: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let idle = readers.lock().ok().and_then(|mut pool| pool.pop());
+    let conn = match idle {
+        Some(conn) => conn,
+        None => open(location, true).map_err(db)?,
+    };
+    let outcome = work(&conn);
+    if let Ok(mut pool) = readers.lock()
+        && pool.len() < max_idle
+    {
+        pool.push(conn);
+    }
+    outcome
 }
 
 /// The WAL pages after which the writer checkpoints by itself: only when

@@ -12,7 +12,7 @@ use handset_core::model::{
     CallbackAttempt, CallbackRecord, CallbackState, ClaimedCallback, OutboxMessage, ProviderName, Status, Transaction,
     TransactionResult, Verification,
 };
-use handset_core::pumping::{PausedRange, RangeTraffic};
+use handset_core::pumping::{NewPause, PausedRange, RangeTraffic};
 use handset_core::store::{
     AfterAttempt, Claim, Finalization, IdempotencyBegin, IdempotencyClaim, LocalCodeAttempt, NewPartner, PartnerByKey,
     PartnerRecord, PoolUsage, Requeued, Store, StoreError,
@@ -21,9 +21,9 @@ use rusqlite::{Connection, ToSql};
 use uuid::Uuid;
 
 use self::engine::{Engine, Location, execute, get_opt_ts, get_ts, json, opt_ts, query, query_row, ts};
-use crate::queries::{self as q, funnel_groups, funnel_range};
+use crate::queries::{self as q, funnel_groups, funnel_histogram, funnel_range};
 use crate::rows::{
-    AttemptRow, FunnelRow, MedianRow, OutboxRow, PartnerByKeyRow, PartnerRecordRow, TransactionRow, VerificationRow,
+    AttemptRow, FunnelRow, OutboxRow, PartnerByKeyRow, PartnerRecordRow, TransactionRow, VerificationRow,
 };
 
 /// SQLite, the embedded default. SQLite has one writer at a time: every
@@ -143,23 +143,13 @@ fn insert_transaction(c: &Connection, t: &Transaction) -> Result<(), StoreError>
     Ok(())
 }
 
-/// Each group's median seconds from start to success: SQLite has no
-/// median, so each group's successes are ranked and the middle one (or the
-/// mean of the middle two) read.
-macro_rules! funnel_medians {
-    ($range:tt) => {
-        concat!(
-            "WITH s AS (SELECT ",
-            funnel_groups!(),
-            ", (julianday(updated_at) - julianday(created_at)) * 86400.0 AS seconds FROM transactions \
-             WHERE status_code = 200 AND ",
-            funnel_range!($range),
-            "), r AS (SELECT provider, country, product, seconds, \
-             ROW_NUMBER() OVER (PARTITION BY provider, country, product ORDER BY seconds) AS n, \
-             COUNT(*) OVER (PARTITION BY provider, country, product) AS c FROM s) \
-             SELECT provider, country, product, AVG(seconds) FROM r WHERE n IN ((c + 1) / 2, (c + 2) / 2) \
-             GROUP BY provider, country, product"
-        )
+/// Whole seconds from start to success below ten minutes, then 600 + whole
+/// minutes (durations are never negative, so a cast truncates as `floor`).
+macro_rules! sqlite_bucket {
+    () => {
+        "CASE WHEN (julianday(updated_at) - julianday(created_at)) * 86400.0 < 600 \
+         THEN CAST((julianday(updated_at) - julianday(created_at)) * 86400.0 AS INTEGER) \
+         ELSE 600 + CAST((julianday(updated_at) - julianday(created_at)) * 1440.0 AS INTEGER) END"
     };
 }
 
@@ -621,14 +611,14 @@ impl Store for SqliteStore {
     }
 
     async fn funnel(&self, funnel: &FunnelQuery) -> Result<Vec<FunnelCounts>, StoreError> {
-        let (counts, medians) = match funnel.partner_id {
-            Some(_) => (q::FUNNEL_COUNTS_OF_PARTNER, funnel_medians!(partner)),
-            None => (q::FUNNEL_COUNTS, funnel_medians!(all)),
+        let sql = match funnel.partner_id {
+            Some(_) => funnel_histogram!(sqlite_bucket!(), partner),
+            None => funnel_histogram!(sqlite_bucket!(), all),
         };
         let f = funnel.clone();
-        let (rows, medians) = self
+        let rows: Vec<FunnelRow> = self
             .engine
-            .read(move |c| {
+            .read_apart(move |c| {
                 let args: [&dyn ToSql; 6] = [
                     &ts(f.since),
                     &ts(f.until),
@@ -637,48 +627,44 @@ impl Store for SqliteStore {
                     &f.groups_by(Dimension::Product),
                     &f.partner_id,
                 ];
-                let rows: Vec<FunnelRow> = query(c, counts, &args, |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
-                })?;
-                let medians: Vec<MedianRow> =
-                    query(c, medians, &args, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-                Ok((rows, medians))
+                query(c, sql, &args, |r| {
+                    let counts = [r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?];
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, counts))
+                })
             })
             .await?;
-        Ok(crate::rows::funnel_counts(rows, medians))
+        Ok(crate::rows::funnel_counts(rows))
     }
 
-    async fn range_traffic(&self, range: &str, since: DateTime<Utc>) -> Result<RangeTraffic, StoreError> {
+    async fn range_traffic(
+        &self,
+        range: &str,
+        since: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<RangeTraffic, StoreError> {
         let range = range.to_owned();
         self.engine
             .read(move |c| {
                 let pause = query_row(c, q::RANGE_PAUSE, &[&range], |r| Ok((get_ts(r, 0)?, get_opt_ts(r, 1)?)))?;
                 let (paused_until, released_at) =
                     pause.map_or((None, None), |(until, released)| (Some(until), released));
-                let since = released_at.map_or(since, |released| released.max(since));
-                let counted = query_row(c, q::RANGE_SENDS, &[&range, &ts(since)], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                let (sends, succeeded) = counted.unwrap_or((0, 0));
-                Ok(RangeTraffic { sends, succeeded, paused_until, released_at })
+                let from = crate::rows::counts_from(since, paused_until, released_at, now);
+                let succeeded: Option<i64> = query_row(c, q::RANGE_SUCCEEDED, &[&range, &ts(from)], |r| r.get(0))?;
+                Ok(RangeTraffic { succeeded: succeeded.unwrap_or(0), paused_until, released_at })
             })
             .await
     }
 
-    async fn pause_range(
-        &self,
-        range: &str,
-        traffic: &RangeTraffic,
-        now: DateTime<Utc>,
-        until: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
+    async fn pause_range(&self, pause: &NewPause<'_>) -> Result<bool, StoreError> {
         let args: Vec<Box<dyn ToSql + Send>> = vec![
-            Box::new(range.to_owned()),
-            Box::new(ts(now)),
-            Box::new(ts(until)),
-            Box::new(traffic.sends + 1),
-            Box::new(traffic.succeeded),
+            Box::new(pause.range.to_owned()),
+            Box::new(ts(pause.paused_at)),
+            Box::new(ts(pause.paused_until)),
+            Box::new(pause.sends),
+            Box::new(pause.succeeded),
+            Box::new(opt_ts(pause.released_at_seen)),
         ];
-        self.update(q::PAUSE_RANGE, args).await?;
-        Ok(())
+        Ok(self.update(q::PAUSE_RANGE, args).await? == 1)
     }
 
     async fn paused_ranges(&self, now: DateTime<Utc>) -> Result<Vec<PausedRange>, StoreError> {
