@@ -5,7 +5,10 @@
 //! Faults (latency, jitter, error rate, hanging) apply to every provider route
 //! and are set by flags or at run time through `/_admin/faults`; DQE's fake
 //! operator page is not one (the user's browser visits it), nor is `/_admin`.
+//! Sent codes reach the user's inbox (`/_admin/inbox/{phone}`) at each
+//! provider's delivery rate (`/_admin/delivery`, see `delivery`).
 
+pub mod delivery;
 pub mod dqe;
 pub mod faults;
 pub mod idme;
@@ -27,6 +30,8 @@ pub struct SimConfig {
     pub idme: idme::IdmeConfig,
     pub veratad: veratad::VeratadConfig,
     pub dqe: dqe::DqeConfig,
+    /// The share of sent codes each provider delivers to the user.
+    pub delivery: delivery::DeliveryRates,
     /// The sim's address as a browser reaches it, for the operator pages it
     /// links to (DQE's network check); default `http://` + the bound address.
     pub public_url: Option<String>,
@@ -39,6 +44,7 @@ pub struct Sim {
     pub idme: idme::IdmeSim,
     pub veratad: veratad::VeratadSim,
     pub dqe: dqe::DqeSim,
+    pub delivery: delivery::Delivery,
 }
 
 impl Sim {
@@ -78,8 +84,9 @@ impl Sim {
     fn build(addr: SocketAddr, config: SimConfig) -> (Sim, Router) {
         install_crypto_provider();
         let faults: SharedFaults = Arc::new(FaultState { faults: RwLock::new(config.faults), ..FaultState::default() });
-        let idme = idme::IdmeSim::new(config.idme);
-        let veratad = veratad::VeratadSim::new(config.veratad);
+        let delivery = delivery::Delivery::new(config.delivery);
+        let idme = idme::IdmeSim::new(config.idme, delivery.clone());
+        let veratad = veratad::VeratadSim::new(config.veratad, delivery.clone());
         let public_url = config.public_url.unwrap_or_else(|| format!("http://{addr}"));
         let dqe = dqe::DqeSim::new(config.dqe, public_url);
         let providers = Router::new()
@@ -93,8 +100,9 @@ impl Sim {
             .merge(idme.admin_router())
             .merge(veratad.admin_router())
             .merge(dqe.operator_router())
-            .merge(dqe.admin_router());
-        (Sim { addr, faults, idme, veratad, dqe }, providers.merge(admin))
+            .merge(dqe.admin_router())
+            .merge(delivery.admin_router());
+        (Sim { addr, faults, idme, veratad, dqe, delivery }, providers.merge(admin))
     }
 }
 

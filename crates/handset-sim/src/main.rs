@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use clap::Parser;
+use handset_sim::delivery::DeliveryRates;
 use handset_sim::dqe::DqeConfig;
 use handset_sim::faults::Faults;
 use handset_sim::idme::IdmeConfig;
@@ -59,12 +60,27 @@ struct Args {
     /// Never answer provider requests.
     #[arg(long)]
     hang: bool,
+    /// Share of ID.me's sent codes that reach the user's inbox (0.0 to 1.0).
+    #[arg(long, default_value_t = 1.0)]
+    idme_delivery_rate: f64,
+    /// Share of Veratad's sent codes that reach the user's inbox (0.0 to 1.0).
+    #[arg(long, default_value_t = 1.0)]
+    veratad_delivery_rate: f64,
+    /// Seed of the delivery draws (the same seed, the same deliveries).
+    #[arg(long, default_value_t = 0)]
+    delivery_seed: u64,
 }
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new("info")).init();
     let args = Args::parse();
+    let delivery =
+        DeliveryRates { idme: args.idme_delivery_rate, veratad: args.veratad_delivery_rate, seed: args.delivery_seed };
+    if !delivery.valid() {
+        eprintln!("handset-sim: delivery rates are shares between 0.0 and 1.0");
+        std::process::exit(2);
+    }
     let config = SimConfig {
         faults: Faults {
             latency_ms: args.latency.as_millis() as u64,
@@ -87,6 +103,7 @@ async fn main() -> std::io::Result<()> {
             name: args.dqe_name,
             ..DqeConfig::default()
         },
+        delivery,
         public_url: args.public_url,
     };
     Sim::serve(&args.bind, config).await

@@ -42,6 +42,8 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::delivery::Delivery;
+
 pub const SERVICE: &str = "PhoneMatch5.0.SMS";
 pub const LINE_TYPES: [&str; 3] = ["mobile", "landline", "voip"];
 /// The only country the sim knows numbers in.
@@ -142,6 +144,7 @@ impl Inner {
 #[derive(Clone)]
 pub struct VeratadSim {
     inner: Arc<Mutex<Inner>>,
+    delivery: Delivery,
 }
 
 fn timestamp() -> String {
@@ -285,8 +288,8 @@ struct LineTypeIn {
 }
 
 impl VeratadSim {
-    pub fn new(config: VeratadConfig) -> VeratadSim {
-        VeratadSim { inner: Arc::new(Mutex::new(Inner { config, ..Inner::default() })) }
+    pub fn new(config: VeratadConfig, delivery: Delivery) -> VeratadSim {
+        VeratadSim { inner: Arc::new(Mutex::new(Inner { config, ..Inner::default() })), delivery }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -414,6 +417,8 @@ async fn gateway(State(sim): State<VeratadSim>, body: Result<Json<GatewayIn>, Js
             ];
             let token = new_token();
             tx.message = Some(render(template, &values));
+            // Whether the user ever sees the code is drawn (`crate::delivery`).
+            sim.delivery.send("veratad", tx.reference.as_deref().unwrap_or_default(), &tx.phone, &pin);
             tx.pin = Some(pin);
             tx.token = Some(token.clone());
             tx.action = PENDING.into();

@@ -24,6 +24,7 @@ async fn flags_and_admin_endpoint() {
         Command::new(env!("CARGO_BIN_EXE_handset-sim"))
             .args(["--bind", &format!("127.0.0.1:{port}"), "--idme-secret", "flag-secret", "--latency", "120ms"])
             .args(["--jitter", "10ms", "--error-rate", "0", "--idme-identity-delay", "2s", "--no-idme-webhooks"])
+            .args(["--idme-delivery-rate", "0", "--veratad-delivery-rate", "0.95", "--delivery-seed", "7"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -59,6 +60,23 @@ async fn flags_and_admin_endpoint() {
     assert_eq!(ok.status(), 200);
     assert!(started.elapsed() >= Duration::from_millis(120), "latency applies");
     assert_eq!(send("Bearer ID.me d3Jvbmc=").await.unwrap().status(), 401);
+
+    // Delivery: at rate 0 the code was sent but never reached the user's inbox.
+    let rates: Value = client.get(format!("{base}/_admin/delivery")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(rates, json!({"idme": 0.0, "veratad": 0.95, "seed": 7}));
+    let inbox = || async { client.get(format!("{base}/_admin/inbox/+14155550123")).send().await.unwrap() };
+    assert_eq!(inbox().await.json::<Value>().await.unwrap(), json!([]));
+    let everything = json!({"idme": 1.0, "veratad": 1.0, "seed": 1});
+    let set = client.put(format!("{base}/_admin/delivery")).json(&everything).send().await.unwrap();
+    assert_eq!(set.status(), 200);
+    let sent: Value = send("Bearer ID.me ZmxhZy1zZWNyZXQ=").await.unwrap().json().await.unwrap();
+    let delivered: Value = inbox().await.json().await.unwrap();
+    assert_eq!(delivered.as_array().map(Vec::len), Some(1), "{delivered}");
+    assert_eq!(delivered[0]["provider"], "idme");
+    assert_eq!(delivered[0]["code"], "123123");
+    assert_eq!(delivered[0]["reference"], sent["transaction_id"]);
+    let refused = client.put(format!("{base}/_admin/delivery")).json(&json!({"idme": 1.5})).send().await.unwrap();
+    assert_eq!(refused.status(), 400);
 
     // Faults change at run time.
     let set = client.put(format!("{base}/_admin/faults")).json(&json!({"error_rate": 1.0})).send().await.unwrap();
