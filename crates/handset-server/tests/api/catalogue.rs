@@ -51,6 +51,10 @@ pub(crate) const SPEC: &[(u16, Option<u16>, &str)] = &[
     (3908, Some(422), "No configured provider serves this product for this phone number"),
     (3909, Some(408), "Request body was not received in time"),
     (5300, Some(429), "Send limit reached for this phone number"),
+    // The design's SMS pumping guard.
+    (5301, Some(429), "Sends to this number range are paused"),
+    // handset's own, for `GET /v1/stats` (the README's table).
+    (3910, Some(422), "Query parameter since, until or group_by is invalid"),
     (5001, Some(503), "Every eligible provider is unavailable"),
     (1001, None, "Phone number cannot receive SMS message"),
     (1002, None, "SMS could not be sent"),
@@ -222,6 +226,13 @@ async fn every_code_is_answered_over_http(kind: Kind) {
     assert_eq!(app.start_sms("4155550112").await.status, 201);
     refused(&app.start_sms("4155550112").await, seen, "per-phone limit");
     refused(&app.post("/v1/possession", json!({"phone": "4155550113", "provider": "idme"})).await, seen, "ID.me down");
+    refused(&app.get("/v1/stats?group_by=carrier").await, seen, "stats query");
+    // The pumping guard, judging a range from its second send (an app of its
+    // own: the sandbox's mock numbers above would trip it).
+    let guard = [("HANDSET__FRAUD__ENABLED", "true"), ("HANDSET__FRAUD__MIN_SENDS", "1")];
+    let guarded = TestApp::spawn_with(kind, &guard).await;
+    assert_eq!(guarded.start_sms("4155550114").await.status, 201);
+    refused(&guarded.start_sms("4155550115").await, seen, "paused range");
 
     let produced: Vec<u16> = seen.keys().copied().collect();
     let mut expected: Vec<u16> =
