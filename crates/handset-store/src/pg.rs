@@ -256,8 +256,22 @@ async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
 
 #[async_trait]
 impl Store for PgStore {
+    /// Applies pending migrations, then rebuilds any index an interrupted
+    /// `CREATE INDEX CONCURRENTLY` left invalid: `IF NOT EXISTS` would skip
+    /// it on every later run, and Postgres would never use it.
     async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("../../migrations/postgres").run(&self.pool).await.map_err(|e| StoreError::Database(Box::new(e)))
+        sqlx::migrate!("../../migrations/postgres")
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Database(Box::new(e)))?;
+        let invalid: Vec<String> = sqlx::query_scalar(q::INVALID_INDEXES).fetch_all(&self.pool).await.map_err(db)?;
+        for index in invalid {
+            tracing::warn!(index = %index, "rebuilding an index left invalid by an interrupted migration");
+            // The name comes from the catalogue, quoted as an identifier.
+            let rebuild = format!("REINDEX INDEX CONCURRENTLY \"{}\"", index.replace('"', "\"\""));
+            sqlx::query(&rebuild).execute(&self.pool).await.map_err(db)?;
+        }
+        Ok(())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

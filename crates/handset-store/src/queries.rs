@@ -323,3 +323,9 @@ pub(crate) const PAUSED_RANGES: &str = "SELECT number_range, paused_at, paused_u
 
 pub(crate) const RELEASE_RANGE: &str = "UPDATE number_range_pauses SET paused_until = $2, released_at = $2 \
      WHERE number_range = $1 AND paused_until > $2";
+
+/// Postgres: indexes of handset's schema that a failed `CREATE INDEX
+/// CONCURRENTLY` left invalid.
+pub(crate) const INVALID_INDEXES: &str = "SELECT c.relname::text FROM pg_index i \
+     JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+     WHERE NOT i.indisvalid AND n.nspname = current_schema() ORDER BY 1";

@@ -727,3 +727,26 @@ async fn sqlite_a_failing_write_spares_its_group() {
     }
     assert_eq!(kept, 30);
 }
+
+/// An index that an interrupted `CREATE INDEX CONCURRENTLY` left invalid (a
+/// deadlock between replicas migrating at once can do it) is rebuilt by
+/// the next migration, rather than skipped forever by `IF NOT EXISTS`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_migrations_rebuild_invalid_indexes() {
+    let db = TestDatabase::postgres().await;
+    let store = handset_store::connect(&db.url, &PoolSettings::default()).unwrap();
+    store.migrate().await.unwrap();
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url).await.unwrap();
+    sqlx::query("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'transactions_number_range'::regclass")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    assert!(!index_valid(&mut admin).await);
+    store.migrate().await.expect("migrate rebuilds");
+    assert!(index_valid(&mut admin).await, "rebuilt and valid again");
+}
+
+async fn index_valid(admin: &mut sqlx::PgConnection) -> bool {
+    let query = "SELECT indisvalid FROM pg_index WHERE indexrelid = 'transactions_number_range'::regclass";
+    sqlx::query_scalar::<_, bool>(query).fetch_one(admin).await.unwrap()
+}
