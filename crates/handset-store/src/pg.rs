@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use handset_core::funnel::{Dimension, FunnelCounts, FunnelQuery};
 use handset_core::model::{
-    CallbackAttempt, CallbackRecord, CallbackState, ClaimedCallback, OutboxMessage, ProviderName, Status, Transaction,
+    CallbackAttempt, CallbackRecord, ClaimedCallback, OutboxMessage, ProviderName, Status, Transaction,
     TransactionResult, Verification,
 };
 use handset_core::partner_cache::PartnerCache;
@@ -45,10 +45,6 @@ pub(crate) fn db(error: sqlx::Error) -> StoreError {
         return StoreError::Conflict(db_error.message().to_owned());
     }
     StoreError::Database(Box::new(error))
-}
-
-fn status_of(code: i32) -> Result<Status, StoreError> {
-    Status::from_code(code).ok_or_else(|| StoreError::Corrupt(format!("status_code {code}")))
 }
 
 type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
@@ -445,7 +441,7 @@ impl Store for PgStore {
                 .await
                 .map_err(db)?,
         };
-        row.map(|(code, used)| Ok((status_of(code)?, used))).transpose()
+        row.map(|(code, used)| Ok((crate::rows::status_of(code)?, used))).transpose()
     }
 
     async fn finalize(&self, f: Finalization<'_>) -> Result<bool, StoreError> {
@@ -544,11 +540,7 @@ impl Store for PgStore {
         attempt: &CallbackAttempt,
         next: AfterAttempt,
     ) -> Result<bool, StoreError> {
-        let (state, next_attempt_at, finished_at) = match next {
-            AfterAttempt::Delivered => (CallbackState::Delivered, None, Some(attempt.attempted_at)),
-            AfterAttempt::RetryAt(at) => (CallbackState::Pending, Some(at), None),
-            AfterAttempt::GiveUp => (CallbackState::Failed, None, Some(attempt.attempted_at)),
-        };
+        let (state, next_attempt_at, finished_at) = crate::rows::after_attempt(next, attempt.attempted_at);
         let mut db_tx = self.pool.begin().await.map_err(db)?;
         let done = sqlx::query(q::FINISH_CALLBACK)
             .bind(id)

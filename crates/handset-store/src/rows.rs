@@ -7,7 +7,7 @@ use handset_core::model::{
     Transaction, TransactionResult, Verification,
 };
 use handset_core::pumping::{PausedRange, RangeTraffic};
-use handset_core::store::{IdempotencyBegin, PartnerByKey, PartnerRecord, StoreError};
+use handset_core::store::{AfterAttempt, IdempotencyBegin, PartnerByKey, PartnerRecord, StoreError};
 use serde_json::Value;
 use sqlx::types::Json;
 use uuid::Uuid;
@@ -327,6 +327,23 @@ pub(crate) fn counts_from(
 pub(crate) fn paused_range(row: (String, DateTime<Utc>, DateTime<Utc>, i64, i64)) -> PausedRange {
     let (range, paused_at, paused_until, sends, succeeded) = row;
     PausedRange { range, paused_at, paused_until, sends, succeeded }
+}
+
+pub(crate) fn status_of(code: i32) -> Result<Status, StoreError> {
+    Status::from_code(code).ok_or_else(|| corrupt("status_code", &code.to_string()))
+}
+
+/// A callback's state after an attempt at `attempted_at`: the state, when
+/// it is next due (kept as it was when `None`), and when it finished.
+pub(crate) fn after_attempt(
+    next: AfterAttempt,
+    attempted_at: DateTime<Utc>,
+) -> (CallbackState, Option<DateTime<Utc>>, Option<DateTime<Utc>>) {
+    match next {
+        AfterAttempt::Delivered => (CallbackState::Delivered, None, Some(attempted_at)),
+        AfterAttempt::RetryAt(at) => (CallbackState::Pending, Some(at), None),
+        AfterAttempt::GiveUp => (CallbackState::Failed, None, Some(attempted_at)),
+    }
 }
 
 fn corrupt(column: &str, value: &str) -> StoreError {

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use handset_core::funnel::{Dimension, FunnelCounts, FunnelQuery};
 use handset_core::model::{
-    CallbackAttempt, CallbackRecord, CallbackState, ClaimedCallback, OutboxMessage, ProviderName, Status, Transaction,
+    CallbackAttempt, CallbackRecord, ClaimedCallback, OutboxMessage, ProviderName, Status, Transaction,
     TransactionResult, Verification,
 };
 use handset_core::pumping::{NewPause, PausedRange, RangeTraffic};
@@ -89,10 +89,6 @@ impl SqliteStore {
             })
             .await
     }
-}
-
-fn status_of(code: i32) -> Result<Status, StoreError> {
-    Status::from_code(code).ok_or_else(|| StoreError::Corrupt(format!("status_code {code}")))
 }
 
 fn insert_outbox(c: &Connection, m: &OutboxMessage) -> Result<(), StoreError> {
@@ -348,7 +344,7 @@ impl Store for SqliteStore {
                         Ok((row.get(0)?, row.get(1)?))
                     })?;
                 let Some((code, used)) = row else { return Ok(None) };
-                let status = status_of(code)?;
+                let status = crate::rows::status_of(code)?;
                 let owed = match status {
                     Status::Succeeded => on_success.as_ref(),
                     Status::Failed => on_exhausted.as_ref(),
@@ -455,11 +451,7 @@ impl Store for SqliteStore {
         attempt: &CallbackAttempt,
         next: AfterAttempt,
     ) -> Result<bool, StoreError> {
-        let (state, next_attempt_at, finished_at) = match next {
-            AfterAttempt::Delivered => (CallbackState::Delivered, None, Some(attempt.attempted_at)),
-            AfterAttempt::RetryAt(at) => (CallbackState::Pending, Some(at), None),
-            AfterAttempt::GiveUp => (CallbackState::Failed, None, Some(attempt.attempted_at)),
-        };
+        let (state, next_attempt_at, finished_at) = crate::rows::after_attempt(next, attempt.attempted_at);
         let (owner, attempt) = (owner.to_owned(), attempt.clone());
         self.engine
             .write(move |c| {
