@@ -196,6 +196,22 @@ impl TestApp {
         self.post(&format!("/v1/possession/{id}/confirm"), json!({ "code": code })).await
     }
 
+    /// Runs `handset ARGS` (the operator CLI) on this app's database; its
+    /// JSON output, or its error output when it fails.
+    pub fn cli(&self, args: &[&str]) -> Result<Value, String> {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_handset"))
+            .args(args)
+            .env("HANDSET__DATABASE__URL", &self.db.url)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run the handset binary");
+        if !output.status.success() {
+            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+        }
+        serde_json::from_slice(&output.stdout)
+            .map_err(|e| format!("not JSON ({e}): {}", String::from_utf8_lossy(&output.stdout)))
+    }
+
     pub async fn transaction(&self, id: &str) -> Answer {
         self.get(&format!("/v1/transactions/{id}")).await
     }

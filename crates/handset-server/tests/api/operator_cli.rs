@@ -11,23 +11,8 @@ use serde_json::{Value, json};
 use crate::helpers::TestApp;
 use crate::receiver::{Receiver, Reply};
 
-/// Runs `handset ARGS` on `app`'s database; its JSON output, or the failure.
-fn handset(app: &TestApp, args: &[&str]) -> Result<Value, String> {
-    let output = Command::new(env!("CARGO_BIN_EXE_handset"))
-        .args(args)
-        .env("HANDSET__DATABASE__URL", &app.db.url)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run the handset binary");
-    if !output.status.success() {
-        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
-    }
-    serde_json::from_slice(&output.stdout)
-        .map_err(|e| format!("not JSON ({e}): {}", String::from_utf8_lossy(&output.stdout)))
-}
-
 fn ok(app: &TestApp, args: &[&str]) -> Value {
-    handset(app, args).unwrap_or_else(|error| panic!("handset {args:?} failed: {error}"))
+    app.cli(args).unwrap_or_else(|error| panic!("handset {args:?} failed: {error}"))
 }
 
 /// Nothing an operator command prints about a partner is a secret.
@@ -55,8 +40,8 @@ async fn partners_are_listed_shown_and_their_keys_rotated(kind: Kind) {
     assert_eq!(shown["active"], true);
     assert_eq!(shown["previous_key_expires_at"], Value::Null);
     let unknown = uuid::Uuid::new_v4().to_string();
-    assert!(handset(&app, &["partner", "show", &unknown]).unwrap_err().contains("no partner"));
-    assert!(handset(&app, &["partner", "rotate-key", &unknown]).is_err());
+    assert!(app.cli(&["partner", "show", &unknown]).unwrap_err().contains("no partner"));
+    assert!(app.cli(&["partner", "rotate-key", &unknown]).is_err());
 
     // With an overlap both keys work, until the overlap ends.
     app.soon_answers_as(first_key, 201).await;
@@ -175,13 +160,9 @@ async fn failed_callbacks_are_replayed(kind: Kind) {
     let tried = receiver.received().len();
     assert_eq!(tried, 2, "the first try and one retry");
 
-    assert!(
-        handset(&app, &["callbacks", "replay", "--partner", partner, "--since", "1h"])
-            .unwrap_err()
-            .contains("--failed")
-    );
+    assert!(app.cli(&["callbacks", "replay", "--partner", partner, "--since", "1h"]).unwrap_err().contains("--failed"));
     let other = uuid::Uuid::new_v4().to_string();
-    assert!(handset(&app, &["callbacks", "replay", "--partner", &other, "--failed", "--since", "1h"]).is_err());
+    assert!(app.cli(&["callbacks", "replay", "--partner", &other, "--failed", "--since", "1h"]).is_err());
     receiver.default_reply(Reply::Status(200));
     let replayed = ok(&app, &["callbacks", "replay", "--partner", partner, "--failed", "--since", "1h"]);
     assert_eq!((replayed["requeued"].clone(), replayed["not_replayable"].clone()), (json!(1), json!(0)), "{replayed}");

@@ -2,10 +2,8 @@
 //! never-confirmed sends to one number range pauses it (429 5301) while
 //! another range keeps working; `handset fraud list|release` see and lift it.
 
-use std::process::Command;
-
 use handset_testkit::Kind;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::helpers::{DEV_KEY, TestApp};
 
@@ -18,19 +16,6 @@ const GUARD: &[(&str, &str)] = &[
     ("HANDSET__FRAUD__WINDOW", "1h"),
     ("HANDSET__FRAUD__COOLDOWN", "1h"),
 ];
-
-fn handset(app: &TestApp, args: &[&str]) -> Result<Value, String> {
-    let output = Command::new(env!("CARGO_BIN_EXE_handset"))
-        .args(args)
-        .env("HANDSET__DATABASE__URL", &app.db.url)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run handset");
-    if !output.status.success() {
-        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
-    }
-    serde_json::from_slice(&output.stdout).map_err(|e| e.to_string())
-}
 
 async fn a_pumped_range_is_paused_and_others_keep_working(kind: Kind) {
     let app = TestApp::spawn_with(kind, GUARD).await;
@@ -66,14 +51,14 @@ async fn a_pumped_range_is_paused_and_others_keep_working(kind: Kind) {
 
     // The operator sees the range (never a full number) and lifts the pause:
     // the range starts afresh.
-    let listed = handset(&app, &["fraud", "list"]).unwrap();
+    let listed = app.cli(&["fraud", "list"]).unwrap();
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
     assert_eq!(listed[0]["range"], "+1415555");
     assert_eq!((listed[0]["sends"].as_i64(), listed[0]["succeeded"].as_i64()), (Some(6), Some(0)));
     assert!(!listed.to_string().contains("4155550"), "no full number: {listed}");
-    assert_eq!(handset(&app, &["fraud", "release", "+1415555"]).unwrap()["released"], true);
-    assert_eq!(handset(&app, &["fraud", "list"]).unwrap(), json!([]));
-    assert!(handset(&app, &["fraud", "release", "+1415555"]).unwrap_err().contains("not paused"));
+    assert_eq!(app.cli(&["fraud", "release", "+1415555"]).unwrap()["released"], true);
+    assert_eq!(app.cli(&["fraud", "list"]).unwrap(), json!([]));
+    assert!(app.cli(&["fraud", "release", "+1415555"]).unwrap_err().contains("not paused"));
     let again = app.start_sms("4155550122").await;
     assert_eq!(again.status, 201, "released: {}", again.text);
 }
@@ -126,7 +111,7 @@ async fn a_converting_range_is_never_paused(kind: Kind) {
             assert_eq!(app.confirm(&started.id(), "123123").await.status, 200);
         }
     }
-    assert_eq!(handset(&app, &["fraud", "list"]).unwrap(), json!([]));
+    assert_eq!(app.cli(&["fraud", "list"]).unwrap(), json!([]));
 }
 
 /// Off in development unless enabled: the same burst goes through.

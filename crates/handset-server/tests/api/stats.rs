@@ -1,7 +1,6 @@
 //! `GET /v1/stats` and `handset stats`: the verification funnel, counted
 //! from real transactions started through the sandbox, on both stores.
 
-use std::process::Command;
 use std::time::Duration;
 
 use handset_core::Product;
@@ -137,15 +136,8 @@ async fn stats_queries_are_checked(kind: Kind) {
 async fn operators_read_the_funnel_across_partners(kind: Kind) {
     let (app, a, b) = funnel_fixture(kind).await;
     let run = |args: &[&str]| {
-        let output = Command::new(env!("CARGO_BIN_EXE_handset"))
-            .arg("stats")
-            .args(args)
-            .env("HANDSET__DATABASE__URL", &app.db.url)
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("run handset stats");
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-        serde_json::from_slice::<Value>(&output.stdout).expect("JSON")
+        let args: Vec<&str> = ["stats"].iter().chain(args).copied().collect();
+        app.cli(&args).unwrap_or_else(|error| panic!("handset {args:?}: {error}"))
     };
     let partner_id = |key: &str| {
         let (app, key) = (&app, key.to_owned());
@@ -168,13 +160,8 @@ async fn operators_read_the_funnel_across_partners(kind: Kind) {
     let query = format!("/v1/stats?since={}&until={}", urlencode(&since), urlencode(&until));
     assert_eq!(printed, app.get_as(&a, &query).await.body, "the CLI and the API agree");
 
-    let refused = Command::new(env!("CARGO_BIN_EXE_handset"))
-        .args(["stats", "--group-by", "carrier"])
-        .env("HANDSET__DATABASE__URL", &app.db.url)
-        .output()
-        .unwrap();
-    assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("group_by"));
+    let refused = app.cli(&["stats", "--group-by", "carrier"]).expect_err("an unknown dimension");
+    assert!(refused.contains("group_by"), "{refused}");
 }
 
 fn urlencode(value: &str) -> String {
