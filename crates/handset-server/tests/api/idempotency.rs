@@ -138,6 +138,8 @@ async fn no_replay_after_the_partner_is_deactivated(app: TestApp) {
     let first = post_with_key(&app, &key, "once", "/v1/possession", &body).await;
     assert_eq!(first.status, 201, "{}", first.text);
     assert!(app.store.set_partner_active(partner, false).await.unwrap());
+    // On Postgres the change reaches the partner cache by NOTIFY, in milliseconds.
+    app.soon_answers_as(&key, 401).await;
     let refused = post_with_key(&app, &key, "once", "/v1/possession", &body).await;
     refused.assert_error(401, 1200);
     assert!(!refused.headers.contains_key(REPLAYED_HEADER));
