@@ -3,6 +3,7 @@
 //! catalogue, the provider and store ports, routing policy, the sandbox
 //! provider, and the `Gateway` service that makes every decision.
 
+pub mod adaptive;
 pub mod birth_date;
 pub mod breaker;
 pub mod callback;

@@ -8,6 +8,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::error::ErrorCode;
+use crate::routing::RoutingDecision;
 use crate::secret::Secret;
 
 /// `Debug` that prints only the listed fields: the others hold personal data
@@ -305,6 +306,9 @@ pub struct Transaction {
     pub name: Option<PersonName>,
     pub metadata: Value,
     pub result: Option<TransactionResult>,
+    /// The order its providers were tried in, and why; `None` on
+    /// transactions from before it was recorded.
+    pub routing: Option<RoutingDecision>,
 }
 
 debug_only!(Transaction {
@@ -323,6 +327,7 @@ debug_only!(Transaction {
     next_poll_at,
     poll_attempts,
     result,
+    routing,
 });
 
 /// A callback to deliver, written in the same database transaction as the
@@ -504,6 +509,10 @@ pub struct TransactionOut {
     /// The partner's own JSON, as given at the start.
     pub metadata: Value,
     pub callback_url: Option<String>,
+    /// The order handset tried providers in, and why (`docs/routing.md`);
+    /// null on transactions from before it was recorded.
+    #[serde(default)]
+    pub routing: Option<RoutingDecision>,
 }
 
 debug_only!(TransactionOut { transaction_id, verification_id, product, provider, result });
@@ -546,6 +555,7 @@ impl Transaction {
             name: None,
             metadata: Value::Object(Default::default()),
             result: None,
+            routing: None,
         }
     }
 
@@ -588,6 +598,7 @@ impl Transaction {
             result: if self.is_final() { self.result.clone() } else { None },
             metadata: self.metadata.clone(),
             callback_url: self.callback_url.clone(),
+            routing: self.routing.clone(),
         }
     }
 }

@@ -24,6 +24,7 @@ fn dqe(base_url: String) -> Dqe {
         token: "api-token".into(),
         name: "handset".into(),
         timeout: Duration::from_secs(1),
+        cost: 1.0,
     };
     Dqe::new(&settings).unwrap()
 }
@@ -199,6 +200,7 @@ fn settings_are_checked_and_never_print_secrets() {
         token: "api-token".into(),
         name: String::new(),
         timeout: Duration::from_secs(1),
+        cost: 1.0,
     };
     assert!(settings.validate().unwrap_err().contains("providers.dqe.name"));
     let printed = format!("{settings:?}");

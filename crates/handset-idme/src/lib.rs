@@ -55,6 +55,9 @@ pub struct IdmeSettings {
     /// Every call to ID.me gives up after this long.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Divides the provider's score under adaptive routing (`handset_core::adaptive`):
+    /// 2.0 makes it need twice the conversion of a provider at 1.0 to go first.
+    pub cost: f64,
 }
 
 impl IdmeSettings {

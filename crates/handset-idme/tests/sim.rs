@@ -23,8 +23,13 @@ async fn sim() -> Sim {
 }
 
 fn idme(sim: &Sim, secret: &str, timeout: Duration) -> Idme {
-    let settings =
-        IdmeSettings { base_url: sim.base_url(), secret: secret.into(), webhook_secret: Default::default(), timeout };
+    let settings = IdmeSettings {
+        base_url: sim.base_url(),
+        secret: secret.into(),
+        webhook_secret: Default::default(),
+        timeout,
+        cost: 1.0,
+    };
     Idme::new(&settings, "http://127.0.0.1:8080").unwrap()
 }
 

@@ -20,7 +20,8 @@ const AUTHORIZATION: &str = "Bearer ID.me czNjcmV0";
 
 fn idme(server: &MockServer, timeout: Duration) -> Idme {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let settings = IdmeSettings { base_url: server.uri(), secret: SECRET.into(), webhook_secret: "t".into(), timeout };
+    let settings =
+        IdmeSettings { base_url: server.uri(), secret: SECRET.into(), webhook_secret: "t".into(), timeout, cost: 1.0 };
     Idme::new(&settings, "https://handset.example").unwrap()
 }
 
@@ -366,6 +367,7 @@ async fn unreachable_is_unavailable() {
         secret: SECRET.into(),
         webhook_secret: Default::default(),
         timeout: Duration::from_secs(1),
+        cost: 1.0,
     };
     let idme = Idme::new(&settings, "http://127.0.0.1:8080").unwrap();
     let number = phone("+14155550123");

@@ -8,6 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use handset_core::adaptive::AdaptiveSettings;
 use handset_core::breaker::BreakerSettings;
 use handset_core::model::{Partner, Product, ProviderName};
 use handset_core::provider::Provider;
@@ -176,6 +177,13 @@ impl Application {
                     cooldown: chrono::Duration::from_std(settings.fraud.cooldown).unwrap_or(chrono::Duration::MAX),
                 },
                 pumping_guard_enabled: settings.fraud.enabled(settings.is_production()),
+                adaptive: AdaptiveSettings {
+                    window: settings.routing.adaptive.window,
+                    min_samples: settings.routing.adaptive.min_samples,
+                    explore: settings.routing.adaptive.explore,
+                    seed: settings.routing.adaptive.seed,
+                    costs: settings.providers.costs(),
+                },
                 rate_limits: RateLimits {
                     per_product_per_minute: settings.rate_limits.per_product_per_minute,
                     per_partner_per_minute: settings.rate_limits.per_partner_per_minute,

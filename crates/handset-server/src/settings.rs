@@ -156,9 +156,30 @@ pub struct RetentionSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProvidersSettings {
+    pub sandbox: SandboxSettings,
     pub idme: handset_idme::IdmeSettings,
     pub veratad: handset_veratad::VeratadSettings,
     pub dqe: handset_dqe::DqeSettings,
+}
+
+/// `[providers.sandbox]`: it has nothing to configure but its weight.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxSettings {
+    pub cost: f64,
+}
+
+impl ProvidersSettings {
+    /// `providers.<name>.cost` of each provider.
+    pub fn costs(&self) -> std::collections::HashMap<ProviderName, f64> {
+        [
+            (ProviderName::Sandbox, self.sandbox.cost),
+            (ProviderName::Idme, self.idme.cost),
+            (ProviderName::Veratad, self.veratad.cost),
+            (ProviderName::Dqe, self.dqe.cost),
+        ]
+        .into()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -194,6 +215,20 @@ impl FraudSettings {
 #[serde(deny_unknown_fields)]
 pub struct RoutingSettings {
     pub rules: Vec<RoutingRule>,
+    pub adaptive: AdaptiveRoutingSettings,
+}
+
+/// `[routing.adaptive]`: how rules with `strategy = "adaptive"` rank their
+/// providers (`handset_core::adaptive`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveRoutingSettings {
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    pub min_samples: u32,
+    pub explore: f64,
+    /// Seeds the exploration draws, for reproducible tests; unset: random.
+    pub seed: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -352,6 +387,18 @@ impl Settings {
         if self.providers.dqe.enabled() {
             self.providers.dqe.validate().map_err(SettingsError::Invalid)?;
         }
+        for (name, cost) in self.providers.costs() {
+            if !(cost.is_finite() && cost > 0.0) {
+                return invalid(format!("providers.{name}.cost must be a number above 0, got {cost}"));
+            }
+        }
+        let adaptive = &self.routing.adaptive;
+        if !(0.0..=1.0).contains(&adaptive.explore) {
+            return invalid(format!("routing.adaptive.explore must be a share from 0 to 1, got {}", adaptive.explore));
+        }
+        if adaptive.min_samples == 0 {
+            return invalid("routing.adaptive.min_samples must be at least 1".into());
+        }
         for rule in &self.routing.rules {
             if rule.providers.is_empty() {
                 return invalid(format!("routing rule for {} lists no provider", rule.product));
@@ -392,6 +439,7 @@ impl Settings {
             ("providers.veratad.timeout".to_owned(), self.providers.veratad.timeout, max(5 * MINUTE)),
             ("providers.dqe.timeout".to_owned(), self.providers.dqe.timeout, max(5 * MINUTE)),
             ("fraud.window".to_owned(), self.fraud.window, max(DAY)),
+            ("routing.adaptive.window".to_owned(), self.routing.adaptive.window, max(7 * DAY)),
             ("fraud.cooldown".to_owned(), self.fraud.cooldown, max(30 * DAY)),
         ];
         for (i, delay) in self.callbacks.retry_schedule.iter().enumerate() {

@@ -54,7 +54,7 @@ fn bind_outbox<'q>(query: PgQuery<'q>, m: &'q OutboxMessage) -> PgQuery<'q> {
     query.bind(m.id).bind(m.transaction_id).bind(m.partner_id).bind(&m.callback_url).bind(&m.payload).bind(m.created_at)
 }
 
-/// The transaction's 26 columns bound as $1-$26, in `transaction_columns!` order.
+/// The transaction's 27 columns bound as $1-$27, in `transaction_columns!` order.
 fn bind_transaction<'q>(query: PgQuery<'q>, t: &'q Transaction) -> PgQuery<'q> {
     query
         .bind(t.id)
@@ -83,6 +83,7 @@ fn bind_transaction<'q>(query: PgQuery<'q>, t: &'q Transaction) -> PgQuery<'q> {
         .bind(t.poll_attempts)
         .bind(&t.country)
         .bind(&t.number_range)
+        .bind(t.routing.as_ref().map(Json))
 }
 
 /// `LOCAL_CODE_UPDATE`'s parameters $1-$5.

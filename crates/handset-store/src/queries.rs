@@ -18,13 +18,13 @@ macro_rules! partner_rotations {
     };
 }
 
-/// The transaction's 26 columns; `bind_transaction` binds them as $1-$26 in this order.
+/// The transaction's 27 columns; `bind_transaction` binds them as $1-$27 in this order.
 macro_rules! transaction_columns {
     () => {
         "id, verification_id, partner_id, product, provider, phone, birth_date, \
          status_code, created_at, updated_at, expires_at, attempts_used, max_attempts, code_hash, provider_ref, \
          redirect_url, redirect_uri, callback_url, name, metadata, result, provider_verification, next_poll_at, \
-         poll_attempts, country, number_range"
+         poll_attempts, country, number_range, routing"
     };
 }
 
@@ -95,16 +95,16 @@ pub(crate) const INSERT_TRANSACTION: &str = concat!(
     "INSERT INTO transactions (",
     transaction_columns!(),
     ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, \
-     $22, $23, $24, $25, $26)"
+     $22, $23, $24, $25, $26, $27)"
 );
 
-/// Postgres: the verification (`$27`-`$29`) and the transaction in one statement.
+/// Postgres: the verification (`$28`-`$30`) and the transaction in one statement.
 pub(crate) const INSERT_START: &str = concat!(
-    "WITH verification AS (INSERT INTO verifications (id, partner_id, created_at) VALUES ($27, $28, $29)) \
+    "WITH verification AS (INSERT INTO verifications (id, partner_id, created_at) VALUES ($28, $29, $30)) \
      INSERT INTO transactions (",
     transaction_columns!(),
     ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, \
-     $22, $23, $24, $25, $26)"
+     $22, $23, $24, $25, $26, $27)"
 );
 
 pub(crate) const TRANSACTION: &str = concat!("SELECT ", transaction_columns!(), " FROM transactions WHERE id = $1");

@@ -7,6 +7,7 @@ use handset_core::model::{
     Transaction, TransactionResult, Verification,
 };
 use handset_core::pumping::{PausedRange, RangeTraffic};
+use handset_core::routing::RoutingDecision;
 use handset_core::store::{AfterAttempt, IdempotencyBegin, PartnerByKey, PartnerRecord, StoreError};
 use serde_json::Value;
 use sqlx::types::Json;
@@ -121,6 +122,7 @@ pub(crate) struct TransactionRow {
     name: Option<Json<PersonName>>,
     metadata: Json<Value>,
     result: Option<Json<TransactionResult>>,
+    routing: Option<Json<RoutingDecision>>,
 }
 
 impl TryFrom<TransactionRow> for Transaction {
@@ -156,6 +158,7 @@ impl TryFrom<TransactionRow> for Transaction {
             name: row.name.map(|n| n.0),
             metadata: row.metadata.0,
             result: row.result.map(|r| r.0),
+            routing: row.routing.map(|r| r.0),
         })
     }
 }
@@ -424,6 +427,7 @@ mod sqlite {
                 poll_attempts: row.get(23)?,
                 country: row.get(24)?,
                 number_range: row.get(25)?,
+                routing: get_opt_json(row, 26)?.map(Json),
             })
         }
     }

@@ -48,6 +48,9 @@ pub struct VeratadSettings {
     /// Every call to Veratad gives up after this long.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Divides the provider's score under adaptive routing (`handset_core::adaptive`):
+    /// 2.0 makes it need twice the conversion of a provider at 1.0 to go first.
+    pub cost: f64,
     /// The SMS text; Veratad puts the code where `{pin}` stands.
     pub message: String,
     /// Line types that get no SMS (`mobile`, `landline`, `voip`).

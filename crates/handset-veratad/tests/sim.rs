@@ -18,6 +18,7 @@ async fn sim_and_adapter(user: &str) -> (Sim, Veratad) {
         user: user.into(),
         pass: "sim-pass".into(),
         timeout: Duration::from_secs(2),
+        cost: 1.0,
         message: "Your code is {pin}".into(),
         do_not_send_to_types: vec!["landline".into()],
         country_blacklist: vec![],

@@ -19,6 +19,7 @@ fn settings(base_url: String) -> VeratadSettings {
         user: "api-user@example.com".into(),
         pass: "api-pass".into(),
         timeout: Duration::from_secs(1),
+        cost: 1.0,
         message: "Hello {fn}, your code is {pin}".into(),
         do_not_send_to_types: vec!["landline".into(), "voip".into()],
         country_blacklist: vec!["fr".into()],

@@ -18,6 +18,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::adaptive::Scoreboard;
 use crate::birth_date::BirthDate;
 use crate::breaker::{BreakerSettings, CircuitBreaker};
 use crate::error::{ApiError, ErrorCode};
@@ -30,7 +31,7 @@ use crate::phone::Phone;
 use crate::provider::{CodeCheck, Outcome, Provider, ProviderError, Renewed, StartRequest, Started};
 use crate::pumping::{NewPause, PumpingGuard, RangeTraffic};
 use crate::rate_limit::{RateLimiter, RateLimits, Scope};
-use crate::routing::Routing;
+use crate::routing::{Routing, RoutingDecision, RoutingReason, Strategy};
 use crate::secret::{Secret, api_key_hash, code_hash, constant_time_eq};
 use crate::store::{Finalization, LocalCodeAttempt, Store, StoreError};
 
@@ -66,6 +67,8 @@ pub struct GatewaySettings {
     /// SMS transaction, and judged only when `pumping_guard_enabled`.
     pub pumping_guard: crate::pumping::PumpingGuard,
     pub pumping_guard_enabled: bool,
+    /// `[routing.adaptive]`, used by rules with `strategy = "adaptive"`.
+    pub adaptive: crate::adaptive::AdaptiveSettings,
 }
 
 /// Where the gateway reads the time: rules compare against one `now`, and
@@ -88,6 +91,8 @@ pub struct Gateway {
     providers: HashMap<ProviderName, Arc<dyn Provider>>,
     breakers: HashMap<ProviderName, CircuitBreaker>,
     routing: Routing,
+    /// Present when some rule is adaptive.
+    scoreboard: Option<Scoreboard>,
     settings: GatewaySettings,
     limiter: RateLimiter,
     partners: PartnerCache,
@@ -105,6 +110,7 @@ impl Gateway {
             store,
             breakers: providers.iter().map(|p| (p.name(), CircuitBreaker::new(settings.breaker))).collect(),
             providers: providers.into_iter().map(|p| (p.name(), p)).collect(),
+            scoreboard: routing.any_adaptive().then(|| Scoreboard::new(settings.adaptive.clone())),
             routing,
             limiter: RateLimiter::new(settings.rate_limits),
             partners: PartnerCache::new(settings.partner_cache_ttl),

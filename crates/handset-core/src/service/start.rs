@@ -41,7 +41,7 @@ impl Gateway {
         ensure_enabled(partner, product)?;
         self.limit(Scope::Product(partner.id, product)).await?;
         let joined = self.verification_for(partner, input.verification_id).await?;
-        let chain = self.chain(product, &input.phone, input.provider, input.name.is_some())?;
+        let chain = self.chain(product, &input.phone, input.provider, input.name.is_some()).await?;
         // Only a send that is about to be attempted counts against the
         // number: requests refused above, or that no provider can take, cost
         // the phone nothing.
@@ -50,6 +50,7 @@ impl Gateway {
             self.limit(Scope::Phone(&input.phone)).await?;
         }
         let mut draft = self.draft(partner, product, joined.id, &input.phone, chain.first);
+        draft.routing = Some(chain.routing.clone());
         draft.callback_url = input.callback_url;
         draft.redirect_uri = input.redirect_uri;
         draft.name = input.name;
@@ -63,8 +64,9 @@ impl Gateway {
         ensure_enabled(partner, product)?;
         self.limit(Scope::Product(partner.id, product)).await?;
         let joined = self.verification_for(partner, input.verification_id).await?;
-        let chain = self.chain(product, &input.phone, input.provider, false)?;
+        let chain = self.chain(product, &input.phone, input.provider, false).await?;
         let mut draft = self.draft(partner, product, joined.id, &input.phone, chain.first);
+        draft.routing = Some(chain.routing.clone());
         draft.birth_date = Some(input.birth_date.to_string());
         draft.callback_url = input.callback_url;
         draft.metadata = input.metadata;
@@ -145,32 +147,55 @@ impl Gateway {
         }
     }
 
-    /// The providers to try, in order. None configured for the product (or
-    /// the forced one unknown): 422 3908. Configured but none can take this
-    /// number (ID.me and a non-NANP number, Veratad's country lists): an
-    /// empty chain, which the start records as a final 300 with 3908.
-    /// Providers that need a name are skipped in a chain without one, and
-    /// refused (3905) when forced or alone.
-    pub(super) fn chain(
+    /// The providers to try, in order, and why in that order. None
+    /// configured for the product (or the forced one unknown): 422 3908.
+    /// Configured but none can take this number (ID.me and a non-NANP
+    /// number, Veratad's country lists): an empty chain, which the start
+    /// records as a final 300 with 3908. Providers that need a name are
+    /// skipped in a chain without one, and refused (3905) when forced or alone.
+    pub(super) async fn chain(
         &self,
         product: Product,
         phone: &Phone,
         forced: Option<ProviderName>,
         has_name: bool,
     ) -> Result<Chain, GatewayError> {
+        let rule = self.routing.rule(product, phone);
         let names: Vec<ProviderName> = match forced {
             Some(name) => vec![name],
-            None => self.routing.chain(product, phone).map(<[_]>::to_vec).unwrap_or_default(),
+            None => rule.map(|r| r.providers.clone()).unwrap_or_default(),
         };
         let candidates: Vec<Arc<dyn Provider>> =
             names.iter().filter_map(|name| self.providers.get(name)).filter(|p| p.offers(product)).cloned().collect();
         if candidates.is_empty() {
             return Err(ApiError::new(ErrorCode::NoProvider).into());
         }
+        let listed: Vec<ProviderName> = candidates.iter().map(|p| p.name()).collect();
+        let strategy = rule.map(|r| r.strategy).unwrap_or_default();
+        let routing = match (&self.scoreboard, forced, strategy) {
+            (_, Some(_), _) => {
+                RoutingDecision { strategy, order: listed, reason: RoutingReason::Requested, scores: vec![] }
+            }
+            (Some(scoreboard), None, Strategy::Adaptive) => {
+                scoreboard.refresh(self.store.as_ref(), self.now()).await;
+                scoreboard.order(&listed, phone.region(), product)
+            }
+            _ => RoutingDecision { strategy, order: listed, reason: RoutingReason::Configured, scores: vec![] },
+        };
+        metrics::counter!(
+            "handset_routing_decisions_total",
+            "product" => product.as_str(),
+            "strategy" => routing.strategy.as_str(),
+            "reason" => routing.reason.as_str(),
+            "first" => routing.order[0].as_str(),
+        )
+        .increment(1);
+        let candidates: Vec<Arc<dyn Provider>> =
+            routing.order.iter().filter_map(|name| candidates.iter().find(|p| p.name() == *name).cloned()).collect();
         let first = candidates[0].name();
         let eligible: Vec<Arc<dyn Provider>> = candidates.into_iter().filter(|p| p.serves(product, phone)).collect();
         if has_name || eligible.is_empty() {
-            return Ok(Chain { providers: eligible, first });
+            return Ok(Chain { providers: eligible, first, routing });
         }
         let needs_name =
             |p: &Arc<dyn Provider>| product == Product::PossessionSms && p.sms().is_some_and(|c| c.needs_name());
@@ -178,7 +203,7 @@ impl Gateway {
         if named_ok.is_empty() {
             return Err(ApiError::new(ErrorCode::InvalidName).into());
         }
-        Ok(Chain { providers: named_ok, first })
+        Ok(Chain { providers: named_ok, first, routing })
     }
 
     pub(super) fn draft(
@@ -216,8 +241,17 @@ impl Gateway {
     ) -> Result<Started, ProviderError> {
         let mut last = None;
         let mut any_unavailable = false;
-        for provider in chain {
+        for (index, provider) in chain.iter().enumerate() {
             let name = provider.name();
+            // An unavailable answer that passes the start on is a sample
+            // against the provider; the last one is, as the transaction's end.
+            let passed_on = || {
+                if index + 1 < chain.len()
+                    && let Some(scoreboard) = &self.scoreboard
+                {
+                    scoreboard.record_unavailable(name, draft.country.as_deref(), draft.product);
+                }
+            };
             draft.provider = name;
             let breaker = &self.breakers[&name];
             if !breaker.allows(Instant::now()) {
@@ -258,6 +292,9 @@ impl Gateway {
             match answer {
                 Err(error @ ProviderError::Ineligible { temporary, .. }) => {
                     any_unavailable |= temporary;
+                    if temporary {
+                        passed_on();
+                    }
                     tracing::info!(provider = %name, transaction_id = %draft.id, %error, "provider cannot serve the number, trying the next");
                     last = Some(error);
                 }
@@ -270,6 +307,7 @@ impl Gateway {
                     if breaker.record_failure(Instant::now()) {
                         tracing::warn!(provider = %name, "circuit opened: the provider is skipped for a while");
                     }
+                    passed_on();
                     any_unavailable = true;
                     last = Some(error);
                 }
@@ -369,6 +407,7 @@ impl Gateway {
 pub(super) struct Chain {
     pub(super) providers: Vec<Arc<dyn Provider>>,
     pub(super) first: ProviderName,
+    pub(super) routing: RoutingDecision,
 }
 
 /// Why a start that may have reached the user was not tried elsewhere.

@@ -3,6 +3,7 @@
 mod helpers;
 mod receiver;
 
+mod adaptive;
 mod browser;
 mod callbacks;
 mod catalogue;

@@ -104,6 +104,7 @@ fn insert_transaction(c: &Connection, t: &Transaction) -> Result<(), StoreError>
     let name = t.name.as_ref().map(json).transpose()?;
     let metadata = json(&t.metadata)?;
     let result = t.result.as_ref().map(json).transpose()?;
+    let routing = t.routing.as_ref().map(json).transpose()?;
     execute(
         c,
         q::INSERT_TRANSACTION,
@@ -134,6 +135,7 @@ fn insert_transaction(c: &Connection, t: &Transaction) -> Result<(), StoreError>
             &t.poll_attempts,
             &t.country,
             &t.number_range,
+            &routing,
         ],
     )?;
     Ok(())
