@@ -142,6 +142,11 @@ fn describe_metrics() {
         "SMS starts refused (429 5301) because their number range is paused"
     );
     describe_counter!(
+        "handset_routing_decisions_total",
+        "Starts by how their providers were ordered: product, strategy, reason (configured, requested, warming_up, \
+         score, held, explore) and the provider put first"
+    );
+    describe_counter!(
         "handset_verifications_started_total",
         "Transactions recorded at their start, by product and provider (refused requests record none)"
     );

@@ -245,6 +245,26 @@ providers = ["idme", "veratad"]
     assert_eq!(nameless.body["routing"]["order"], json!(["idme", "veratad"]));
 }
 
+/// `handset serve` refuses adaptive settings it cannot use, naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_bad_adaptive_settings() {
+    for (key, value, named) in [
+        ("HANDSET__ROUTING__ADAPTIVE__EXPLORE", "1.5", "routing.adaptive.explore"),
+        ("HANDSET__ROUTING__ADAPTIVE__MIN_SAMPLES", "0", "routing.adaptive.min_samples"),
+        ("HANDSET__ROUTING__ADAPTIVE__WINDOW", "0s", "routing.adaptive.window"),
+        ("HANDSET__ROUTING__ADAPTIVE__WINDOW", "30days", "routing.adaptive.window"),
+        ("HANDSET__PROVIDERS__VERATAD__COST", "0", "providers.veratad.cost"),
+        ("HANDSET__PROVIDERS__SANDBOX__COST", "-1", "providers.sandbox.cost"),
+    ] {
+        let refused = crate::production::serve_once(None, &[(key, value)]).await;
+        let refused = refused.unwrap_or_else(|| panic!("{key}={value} was accepted"));
+        assert!(refused.contains(named), "{key}={value} names {named}:\n{refused}");
+    }
+    let unknown = "[[routing.rules]]\nproduct = \"possession.sms\"\nproviders = [\"sandbox\"]\nstrategy = \"greedy\"\n";
+    let refused = crate::production::serve_once(Some(unknown), &[]).await.expect("an unknown strategy is refused");
+    assert!(refused.contains("greedy") || refused.contains("strategy"), "{refused}");
+}
+
 crate::on_both_kinds!(
     traffic_follows_delivery,
     unavailable_answers_count_against_a_provider,

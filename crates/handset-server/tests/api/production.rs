@@ -97,7 +97,7 @@ async fn production_has_no_sandbox_and_no_development_partner(kind: Kind) {
 
 /// Runs `handset serve` and returns its exit status and stderr; a serve
 /// that starts is stopped once it answers, and `None` says it started.
-async fn serve_once(config: Option<&str>, env: &[(&str, &str)]) -> Option<String> {
+pub(crate) async fn serve_once(config: Option<&str>, env: &[(&str, &str)]) -> Option<String> {
     let dir = std::env::temp_dir().join(format!("handset-prod-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
