@@ -325,14 +325,18 @@ async fn funnel_run(rows: i64) {
          CASE WHEN i % 10 = 0 THEN 'identity' ELSE 'possession.sms' END, \
          CASE WHEN i % 3 = 0 THEN 'veratad' ELSE 'idme' END, '+14155550123', \
          CASE WHEN i % 7 = 0 THEN 'FR' ELSE 'US' END, \
-         CASE WHEN i % 5 = 0 THEN 300 WHEN i % 11 = 0 THEN 210 ELSE 200 END, \
-         t, t + (i % 60) * interval '1 second', t + interval '10 minutes', 1, 5, '{}' \
+         CASE WHEN i % 5 = 0 THEN 300 WHEN i % 11 = 0 AND t > $5 THEN 210 WHEN i % 11 = 0 THEN 300 ELSE 200 END, \
+         t, CASE WHEN i % 5 <> 0 AND i % 11 = 0 THEN t + interval '10 minutes' \
+         ELSE t + (i % 60) * interval '1 second' END, t + interval '10 minutes', 1, 5, '{}' \
          FROM (SELECT i, $2 + i * ($4 * interval '1 millisecond') AS t FROM generate_series(1, $3) AS i) AS s",
     )
     .bind(DEV_PARTNER_ID)
     .bind(day_start)
     .bind(rows)
     .bind(86_400_000.0 / rows as f64)
+    // Checks left unconfirmed are pending for their 10 minutes, then expired
+    // (as the job runner leaves them).
+    .bind(Utc::now() - chrono::Duration::minutes(10))
     .execute(&pool)
     .await
     .expect("transactions");
@@ -340,20 +344,42 @@ async fn funnel_run(rows: i64) {
     let loaded = loaded.elapsed();
     let store = handset_store::connect(&db.url, &handset_store::PoolSettings::default()).expect("store");
     let until = Utc::now();
-    for (label, partner) in [("one partner's day", Some(DEV_PARTNER_ID)), ("every partner's day", None)] {
-        let query = FunnelQuery::parse(partner, Some(&day_start.to_rfc3339()), Some(&until.to_rfc3339()), None, until)
-            .expect("query");
+    let best_of_three = async |query: &FunnelQuery| {
         let mut best = Duration::MAX;
         let mut groups = 0;
         for _ in 0..3 {
             let at = Instant::now();
-            groups = store.funnel(&query).await.expect("funnel").len();
+            groups = store.funnel(query).await.expect("funnel").len();
             best = best.min(at.elapsed());
         }
+        (best, groups)
+    };
+    let queries =
+        [("one partner's day", Some(DEV_PARTNER_ID)), ("every partner's day", None)].map(|(label, partner)| {
+            let query =
+                FunnelQuery::parse(partner, Some(&day_start.to_rfc3339()), Some(&until.to_rfc3339()), None, until);
+            (label, query.expect("query"))
+        });
+    // First from the transactions alone, then as the job runner leaves it:
+    // the day's closed hours rolled up.
+    for (label, query) in &queries {
+        let (best, groups) = best_of_three(query).await;
         println!(
-            "postgres  funnel of {label}: {rows} transactions, {groups} groups, {:.0} ms (loaded in {:.0} s)",
+            "postgres  funnel of {label}, from the transactions: {rows} transactions, {groups} groups, {:.0} ms \
+             (loaded in {:.0} s)",
             best.as_secs_f64() * 1000.0,
             loaded.as_secs_f64()
+        );
+    }
+    let rolling = Instant::now();
+    let hours = store.roll_up_funnel(Utc::now() - chrono::Duration::minutes(15), 48).await.expect("roll up");
+    let rolling = rolling.elapsed();
+    for (label, query) in &queries {
+        let (best, groups) = best_of_three(query).await;
+        println!(
+            "postgres  funnel of {label}, {hours} hours rolled up: {groups} groups, {:.0} ms (rolled up in {:.1} s)",
+            best.as_secs_f64() * 1000.0,
+            rolling.as_secs_f64()
         );
     }
 }

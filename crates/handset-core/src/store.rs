@@ -312,6 +312,14 @@ pub trait Store: Send + Sync {
     /// The funnel of the transactions the query names, one entry per group
     /// (ordered by provider, country, product).
     async fn funnel(&self, query: &crate::funnel::FunnelQuery) -> Result<Vec<crate::funnel::FunnelCounts>, StoreError>;
+
+    /// Rolls the funnel up by the hour, oldest hour first, so that queries
+    /// over whole hours read one row per group and hour instead of every
+    /// transaction: at most `max_hours` hours that ended at or before
+    /// `before` and whose transactions have all ended (an hour with a
+    /// pending one waits). Returns how many hours it rolled up. Several
+    /// processes may call it at once; each hour is counted once.
+    async fn roll_up_funnel(&self, before: DateTime<Utc>, max_hours: u32) -> Result<u32, StoreError>;
 }
 
 /// A request's claim on an `Idempotency-Key`.

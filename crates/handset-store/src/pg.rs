@@ -23,7 +23,10 @@ use sqlx::types::Json;
 use sqlx::{PgPool, Postgres};
 use uuid::Uuid;
 
-use crate::queries::{self as q, funnel_groups, funnel_histogram, funnel_range, local_code_update, outbox_columns};
+use crate::queries::{
+    self as q, funnel_groups, funnel_histogram, funnel_range, funnel_rolled, funnel_rolled_range, local_code_update,
+    outbox_columns, roll_up_hour,
+};
 use crate::rows::{AttemptRow, OutboxRow, PartnerByKeyRow, PartnerRecordRow, TransactionRow, VerificationRow};
 
 /// Postgres, the production store: reads and writes share one pool.
@@ -708,14 +711,70 @@ impl Store for PgStore {
     }
 
     async fn funnel(&self, query: &FunnelQuery) -> Result<Vec<FunnelCounts>, StoreError> {
-        let sql = match query.partner_id {
-            Some(_) => funnel_histogram!(pg_bucket!(), partner),
-            None => funnel_histogram!(pg_bucket!(), all),
+        let (raw_sql, rolled_sql) = match query.partner_id {
+            Some(_) => (funnel_histogram!(pg_bucket!(), partner), funnel_rolled!(partner)),
+            None => (funnel_histogram!(pg_bucket!(), all), funnel_rolled!(all)),
         };
-        let rows: Vec<(Option<String>, Option<String>, Option<String>, Option<f64>, i64, i64, i64, i64, i64)> =
-            bind_funnel(sqlx::query_as(sql), query).fetch_all(&self.pool).await.map_err(db)?;
-        let rows = rows.into_iter().map(|(p, c, pr, b, n, s, f, e, w)| (p, c, pr, b, [n, s, f, e, w])).collect();
+        let rolled_until: Option<DateTime<Utc>> =
+            sqlx::query_scalar(q::ROLLED_UNTIL).fetch_one(&self.pool).await.map_err(db)?;
+        let plan = crate::rows::funnel_plan(query.since, query.until, rolled_until);
+        let parts = plan
+            .rolled
+            .map(|range| (rolled_sql, range))
+            .into_iter()
+            .chain(plan.raw.into_iter().map(|range| (raw_sql, range)));
+        let mut rows = Vec::new();
+        for (sql, (since, until)) in parts {
+            let part = FunnelQuery { since, until, ..query.clone() };
+            let found: Vec<(Option<String>, Option<String>, Option<String>, Option<f64>, i64, i64, i64, i64, i64)> =
+                bind_funnel(sqlx::query_as(sql), &part).fetch_all(&self.pool).await.map_err(db)?;
+            rows.extend(found.into_iter().map(|(p, c, pr, b, n, s, f, e, w)| (p, c, pr, b, [n, s, f, e, w])));
+        }
         Ok(crate::rows::funnel_counts(rows))
+    }
+
+    async fn roll_up_funnel(&self, before: DateTime<Utc>, max_hours: u32) -> Result<u32, StoreError> {
+        use crate::rows::RollupStep;
+        let mut rolled = 0;
+        while rolled < max_hours {
+            let mark: Option<DateTime<Utc>> =
+                sqlx::query_scalar(q::ROLLED_UNTIL).fetch_one(&self.pool).await.map_err(db)?;
+            let next: Option<DateTime<Utc>> = sqlx::query_scalar(q::NEXT_CREATED)
+                .bind(mark.unwrap_or(crate::rows::ROLLUP_ORIGIN))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db)?;
+            let advance = |to: DateTime<Utc>| sqlx::query(q::ADVANCE_ROLLUP).bind(mark).bind(to);
+            let hour = match crate::rows::rollup_step(mark, next, before) {
+                RollupStep::Stop => break,
+                RollupStep::Skip(to) => {
+                    advance(to).execute(&self.pool).await.map_err(db)?;
+                    break;
+                }
+                RollupStep::Roll(hour) => hour,
+            };
+            let end = hour + chrono::Duration::hours(1);
+            let mut db_tx = self.pool.begin().await.map_err(db)?;
+            let pending: i64 =
+                sqlx::query_scalar(q::PENDING_IN_HOUR).bind(hour).bind(end).fetch_one(&mut *db_tx).await.map_err(db)?;
+            if pending > 0 {
+                if mark.is_none_or(|mark| mark < hour) {
+                    advance(hour).execute(&mut *db_tx).await.map_err(db)?;
+                    db_tx.commit().await.map_err(db)?;
+                }
+                break;
+            }
+            const ROLL_UP_HOUR: &str = roll_up_hour!(pg_bucket!());
+            sqlx::query(ROLL_UP_HOUR).bind(hour).bind(end).execute(&mut *db_tx).await.map_err(db)?;
+            if advance(end).execute(&mut *db_tx).await.map_err(db)?.rows_affected() != 1 {
+                // Another process rolled it up meanwhile: drop this count.
+                db_tx.rollback().await.map_err(db)?;
+                break;
+            }
+            db_tx.commit().await.map_err(db)?;
+            rolled += 1;
+        }
+        Ok(rolled)
     }
 
     async fn range_traffic(

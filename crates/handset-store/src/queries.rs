@@ -304,6 +304,64 @@ macro_rules! funnel_histogram {
 }
 pub(crate) use funnel_histogram;
 
+/// The funnel's whole hours from the rollup (`$1`-`$2` hours, `$3`-`$5` the
+/// grouping, `$6` the partner with `partner`): the same columns as
+/// `funnel_histogram!`, pending always 0 (only ended hours are rolled up).
+macro_rules! funnel_rolled {
+    ($range:tt) => {
+        concat!(
+            "SELECT ",
+            funnel_groups!(),
+            ", bucket, CAST(SUM(started) AS BIGINT), CAST(SUM(succeeded) AS BIGINT), CAST(SUM(failed) AS BIGINT), \
+             CAST(SUM(expired) AS BIGINT), CAST(0 AS BIGINT) FROM funnel_hours WHERE ",
+            funnel_rolled_range!($range),
+            " GROUP BY 1, 2, 3, 4"
+        )
+    };
+}
+pub(crate) use funnel_rolled;
+
+macro_rules! funnel_rolled_range {
+    (all) => {
+        "hour >= $1 AND hour < $2"
+    };
+    (partner) => {
+        "partner_id = $6 AND hour >= $1 AND hour < $2"
+    };
+}
+pub(crate) use funnel_rolled_range;
+
+/// Counts the hour `[$1, $2)` into `funnel_hours` (`$bucket` is the dialect's).
+macro_rules! roll_up_hour {
+    ($bucket:expr) => {
+        concat!(
+            "INSERT INTO funnel_hours (hour, partner_id, provider, country, product, bucket, started, succeeded, \
+             failed, expired) SELECT $1, partner_id, provider, country, product, CASE WHEN status_code = 200 THEN ",
+            $bucket,
+            " END, COUNT(*), COUNT(CASE WHEN status_code = 200 THEN 1 END), \
+             COUNT(CASE WHEN status_code = 300 AND NOT (expires_at IS NOT NULL AND updated_at >= expires_at) THEN 1 END), \
+             COUNT(CASE WHEN status_code = 300 AND expires_at IS NOT NULL AND updated_at >= expires_at THEN 1 END) \
+             FROM transactions WHERE created_at >= $1 AND created_at < $2 GROUP BY 2, 3, 4, 5, 6"
+        )
+    };
+}
+pub(crate) use roll_up_hour;
+
+/// Where the rollup stands.
+pub(crate) const ROLLED_UNTIL: &str = "SELECT rolled_until FROM funnel_rollup WHERE id = 1";
+
+/// The first transaction created at or after `$1`.
+pub(crate) const NEXT_CREATED: &str = "SELECT MIN(created_at) FROM transactions WHERE created_at >= $1";
+
+/// Whether the hour `[$1, $2)` still has a pending transaction.
+pub(crate) const PENDING_IN_HOUR: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM transactions WHERE created_at >= $1 AND created_at < $2 \
+     AND status_code = 210 LIMIT 1) AS pending";
+
+/// Moves the rollup from `$1` (as read) to `$2`; no row changes if another
+/// process moved it meanwhile.
+pub(crate) const ADVANCE_ROLLUP: &str =
+    "UPDATE funnel_rollup SET rolled_until = $2 WHERE id = 1 AND rolled_until IS NOT DISTINCT FROM $1";
+
 /// A range's last pause and release.
 pub(crate) const RANGE_PAUSE: &str =
     "SELECT paused_until, released_at FROM number_range_pauses WHERE number_range = $1";

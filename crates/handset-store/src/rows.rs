@@ -284,6 +284,14 @@ pub(crate) fn funnel_counts(rows: Vec<FunnelRow>) -> Vec<FunnelCounts> {
         .into_iter()
         .map(|((provider, country, product), (counts, mut buckets))| {
             buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            // The rollup and the transactions may both count one bucket.
+            buckets.dedup_by(|later, kept| {
+                let same = later.0 == kept.0;
+                if same {
+                    kept.1 += later.1;
+                }
+                same
+            });
             let [started, succeeded, failed, expired, pending] = counts;
             FunnelCounts {
                 provider,
@@ -481,5 +489,111 @@ mod tests {
         // Minute buckets beyond ten minutes: 605 is [300 s, 360 s).
         assert_eq!(one_group(vec![row(Some(605.0), 3, 3)]).median_seconds_to_success, Some(330.0));
         assert_eq!(one_group(vec![row(None, 2, 0)]).median_seconds_to_success, None);
+    }
+}
+
+/// How a funnel query reads its range: the whole hours the rollup holds
+/// from `funnel_hours`, the rest from the transactions.
+#[derive(Debug, PartialEq)]
+pub(crate) struct FunnelPlan {
+    pub(crate) rolled: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    pub(crate) raw: Vec<(DateTime<Utc>, DateTime<Utc>)>,
+}
+
+pub(crate) fn funnel_plan(
+    since: DateTime<Utc>,
+    until: DateTime<Utc>,
+    rolled_until: Option<DateTime<Utc>>,
+) -> FunnelPlan {
+    let whole = FunnelPlan { rolled: None, raw: vec![(since, until)] };
+    let Some(rolled_until) = rolled_until else { return whole };
+    let first = ceil_hour(since);
+    let last = floor_hour(until).min(rolled_until);
+    if first >= last {
+        return whole;
+    }
+    let raw = [(since, first), (last, until)].into_iter().filter(|(from, to)| from < to).collect();
+    FunnelPlan { rolled: Some((first, last)), raw }
+}
+
+pub(crate) fn floor_hour(t: DateTime<Utc>) -> DateTime<Utc> {
+    use chrono::DurationRound;
+    t.duration_trunc(chrono::Duration::hours(1)).unwrap_or(t)
+}
+
+fn ceil_hour(t: DateTime<Utc>) -> DateTime<Utc> {
+    let floor = floor_hour(t);
+    if floor == t { t } else { floor + chrono::Duration::hours(1) }
+}
+
+/// Where the rollup starts looking when it has rolled nothing yet.
+pub(crate) const ROLLUP_ORIGIN: DateTime<Utc> = DateTime::UNIX_EPOCH;
+
+/// The rollup's next move, from where it stands (`rolled_until`), the first
+/// transaction created since, and the end of the hours it may roll up.
+#[derive(Debug, PartialEq)]
+pub(crate) enum RollupStep {
+    /// Nothing more to roll up now.
+    Stop,
+    /// The hours up to this one are empty: move the mark, then stop.
+    Skip(DateTime<Utc>),
+    /// Roll up the hour starting here (the empty hours before it with it).
+    Roll(DateTime<Utc>),
+}
+
+pub(crate) fn rollup_step(
+    rolled_until: Option<DateTime<Utc>>,
+    next_created: Option<DateTime<Utc>>,
+    before: DateTime<Utc>,
+) -> RollupStep {
+    let before = floor_hour(before);
+    let skip_to = |to: DateTime<Utc>| match rolled_until {
+        Some(mark) if mark < to => RollupStep::Skip(to),
+        _ => RollupStep::Stop,
+    };
+    match next_created {
+        None => skip_to(before),
+        Some(next) => {
+            let hour = floor_hour(next);
+            if hour + chrono::Duration::hours(1) <= before { RollupStep::Roll(hour) } else { skip_to(hour.min(before)) }
+        }
+    }
+}
+
+#[cfg(test)]
+mod rollup_tests {
+    use super::*;
+
+    fn at(hour: u32, minute: u32) -> DateTime<Utc> {
+        use chrono::TimeZone;
+        Utc.with_ymd_and_hms(2026, 11, 29, hour, minute, 0).unwrap()
+    }
+
+    #[test]
+    fn a_query_reads_whole_rolled_hours_from_the_rollup() {
+        let plan = funnel_plan(at(1, 30), at(9, 15), Some(at(6, 0)));
+        assert_eq!(
+            plan,
+            FunnelPlan { rolled: Some((at(2, 0), at(6, 0))), raw: vec![(at(1, 30), at(2, 0)), (at(6, 0), at(9, 15))] }
+        );
+        let plan = funnel_plan(at(2, 0), at(5, 0), Some(at(6, 0)));
+        assert_eq!(plan, FunnelPlan { rolled: Some((at(2, 0), at(5, 0))), raw: vec![] });
+        // No whole rolled hour inside: all from the transactions.
+        assert_eq!(funnel_plan(at(1, 30), at(2, 45), Some(at(6, 0))).rolled, None);
+        assert_eq!(funnel_plan(at(1, 0), at(9, 0), None).raw, vec![(at(1, 0), at(9, 0))]);
+    }
+
+    #[test]
+    fn the_rollup_moves_over_empty_hours_and_stops_at_open_ones() {
+        // The hour of the next transaction, when it closed before `before`.
+        assert_eq!(rollup_step(Some(at(2, 0)), Some(at(4, 10)), at(8, 20)), RollupStep::Roll(at(4, 0)));
+        assert_eq!(rollup_step(None, Some(at(4, 10)), at(8, 20)), RollupStep::Roll(at(4, 0)));
+        // The next transaction's hour is not over: move over the empty ones.
+        assert_eq!(rollup_step(Some(at(2, 0)), Some(at(7, 50)), at(8, 20)), RollupStep::Roll(at(7, 0)));
+        assert_eq!(rollup_step(Some(at(2, 0)), Some(at(8, 5)), at(8, 20)), RollupStep::Skip(at(8, 0)));
+        assert_eq!(rollup_step(Some(at(8, 0)), Some(at(8, 5)), at(8, 20)), RollupStep::Stop);
+        // No transaction since the mark: every closed hour is empty.
+        assert_eq!(rollup_step(Some(at(2, 0)), None, at(8, 20)), RollupStep::Skip(at(8, 0)));
+        assert_eq!(rollup_step(None, None, at(8, 20)), RollupStep::Stop);
     }
 }

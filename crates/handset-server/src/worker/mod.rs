@@ -48,6 +48,8 @@ pub struct Tick {
     /// Pending transactions that polling their provider made final.
     pub polled: usize,
     pub purged: u64,
+    /// Hours the funnel's rollup counted.
+    pub rolled_up: u32,
 }
 
 pub struct Runner {
@@ -107,6 +109,13 @@ where
 
 /// Pending transactions expired per round.
 const EXPIRY_BATCH: i64 = 100;
+
+/// An hour is rolled up for the funnel this long after it ended: a start
+/// answered by then has been recorded (requests end within
+/// `server.request_timeout`, at most 10 minutes).
+const FUNNEL_HOUR_SETTLES: chrono::Duration = chrono::Duration::minutes(15);
+/// Hours the rollup counts per upkeep round (a backlog catches up a day a round).
+const FUNNEL_HOURS_PER_ROUND: u32 = 24;
 
 impl Runner {
     pub fn new(gateway: Arc<Gateway>, delivery: Delivery, settings: RunnerSettings) -> Runner {
@@ -179,6 +188,7 @@ impl Runner {
                     chrono::Duration::from_std(self.settings.counter_lifetime).unwrap_or(chrono::Duration::MAX);
                 self.store.purge_rate_counters(now - lifetime).await?;
                 self.gateway.forget_rate_windows(now - chrono::Duration::minutes(2));
+                tick.rolled_up = self.store.roll_up_funnel(now - FUNNEL_HOUR_SETTLES, FUNNEL_HOURS_PER_ROUND).await?;
                 let due = self.store.due_callbacks(now).await?;
                 metrics::gauge!("handset_callback_queue_due").set(due as f64);
             }

@@ -3,9 +3,13 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use handset_core::Product;
+use handset_core::model::{ProviderName, Status, Transaction, Verification};
+use handset_core::store::Finalization;
 use handset_testkit::Kind;
 use serde_json::{Value, json};
+use uuid::Uuid;
 
 use crate::helpers::TestApp;
 
@@ -168,8 +172,130 @@ fn urlencode(value: &str) -> String {
     url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
 }
 
+/// A transaction of `partner` created at `created`, ended (`status`) at `ended`.
+fn recorded(
+    partner: Uuid,
+    product: Product,
+    phone: &str,
+    created: DateTime<Utc>,
+    status: Status,
+    ended: DateTime<Utc>,
+) -> (Transaction, Verification) {
+    let verification = Verification { id: Uuid::new_v4(), partner_id: partner, created_at: created };
+    let parsed = handset_core::Phone::parse(phone, handset_core::Region::default()).unwrap();
+    let mut tx = Transaction::pending(partner, verification.id, product, ProviderName::Sandbox, phone, created);
+    tx.country = parsed.region().map(str::to_owned);
+    tx.expires_at = Some(created + chrono::Duration::minutes(10));
+    tx.status = status;
+    tx.updated_at = ended;
+    (tx, verification)
+}
+
+fn hour_floor(t: DateTime<Utc>) -> DateTime<Utc> {
+    use chrono::DurationRound;
+    t.duration_trunc(chrono::Duration::hours(1)).unwrap()
+}
+
+/// Whole hours whose transactions all ended are read from the hourly
+/// rollup: the answers stay the same, an hour with a pending transaction
+/// waits for it, and the job runner rolls hours up by itself.
+async fn whole_hours_are_read_from_the_rollup(kind: Kind) {
+    let app = TestApp::spawn_with(kind, &[("HANDSET__WORKERS__ENABLED", "false")]).await;
+    let (partner, key) = app.partner(&[Product::PossessionSms, Product::Identity]).await;
+    let now = Utc::now();
+    let base = hour_floor(now) - chrono::Duration::hours(5);
+    let at = |minutes: i64| base + chrono::Duration::minutes(minutes);
+    let seconds = chrono::Duration::seconds;
+    let sms = Product::PossessionSms;
+    let mut pending = None;
+    for (product, phone, created, status, ended) in [
+        // Before the first whole hour of the query: read from the transactions.
+        (sms, "4155550101", at(-20), Status::Succeeded, at(-20) + seconds(12)),
+        (sms, "4155550102", at(5), Status::Succeeded, at(5) + seconds(30)),
+        (sms, "4155550103", at(17), Status::Succeeded, at(17) + seconds(30)),
+        (sms, "4155550104", at(40), Status::Succeeded, at(40) + seconds(200)),
+        (sms, "4155550105", at(50), Status::Failed, at(51)),
+        (sms, "4155550106", at(55), Status::Failed, at(55) + chrono::Duration::minutes(10)),
+        (Product::Identity, "4155550107", at(70), Status::Succeeded, at(70) + seconds(3)),
+        (Product::Identity, "4155550108", at(80), Status::Pending, at(80)),
+        (sms, "+33612345678", at(200), Status::Succeeded, at(200) + seconds(45)),
+    ] {
+        let (mut tx, verification) = recorded(partner, product, phone, created, status, ended);
+        if status == Status::Pending {
+            tx.expires_at = Some(now + chrono::Duration::days(1));
+            pending = Some(tx.clone());
+        }
+        app.store.insert_transaction(&tx, Some(&verification), None).await.unwrap();
+    }
+    let since = (base - chrono::Duration::minutes(30)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let until = now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let query = format!("/v1/stats?since={}&until={}", urlencode(&since), urlencode(&until));
+    let from_transactions = app.get_as(&key, &query).await;
+    assert_eq!(from_transactions.status, 200, "{}", from_transactions.text);
+    let us_sms = group(&from_transactions.body, json!("sandbox"), json!("US"), json!("possession.sms"));
+    assert_eq!(counts(us_sms), [6, 4, 1, 1, 0], "{us_sms}");
+    // Successes after 12, 30, 30 and 200 seconds: the middle is in the 30 s bucket.
+    assert_eq!(us_sms["median_seconds_to_success"], 30.5, "{us_sms}");
+
+    // The hour before the query's first whole hour (the query still reads
+    // its part from the transactions) and that first hour are rolled up;
+    // the next waits for its pending identity match.
+    let before = now - chrono::Duration::minutes(15);
+    assert_eq!(app.store.roll_up_funnel(before, 24).await.unwrap(), 2);
+    assert_eq!(app.store.roll_up_funnel(before, 24).await.unwrap(), 0, "the pending hour waits");
+    assert!(app.count("funnel_hours").await > 0);
+    assert_eq!(app.get_as(&key, &query).await.body, from_transactions.body, "the same answer from the rollup");
+
+    // Once it ends, the rest is rolled up; empty hours are passed over.
+    let mut ended = pending.unwrap();
+    ended.status = Status::Failed;
+    ended.updated_at = at(85);
+    assert!(app.store.finalize(Finalization { transaction: &ended, outbox: None }).await.unwrap());
+    let rolled = app.store.roll_up_funnel(before, 24).await.unwrap();
+    assert_eq!(rolled, 2, "the identity hour and the French one");
+    let whole = app.get_as(&key, &query).await;
+    let identity = group(&whole.body, json!("sandbox"), json!("US"), json!("identity"));
+    assert_eq!(counts(identity), [2, 1, 1, 0, 0], "{identity}");
+    let mut expected = from_transactions.body.clone();
+    for group in expected["groups"].as_array_mut().unwrap() {
+        if group["product"] == "identity" {
+            group["failed"] = json!(1);
+            group["pending"] = json!(0);
+            group["conversion"] = json!(0.5);
+        }
+    }
+    assert_eq!(whole.body, expected, "rollup and transactions together");
+    // Nothing left to roll up before the last settled hour.
+    assert_eq!(app.store.roll_up_funnel(before, 24).await.unwrap(), 0);
+}
+
+/// The job runner rolls closed hours up by itself.
+async fn the_runner_rolls_hours_up(kind: Kind) {
+    let app = TestApp::spawn_with(kind, &[("HANDSET__WORKERS__POLL_INTERVAL", "100ms")]).await;
+    let (partner, _) = app.partner(&[Product::PossessionSms]).await;
+    let created = hour_floor(Utc::now()) - chrono::Duration::hours(3);
+    let (tx, verification) = recorded(
+        partner,
+        Product::PossessionSms,
+        "4155550109",
+        created,
+        Status::Succeeded,
+        created + chrono::Duration::seconds(9),
+    );
+    app.store.insert_transaction(&tx, Some(&verification), None).await.unwrap();
+    for _ in 0..100 {
+        if app.count("funnel_hours").await > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the runner did not roll the hour up");
+}
+
 crate::on_both_kinds!(
     funnel_counts_a_partners_own_transactions,
     stats_queries_are_checked,
-    operators_read_the_funnel_across_partners
+    operators_read_the_funnel_across_partners,
+    whole_hours_are_read_from_the_rollup,
+    the_runner_rolls_hours_up
 );

@@ -21,7 +21,9 @@ use rusqlite::{Connection, ToSql};
 use uuid::Uuid;
 
 use self::engine::{Engine, Location, execute, get_opt_ts, get_ts, json, opt_ts, query, query_row, ts};
-use crate::queries::{self as q, funnel_groups, funnel_histogram, funnel_range};
+use crate::queries::{
+    self as q, funnel_groups, funnel_histogram, funnel_range, funnel_rolled, funnel_rolled_range, roll_up_hour,
+};
 use crate::rows::{
     AttemptRow, FunnelRow, OutboxRow, PartnerByKeyRow, PartnerRecordRow, TransactionRow, VerificationRow,
 };
@@ -143,11 +145,13 @@ fn insert_transaction(c: &Connection, t: &Transaction) -> Result<(), StoreError>
 
 /// Whole seconds from start to success below ten minutes, then 600 + whole
 /// minutes (durations are never negative, so a cast truncates as `floor`).
+/// Rounded to the millisecond first: `julianday`'s float arithmetic puts an
+/// exact 30 s at 29.99999, which Postgres's bucket counts as 30.
 macro_rules! sqlite_bucket {
     () => {
-        "CASE WHEN (julianday(updated_at) - julianday(created_at)) * 86400.0 < 600 \
-         THEN CAST((julianday(updated_at) - julianday(created_at)) * 86400.0 AS INTEGER) \
-         ELSE 600 + CAST((julianday(updated_at) - julianday(created_at)) * 1440.0 AS INTEGER) END"
+        "CASE WHEN ROUND((julianday(updated_at) - julianday(created_at)) * 86400.0, 3) < 600 \
+         THEN CAST(ROUND((julianday(updated_at) - julianday(created_at)) * 86400.0, 3) AS INTEGER) \
+         ELSE 600 + CAST(ROUND((julianday(updated_at) - julianday(created_at)) * 86400.0, 3) / 60 AS INTEGER) END"
     };
 }
 
@@ -605,29 +609,83 @@ impl Store for SqliteStore {
     }
 
     async fn funnel(&self, funnel: &FunnelQuery) -> Result<Vec<FunnelCounts>, StoreError> {
-        let sql = match funnel.partner_id {
-            Some(_) => funnel_histogram!(sqlite_bucket!(), partner),
-            None => funnel_histogram!(sqlite_bucket!(), all),
+        let (raw_sql, rolled_sql) = match funnel.partner_id {
+            Some(_) => (funnel_histogram!(sqlite_bucket!(), partner), funnel_rolled!(partner)),
+            None => (funnel_histogram!(sqlite_bucket!(), all), funnel_rolled!(all)),
         };
         let f = funnel.clone();
         let rows: Vec<FunnelRow> = self
             .engine
             .read_apart(move |c| {
-                let args: [&dyn ToSql; 6] = [
-                    &ts(f.since),
-                    &ts(f.until),
-                    &f.groups_by(Dimension::Provider),
-                    &f.groups_by(Dimension::Country),
-                    &f.groups_by(Dimension::Product),
-                    &f.partner_id,
-                ];
-                query(c, sql, &args, |r| {
-                    let counts = [r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?];
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, counts))
-                })
+                let rolled_until = query_row(c, q::ROLLED_UNTIL, &[], |r| get_opt_ts(r, 0))?.flatten();
+                let plan = crate::rows::funnel_plan(f.since, f.until, rolled_until);
+                let parts = plan
+                    .rolled
+                    .map(|range| (rolled_sql, range))
+                    .into_iter()
+                    .chain(plan.raw.into_iter().map(|range| (raw_sql, range)));
+                let mut rows = Vec::new();
+                for (sql, (since, until)) in parts {
+                    let args: [&dyn ToSql; 6] = [
+                        &ts(since),
+                        &ts(until),
+                        &f.groups_by(Dimension::Provider),
+                        &f.groups_by(Dimension::Country),
+                        &f.groups_by(Dimension::Product),
+                        &f.partner_id,
+                    ];
+                    rows.extend(query(c, sql, &args, |r| {
+                        let counts = [r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?];
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, counts))
+                    })?);
+                }
+                Ok(rows)
             })
             .await?;
         Ok(crate::rows::funnel_counts(rows))
+    }
+
+    async fn roll_up_funnel(&self, before: DateTime<Utc>, max_hours: u32) -> Result<u32, StoreError> {
+        let mut rolled = 0;
+        while rolled < max_hours {
+            // One hour per write: the writer is exclusive, so the mark it
+            // reads is the one it moves.
+            let moved = self
+                .engine
+                .write(move |c| {
+                    use crate::rows::RollupStep;
+                    let mark = query_row(c, q::ROLLED_UNTIL, &[], |r| get_opt_ts(r, 0))?.flatten();
+                    let origin = ts(mark.unwrap_or(crate::rows::ROLLUP_ORIGIN));
+                    let next = query_row(c, q::NEXT_CREATED, &[&origin], |r| get_opt_ts(r, 0))?.flatten();
+                    let advance = |to: DateTime<Utc>| execute(c, q::ADVANCE_ROLLUP, &[&opt_ts(mark), &ts(to)]);
+                    let hour = match crate::rows::rollup_step(mark, next, before) {
+                        RollupStep::Stop => return Ok(false),
+                        RollupStep::Skip(to) => {
+                            advance(to)?;
+                            return Ok(false);
+                        }
+                        RollupStep::Roll(hour) => hour,
+                    };
+                    let end = hour + chrono::Duration::hours(1);
+                    let pending = query_row(c, q::PENDING_IN_HOUR, &[&ts(hour), &ts(end)], |r| r.get::<_, i64>(0))?;
+                    if pending.unwrap_or(0) > 0 {
+                        if mark.is_none_or(|mark| mark < hour) {
+                            advance(hour)?;
+                        }
+                        return Ok(false);
+                    }
+                    const ROLL_UP_HOUR: &str = roll_up_hour!(sqlite_bucket!());
+                    execute(c, ROLL_UP_HOUR, &[&ts(hour), &ts(end)])?;
+                    advance(end)?;
+                    Ok(true)
+                })
+                .await?;
+            if !moved {
+                break;
+            }
+            rolled += 1;
+        }
+        Ok(rolled)
     }
 
     async fn range_traffic(
