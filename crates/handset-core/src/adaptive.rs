@@ -2,14 +2,18 @@
 //! in the order of their recent score for the number's country and the
 //! product, not in the order listed.
 //!
-//! The score of a provider is `succeeded / samples / cost` over the last
-//! `window` of transactions (all partners), where samples are the
-//! transactions that ended (pending ones are left out) plus the unavailable
-//! answers that passed a start on to the next provider. Transactions come
-//! from the store's funnel, read again at most every `window / 10`; the
+//! The score of a provider is `succeeded / samples / cost` over the
+//! transactions (all partners) that *ended* in the last `window`, plus the
+//! unavailable answers that passed a start on to the next provider.
+//! Counting by the end, not the start, keeps the score honest: a confirmed
+//! code ends at once and an unconfirmed one only at its deadline, so a
+//! window of recent starts would show their successes long before their
+//! failures. Transactions that ended with "no provider can serve this
+//! number" (3908) say nothing about a provider and are left out. Ambiguous
+//! sends and chains that ran out end as failed transactions, so they count
+//! against the provider that ended them. The ended transactions are read
+//! again at most every `window / 10` (between 100 ms and a minute); the
 //! unavailable answers are counted in this process (they leave no row).
-//! Ambiguous sends and chains that ran out end as failed transactions, so
-//! they count against the provider that ended them.
 //!
 //! Providers are ranked by score, but one goes ahead of a provider listed
 //! before it only when its score is higher beyond chance (95 %), so equal
@@ -29,7 +33,6 @@ use chrono::{DateTime, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::funnel::{Dimension, FunnelQuery};
 use crate::model::{Product, ProviderName};
 use crate::routing::{ProviderScore, RoutingDecision, RoutingReason, Strategy};
 use crate::store::Store;
@@ -47,12 +50,16 @@ pub struct AdaptiveSettings {
     pub seed: Option<u64>,
     /// `providers.<name>.cost`: a score is divided by it (default 1).
     pub costs: HashMap<ProviderName, f64>,
+    /// The longest a transaction takes to end after its start (its deadline
+    /// and the expiry job's delay): transactions that ended in the window
+    /// were created at most this long before it.
+    pub longest_check: Duration,
 }
 
 impl AdaptiveSettings {
-    /// How long one reading of the funnel is used.
+    /// How long one reading of the outcomes is used.
     pub fn refresh_every(&self) -> Duration {
-        (self.window / 10).max(Duration::from_millis(100))
+        (self.window / 10).clamp(Duration::from_millis(100), Duration::from_secs(60))
     }
 
     fn cost(&self, provider: ProviderName) -> f64 {
@@ -68,21 +75,36 @@ pub struct Outcomes {
     pub ended: i64,
 }
 
+/// Transactions that ended in a time range, per provider, country and
+/// product, as the store counts them (`Store::recent_outcomes`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndedCounts {
+    pub provider: String,
+    pub country: Option<String>,
+    pub product: String,
+    pub succeeded: i64,
+    pub ended: i64,
+}
+
 /// The transactions' outcomes are keyed by provider, country and product.
 type Key = (ProviderName, Option<String>, Product);
 /// A rule's held ranking is keyed by country and product.
 type RuleKey = (Option<String>, Product);
 
 struct Reading {
-    taken_at: Option<Instant>,
+    /// When to read the outcomes again (`None`: now).
+    next_at: Option<Instant>,
     outcomes: HashMap<Key, Outcomes>,
 }
+
+/// After a failed read, the next is tried this much later.
+const RETRY_AFTER_FAILED_READ: Duration = Duration::from_secs(1);
 
 /// The recent outcomes adaptive rules are ranked by, and their rankings.
 pub struct Scoreboard {
     settings: AdaptiveSettings,
     reading: RwLock<Reading>,
-    /// Held by the one start that reads the funnel again; the others use the
+    /// Held by the one start that reads the outcomes again; the others use the
     /// reading they have rather than wait.
     reading_again: tokio::sync::Mutex<()>,
     unavailable: Mutex<HashMap<Key, VecDeque<Instant>>>,
@@ -105,7 +127,7 @@ impl Scoreboard {
         };
         Scoreboard {
             settings,
-            reading: RwLock::new(Reading { taken_at: None, outcomes: HashMap::new() }),
+            reading: RwLock::new(Reading { next_at: None, outcomes: HashMap::new() }),
             reading_again: tokio::sync::Mutex::new(()),
             unavailable: Mutex::new(HashMap::new()),
             rankings: Mutex::new(HashMap::new()),
@@ -117,11 +139,12 @@ impl Scoreboard {
         &self.settings
     }
 
-    /// Reads the funnel of the last window again when the reading in hand is
-    /// older than `refresh_every`. A failed read keeps the old reading (and
-    /// is not retried before the next refresh): routing never fails a start.
+    /// Reads the outcomes of the last window again when the reading in hand
+    /// is older than `refresh_every`: one start reads, the others meanwhile
+    /// use the reading in hand. A failed read keeps the old reading and is
+    /// retried a second later: routing never fails a start.
     pub async fn refresh(&self, store: &dyn Store, now: DateTime<Utc>) {
-        let fresh = |reading: &Reading| reading.taken_at.is_some_and(|t| t.elapsed() < self.settings.refresh_every());
+        let fresh = |reading: &Reading| reading.next_at.is_some_and(|at| Instant::now() < at);
         if fresh(&self.reading.read().unwrap_or_else(|e| e.into_inner())) {
             return;
         }
@@ -129,33 +152,29 @@ impl Scoreboard {
         if fresh(&self.reading.read().unwrap_or_else(|e| e.into_inner())) {
             return;
         }
-        let window = chrono::Duration::from_std(self.settings.window).unwrap_or(chrono::Duration::MAX);
-        let query = FunnelQuery {
-            partner_id: None,
-            since: now.checked_sub_signed(window).unwrap_or(DateTime::<Utc>::MIN_UTC),
-            // Transactions created while this reads are counted next time.
-            until: now,
-            group_by: Dimension::ALL.into_iter().collect(),
-        };
-        let outcomes = match store.funnel(&query).await {
-            Ok(groups) => Some(
-                groups
+        let back = |d: Duration| now.checked_sub_signed(chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX));
+        let ended_since = back(self.settings.window).unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let created_since =
+            back(self.settings.window + self.settings.longest_check).unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let (outcomes, next_in) = match store.recent_outcomes(ended_since, created_since).await {
+            Ok(counts) => {
+                let outcomes = counts
                     .into_iter()
-                    .filter_map(|g| {
-                        let provider = ProviderName::parse(g.provider.as_deref()?)?;
-                        let product = Product::parse(g.product.as_deref()?)?;
-                        let ended = g.succeeded + g.failed + g.expired;
-                        Some(((provider, g.country, product), Outcomes { succeeded: g.succeeded, ended }))
+                    .filter_map(|c| {
+                        let provider = ProviderName::parse(&c.provider)?;
+                        let product = Product::parse(&c.product)?;
+                        Some(((provider, c.country, product), Outcomes { succeeded: c.succeeded, ended: c.ended }))
                     })
-                    .collect(),
-            ),
+                    .collect();
+                (Some(outcomes), self.settings.refresh_every())
+            }
             Err(error) => {
                 tracing::warn!(%error, "adaptive routing could not read recent outcomes; keeping the last reading");
-                None
+                (None, RETRY_AFTER_FAILED_READ)
             }
         };
         let mut reading = self.reading.write().unwrap_or_else(|e| e.into_inner());
-        reading.taken_at = Some(Instant::now());
+        reading.next_at = Some(Instant::now() + next_in);
         if let Some(outcomes) = outcomes {
             reading.outcomes = outcomes;
         }
@@ -237,17 +256,18 @@ pub fn rank(
     if scores.iter().any(|s| s.samples < i64::from(min_samples.max(1))) {
         return (scores.iter().map(|s| s.provider).collect(), RoutingReason::WarmingUp);
     }
-    // Adjacent swaps only where the later one clearly beats the earlier
-    // (an insertion sort: "clearly beats" implies a higher score, so it ends).
-    let mut ranked: Vec<&ProviderScore> = scores.iter().collect();
-    for i in 1..ranked.len() {
-        let mut j = i;
-        while j > 0 && clearly_beats(ranked[j], ranked[j - 1], &costs) {
-            ranked.swap(j, j - 1);
-            j -= 1;
-        }
+    // Each place goes to the first listed of the providers left that none
+    // of the others clearly beats. There is always one: clearly beating
+    // implies a higher score, and the highest is beaten by none. ("Clearly
+    // beats" is not transitive, so swapping neighbours would not do.)
+    let mut left: Vec<&ProviderScore> = scores.iter().collect();
+    let mut ranked = Vec::with_capacity(left.len());
+    while !left.is_empty() {
+        let next =
+            (0..left.len()).find(|&i| !left.iter().any(|other| clearly_beats(other, left[i], &costs))).unwrap_or(0);
+        ranked.push(left.remove(next).provider);
     }
-    (ranked.into_iter().map(|s| s.provider).collect(), RoutingReason::Score)
+    (ranked, RoutingReason::Score)
 }
 
 /// Whether `a`'s conversion per cost beats `b`'s at 95 % confidence (one
@@ -288,12 +308,13 @@ mod tests {
             explore,
             seed: Some(7),
             costs: costs.iter().copied().collect(),
+            longest_check: Duration::from_secs(600),
         })
     }
 
     fn read(board: &Scoreboard, outcomes: &[(ProviderName, i64, i64)]) {
         let mut reading = board.reading.write().unwrap();
-        reading.taken_at = Some(Instant::now());
+        reading.next_at = Some(Instant::now() + Duration::from_secs(60));
         reading.outcomes = outcomes
             .iter()
             .map(|&(p, succeeded, ended)| {
@@ -322,10 +343,15 @@ mod tests {
         // The same gap on a thousand samples each is beyond chance.
         let (order, _) = rank(&[score(Idme, 700, 1000, 1.0), score(Veratad, 900, 1000, 1.0)], 10, unit_cost);
         assert_eq!(order, vec![Veratad, Idme]);
-        // Three providers: each goes as far ahead as it clearly beats.
+        // Three providers, each clearly beaten by the next.
         let dqe = ProviderName::Dqe;
         let three = [score(Idme, 10, 100, 1.0), score(Veratad, 50, 100, 1.0), score(dqe, 95, 100, 1.0)];
         assert_eq!(rank(&three, 10, unit_cost).0, vec![dqe, Veratad, Idme]);
+        // The last clearly beats the first, and neither is clearly apart
+        // from the middle one (too few samples): the first cannot stay
+        // first, the middle one is listed before the last.
+        let uneven = [score(Idme, 5000, 10000, 1.0), score(Veratad, 28, 50, 1.0), score(dqe, 6500, 10000, 1.0)];
+        assert_eq!(rank(&uneven, 10, unit_cost).0, vec![Veratad, dqe, Idme]);
     }
 
     #[test]

@@ -320,6 +320,16 @@ pub trait Store: Send + Sync {
     /// pending one waits). Returns how many hours it rolled up. Several
     /// processes may call it at once; each hour is counted once.
     async fn roll_up_funnel(&self, before: DateTime<Utc>, max_hours: u32) -> Result<u32, StoreError>;
+
+    /// Transactions (all partners) created since `created_since` that ended
+    /// since `ended_since`, per provider, country and product, less those
+    /// that ended because no provider could serve the number (3908): what
+    /// adaptive routing scores providers by (`crate::adaptive`).
+    async fn recent_outcomes(
+        &self,
+        ended_since: DateTime<Utc>,
+        created_since: DateTime<Utc>,
+    ) -> Result<Vec<crate::adaptive::EndedCounts>, StoreError>;
 }
 
 /// A request's claim on an `Idempotency-Key`.

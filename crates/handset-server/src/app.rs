@@ -183,6 +183,10 @@ impl Application {
                     explore: settings.routing.adaptive.explore,
                     seed: settings.routing.adaptive.seed,
                     costs: settings.providers.costs(),
+                    // Deadlines, then the expiry job's round and a margin.
+                    longest_check: settings.possession.code_ttl.max(settings.identity.result_ttl)
+                        + settings.workers.poll_interval
+                        + std::time::Duration::from_secs(60),
                 },
                 rate_limits: RateLimits {
                     per_product_per_minute: settings.rate_limits.per_product_per_minute,
@@ -300,6 +304,9 @@ fn runner_settings(settings: &Settings) -> RunnerSettings {
         // Rate windows last an hour at most, the pumping guard's
         // `fraud.window`; keep one more hour for clock skew between replicas.
         counter_lifetime: settings.fraud.window.max(Duration::from_secs(3600)) + Duration::from_secs(3600),
+        // A start is recorded within its idempotency lock (the request's
+        // time and every provider's timeout); five more minutes for clocks.
+        funnel_hour_settles: settings.idempotency_lock() + Duration::from_secs(300),
     }
 }
 

@@ -25,9 +25,10 @@ use uuid::Uuid;
 
 use crate::queries::{
     self as q, funnel_groups, funnel_histogram, funnel_range, funnel_rolled, funnel_rolled_range, local_code_update,
-    outbox_columns, roll_up_hour,
+    outbox_columns, recent_outcomes, roll_up_hour,
 };
 use crate::rows::{AttemptRow, OutboxRow, PartnerByKeyRow, PartnerRecordRow, TransactionRow, VerificationRow};
+use handset_core::adaptive::EndedCounts;
 
 /// Postgres, the production store: reads and writes share one pool.
 #[derive(Clone)]
@@ -733,28 +734,55 @@ impl Store for PgStore {
         Ok(crate::rows::funnel_counts(rows))
     }
 
+    async fn recent_outcomes(
+        &self,
+        ended_since: DateTime<Utc>,
+        created_since: DateTime<Utc>,
+    ) -> Result<Vec<EndedCounts>, StoreError> {
+        const RECENT_OUTCOMES: &str = recent_outcomes!("(result->'errors'->0->>'code') = '3908'");
+        let rows: Vec<(String, Option<String>, String, i64, i64)> = sqlx::query_as(RECENT_OUTCOMES)
+            .bind(ended_since)
+            .bind(created_since)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(rows
+            .into_iter()
+            .map(|(provider, country, product, succeeded, ended)| EndedCounts {
+                provider,
+                country,
+                product,
+                succeeded,
+                ended,
+            })
+            .collect())
+    }
+
     async fn roll_up_funnel(&self, before: DateTime<Utc>, max_hours: u32) -> Result<u32, StoreError> {
         use crate::rows::RollupStep;
         let mut rolled = 0;
         while rolled < max_hours {
+            // One hour per transaction, holding the mark's row: another
+            // process rolling up waits, then reads the mark this one left.
+            let mut db_tx = self.pool.begin().await.map_err(db)?;
             let mark: Option<DateTime<Utc>> =
-                sqlx::query_scalar(q::ROLLED_UNTIL).fetch_one(&self.pool).await.map_err(db)?;
+                sqlx::query_scalar(q::LOCK_ROLLED_UNTIL).fetch_one(&mut *db_tx).await.map_err(db)?;
             let next: Option<DateTime<Utc>> = sqlx::query_scalar(q::NEXT_CREATED)
                 .bind(mark.unwrap_or(crate::rows::ROLLUP_ORIGIN))
-                .fetch_one(&self.pool)
+                .fetch_one(&mut *db_tx)
                 .await
                 .map_err(db)?;
             let advance = |to: DateTime<Utc>| sqlx::query(q::ADVANCE_ROLLUP).bind(mark).bind(to);
             let hour = match crate::rows::rollup_step(mark, next, before) {
                 RollupStep::Stop => break,
                 RollupStep::Skip(to) => {
-                    advance(to).execute(&self.pool).await.map_err(db)?;
+                    advance(to).execute(&mut *db_tx).await.map_err(db)?;
+                    db_tx.commit().await.map_err(db)?;
                     break;
                 }
                 RollupStep::Roll(hour) => hour,
             };
             let end = hour + chrono::Duration::hours(1);
-            let mut db_tx = self.pool.begin().await.map_err(db)?;
             let pending: i64 =
                 sqlx::query_scalar(q::PENDING_IN_HOUR).bind(hour).bind(end).fetch_one(&mut *db_tx).await.map_err(db)?;
             if pending > 0 {
@@ -766,11 +794,7 @@ impl Store for PgStore {
             }
             const ROLL_UP_HOUR: &str = roll_up_hour!(pg_bucket!());
             sqlx::query(ROLL_UP_HOUR).bind(hour).bind(end).execute(&mut *db_tx).await.map_err(db)?;
-            if advance(end).execute(&mut *db_tx).await.map_err(db)?.rows_affected() != 1 {
-                // Another process rolled it up meanwhile: drop this count.
-                db_tx.rollback().await.map_err(db)?;
-                break;
-            }
+            advance(end).execute(&mut *db_tx).await.map_err(db)?;
             db_tx.commit().await.map_err(db)?;
             rolled += 1;
         }

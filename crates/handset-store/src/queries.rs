@@ -347,8 +347,27 @@ macro_rules! roll_up_hour {
 }
 pub(crate) use roll_up_hour;
 
+/// Transactions created since `$2` that ended since `$1`, per provider,
+/// country and product, less "no provider" endings (`$no_provider`, the
+/// dialect's test of the result's first error code for 3908).
+macro_rules! recent_outcomes {
+    ($no_provider:expr) => {
+        concat!(
+            "SELECT provider, country, product, CAST(COUNT(CASE WHEN status_code = 200 THEN 1 END) AS BIGINT), \
+             CAST(COUNT(*) AS BIGINT) FROM transactions WHERE created_at >= $2 AND updated_at >= $1 \
+             AND status_code <> 210 AND NOT COALESCE(",
+            $no_provider,
+            ", FALSE) GROUP BY 1, 2, 3"
+        )
+    };
+}
+pub(crate) use recent_outcomes;
+
 /// Where the rollup stands.
 pub(crate) const ROLLED_UNTIL: &str = "SELECT rolled_until FROM funnel_rollup WHERE id = 1";
+
+/// Postgres: where the rollup stands, locked until the transaction ends.
+pub(crate) const LOCK_ROLLED_UNTIL: &str = "SELECT rolled_until FROM funnel_rollup WHERE id = 1 FOR UPDATE";
 
 /// The first transaction created at or after `$1`.
 pub(crate) const NEXT_CREATED: &str = "SELECT MIN(created_at) FROM transactions WHERE created_at >= $1";
@@ -358,7 +377,7 @@ pub(crate) const PENDING_IN_HOUR: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM tr
      AND status_code = 210 LIMIT 1) AS pending";
 
 /// Moves the rollup from `$1` (as read) to `$2`; no row changes if another
-/// process moved it meanwhile.
+/// process moved it meanwhile (Postgres also holds the row's lock).
 pub(crate) const ADVANCE_ROLLUP: &str =
     "UPDATE funnel_rollup SET rolled_until = $2 WHERE id = 1 AND rolled_until IS NOT DISTINCT FROM $1";
 

@@ -122,7 +122,9 @@ pub(crate) struct TransactionRow {
     name: Option<Json<PersonName>>,
     metadata: Json<Value>,
     result: Option<Json<TransactionResult>>,
-    routing: Option<Json<RoutingDecision>>,
+    /// Read leniently: a decision written by a newer version (a reason this
+    /// one does not know) reads as none rather than failing the row.
+    routing: Option<Json<Value>>,
 }
 
 impl TryFrom<TransactionRow> for Transaction {
@@ -158,7 +160,7 @@ impl TryFrom<TransactionRow> for Transaction {
             name: row.name.map(|n| n.0),
             metadata: row.metadata.0,
             result: row.result.map(|r| r.0),
-            routing: row.routing.map(|r| r.0),
+            routing: row.routing.and_then(|r| serde_json::from_value::<RoutingDecision>(r.0).ok()),
         })
     }
 }

@@ -34,6 +34,9 @@ pub struct RunnerSettings {
     pub retention: Option<Duration>,
     /// Rate and range counters whose window began longer ago are purged.
     pub counter_lifetime: Duration,
+    /// An hour is rolled up for the funnel this long after it ended: by
+    /// then every start created in it has been recorded.
+    pub funnel_hour_settles: Duration,
 }
 
 /// What one round did.
@@ -58,6 +61,8 @@ pub struct Runner {
     delivery: Arc<Delivery>,
     settings: RunnerSettings,
     owner: String,
+    /// When the funnel rollup was last tried.
+    last_rollup: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// The runner's independent loops.
@@ -110,17 +115,28 @@ where
 /// Pending transactions expired per round.
 const EXPIRY_BATCH: i64 = 100;
 
-/// An hour is rolled up for the funnel this long after it ended: a start
-/// answered by then has been recorded (requests end within
-/// `server.request_timeout`, at most 10 minutes).
-const FUNNEL_HOUR_SETTLES: chrono::Duration = chrono::Duration::minutes(15);
-/// Hours the rollup counts per upkeep round (a backlog catches up a day a round).
+/// Hours the rollup counts per try (a backlog catches up a day a minute).
 const FUNNEL_HOURS_PER_ROUND: u32 = 24;
+/// The upkeep loop tries to roll the funnel up every this many rounds (a
+/// minute at the default `workers.poll_interval`; hours close once an hour).
+const FUNNEL_ROLLUP_ROUNDS: u32 = 60;
 
 impl Runner {
     pub fn new(gateway: Arc<Gateway>, delivery: Delivery, settings: RunnerSettings) -> Runner {
         let owner = format!("{}-{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        Runner { store: gateway.store().clone(), gateway, delivery: Arc::new(delivery), settings, owner }
+        let last_rollup = std::sync::Mutex::new(None);
+        Runner { store: gateway.store().clone(), gateway, delivery: Arc::new(delivery), settings, owner, last_rollup }
+    }
+
+    /// Whether to try the funnel rollup this round (the first, then every `FUNNEL_ROLLUP_ROUNDS`).
+    fn rollup_due(&self) -> bool {
+        let mut last = self.last_rollup.lock().unwrap_or_else(|e| e.into_inner());
+        let every = self.settings.poll_interval.saturating_mul(FUNNEL_ROLLUP_ROUNDS);
+        let due = last.is_none_or(|at| at.elapsed() >= every);
+        if due {
+            *last = Some(std::time::Instant::now());
+        }
+        due
     }
 
     /// Runs three loops, each every `poll_interval`, until `shutdown` turns
@@ -188,7 +204,15 @@ impl Runner {
                     chrono::Duration::from_std(self.settings.counter_lifetime).unwrap_or(chrono::Duration::MAX);
                 self.store.purge_rate_counters(now - lifetime).await?;
                 self.gateway.forget_rate_windows(now - chrono::Duration::minutes(2));
-                tick.rolled_up = self.store.roll_up_funnel(now - FUNNEL_HOUR_SETTLES, FUNNEL_HOURS_PER_ROUND).await?;
+                if self.rollup_due() {
+                    let settled =
+                        now - chrono::Duration::from_std(self.settings.funnel_hour_settles).unwrap_or_default();
+                    tick.rolled_up =
+                        self.store.roll_up_funnel(settled, FUNNEL_HOURS_PER_ROUND).await.unwrap_or_else(|error| {
+                            tracing::warn!(%error, "rolling the funnel up failed; retrying later");
+                            0
+                        });
+                }
                 let due = self.store.due_callbacks(now).await?;
                 metrics::gauge!("handset_callback_queue_due").set(due as f64);
             }

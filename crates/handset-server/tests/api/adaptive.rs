@@ -218,6 +218,50 @@ async fn unavailable_answers_count_against_a_provider(kind: Kind) {
     assert!(idme["samples"].as_i64().unwrap() >= 5, "its unavailable answers are its samples: {last}");
 }
 
+/// The scores read what ended in the window: not what ended before it, not
+/// what is pending, not "no provider can serve this number" (3908).
+async fn scores_count_what_ended_in_the_window(kind: Kind) {
+    use handset_core::error::ErrorCode;
+    use handset_core::model::{ProviderName, ResultError, Status, Transaction, TransactionResult, Verification};
+    let app = TestApp::spawn_with(kind, &[("HANDSET__WORKERS__ENABLED", "false")]).await;
+    let (partner, _) = app.partner(&[handset_core::Product::PossessionSms]).await;
+    let now = chrono::Utc::now();
+    let ago = |minutes: i64| now - chrono::Duration::minutes(minutes);
+    let succeeded = || Some(TransactionResult::Phone { phone: "+14155550100".into() });
+    let failed = |code| Some(TransactionResult::failure(ResultError::new(code)));
+    for (i, (created, status, ended, result)) in [
+        (ago(30), Status::Succeeded, ago(20), succeeded()),
+        (ago(12), Status::Failed, ago(2), failed(ErrorCode::CodeExpired)),
+        (ago(1), Status::Succeeded, now, succeeded()),
+        (ago(1), Status::Failed, ago(1), failed(ErrorCode::NoProvider)),
+        (ago(1), Status::Pending, ago(1), None),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let verification = Verification { id: uuid::Uuid::new_v4(), partner_id: partner, created_at: created };
+        let phone = number(500 + i as u32);
+        let mut tx = Transaction::pending(
+            partner,
+            verification.id,
+            handset_core::Product::PossessionSms,
+            ProviderName::Idme,
+            &phone,
+            created,
+        );
+        (tx.country, tx.status, tx.updated_at, tx.result) = (Some("US".into()), status, ended, result);
+        app.store.insert_transaction(&tx, Some(&verification), None).await.unwrap();
+    }
+    let outcomes = app.store.recent_outcomes(ago(15), ago(26)).await.unwrap();
+    assert_eq!(outcomes.len(), 1, "{outcomes:?}");
+    let idme = &outcomes[0];
+    assert_eq!(
+        (idme.provider.as_str(), idme.country.as_deref(), idme.product.as_str()),
+        ("idme", Some("US"), "possession.sms")
+    );
+    assert_eq!((idme.succeeded, idme.ended), (1, 2), "{outcomes:?}");
+}
+
 /// An ordered rule, and a request that names its provider, say so too.
 async fn ordered_and_requested_routes_are_recorded(kind: Kind) {
     let sim = sim().await;
@@ -268,5 +312,6 @@ async fn serve_refuses_bad_adaptive_settings() {
 crate::on_both_kinds!(
     traffic_follows_delivery,
     unavailable_answers_count_against_a_provider,
+    scores_count_what_ended_in_the_window,
     ordered_and_requested_routes_are_recorded
 );

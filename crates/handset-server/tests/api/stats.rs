@@ -269,7 +269,8 @@ async fn whole_hours_are_read_from_the_rollup(kind: Kind) {
     assert_eq!(app.store.roll_up_funnel(before, 24).await.unwrap(), 0);
 }
 
-/// The job runner rolls closed hours up by itself.
+/// The job runner rolls closed hours up by itself (it tries every 60 polls:
+/// here every 6 s).
 async fn the_runner_rolls_hours_up(kind: Kind) {
     let app = TestApp::spawn_with(kind, &[("HANDSET__WORKERS__POLL_INTERVAL", "100ms")]).await;
     let (partner, _) = app.partner(&[Product::PossessionSms]).await;
@@ -283,7 +284,7 @@ async fn the_runner_rolls_hours_up(kind: Kind) {
         created + chrono::Duration::seconds(9),
     );
     app.store.insert_transaction(&tx, Some(&verification), None).await.unwrap();
-    for _ in 0..100 {
+    for _ in 0..200 {
         if app.count("funnel_hours").await > 0 {
             return;
         }

@@ -22,11 +22,13 @@ use uuid::Uuid;
 
 use self::engine::{Engine, Location, execute, get_opt_ts, get_ts, json, opt_ts, query, query_row, ts};
 use crate::queries::{
-    self as q, funnel_groups, funnel_histogram, funnel_range, funnel_rolled, funnel_rolled_range, roll_up_hour,
+    self as q, funnel_groups, funnel_histogram, funnel_range, funnel_rolled, funnel_rolled_range, recent_outcomes,
+    roll_up_hour,
 };
 use crate::rows::{
     AttemptRow, FunnelRow, OutboxRow, PartnerByKeyRow, PartnerRecordRow, TransactionRow, VerificationRow,
 };
+use handset_core::adaptive::EndedCounts;
 
 /// SQLite, the embedded default. SQLite has one writer at a time: every
 /// write goes to one thread and connection, so writers take turns in a
@@ -643,6 +645,27 @@ impl Store for SqliteStore {
             })
             .await?;
         Ok(crate::rows::funnel_counts(rows))
+    }
+
+    async fn recent_outcomes(
+        &self,
+        ended_since: DateTime<Utc>,
+        created_since: DateTime<Utc>,
+    ) -> Result<Vec<EndedCounts>, StoreError> {
+        const RECENT_OUTCOMES: &str = recent_outcomes!("json_extract(result, '$.errors[0].code') = 3908");
+        self.engine
+            .read_apart(move |c| {
+                query(c, RECENT_OUTCOMES, &[&ts(ended_since), &ts(created_since)], |r| {
+                    Ok(EndedCounts {
+                        provider: r.get(0)?,
+                        country: r.get(1)?,
+                        product: r.get(2)?,
+                        succeeded: r.get(3)?,
+                        ended: r.get(4)?,
+                    })
+                })
+            })
+            .await
     }
 
     async fn roll_up_funnel(&self, before: DateTime<Utc>, max_hours: u32) -> Result<u32, StoreError> {
