@@ -26,7 +26,8 @@
 //! measured and a recovered one wins its traffic back.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -104,9 +105,9 @@ const RETRY_AFTER_FAILED_READ: Duration = Duration::from_secs(1);
 pub struct Scoreboard {
     settings: AdaptiveSettings,
     reading: RwLock<Reading>,
-    /// Held by the one start that reads the outcomes again; the others use the
+    /// Set while a read of the outcomes runs; starts meanwhile use the
     /// reading they have rather than wait.
-    reading_again: tokio::sync::Mutex<()>,
+    reading_again: Arc<AtomicBool>,
     unavailable: Mutex<HashMap<Key, VecDeque<Instant>>>,
     rankings: Mutex<HashMap<RuleKey, Vec<ProviderName>>>,
     draws: Mutex<StdRng>,
@@ -128,7 +129,7 @@ impl Scoreboard {
         Scoreboard {
             settings,
             reading: RwLock::new(Reading { next_at: None, outcomes: HashMap::new() }),
-            reading_again: tokio::sync::Mutex::new(()),
+            reading_again: Arc::new(AtomicBool::new(false)),
             unavailable: Mutex::new(HashMap::new()),
             rankings: Mutex::new(HashMap::new()),
             draws: Mutex::new(draws),
@@ -139,19 +140,32 @@ impl Scoreboard {
         &self.settings
     }
 
-    /// Reads the outcomes of the last window again when the reading in hand
-    /// is older than `refresh_every`: one start reads, the others meanwhile
-    /// use the reading in hand. A failed read keeps the old reading and is
-    /// retried a second later: routing never fails a start.
-    pub async fn refresh(&self, store: &dyn Store, now: DateTime<Utc>) {
-        let fresh = |reading: &Reading| reading.next_at.is_some_and(|at| Instant::now() < at);
-        if fresh(&self.reading.read().unwrap_or_else(|e| e.into_inner())) {
+    /// Reads the outcomes of the last window again, in the background, when
+    /// the reading in hand is older than `refresh_every`: no start waits for
+    /// it (they use the reading in hand), and one read runs at a time. A
+    /// failed read keeps the old reading and is retried a second later:
+    /// routing never fails a start.
+    pub fn refresh_soon(self: &Arc<Self>, store: &Arc<dyn Store>, now: DateTime<Utc>) {
+        let fresh =
+            self.reading.read().unwrap_or_else(|e| e.into_inner()).next_at.is_some_and(|at| Instant::now() < at);
+        if fresh || self.reading_again.swap(true, Ordering::AcqRel) {
             return;
         }
-        let Ok(_reading_again) = self.reading_again.try_lock() else { return };
-        if fresh(&self.reading.read().unwrap_or_else(|e| e.into_inner())) {
-            return;
+        /// Clears the flag however the read ends (a panic included).
+        struct Done(Arc<AtomicBool>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
         }
+        let (board, store) = (self.clone(), store.clone());
+        tokio::spawn(async move {
+            let _done = Done(board.reading_again.clone());
+            board.read_outcomes(store.as_ref(), now).await;
+        });
+    }
+
+    async fn read_outcomes(&self, store: &dyn Store, now: DateTime<Utc>) {
         let back = |d: Duration| now.checked_sub_signed(chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX));
         let ended_since = back(self.settings.window).unwrap_or(DateTime::<Utc>::MIN_UTC);
         let created_since =

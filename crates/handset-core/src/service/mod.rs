@@ -92,7 +92,7 @@ pub struct Gateway {
     breakers: HashMap<ProviderName, CircuitBreaker>,
     routing: Routing,
     /// Present when some rule is adaptive.
-    scoreboard: Option<Scoreboard>,
+    scoreboard: Option<Arc<Scoreboard>>,
     settings: GatewaySettings,
     limiter: RateLimiter,
     partners: PartnerCache,
@@ -110,7 +110,7 @@ impl Gateway {
             store,
             breakers: providers.iter().map(|p| (p.name(), CircuitBreaker::new(settings.breaker))).collect(),
             providers: providers.into_iter().map(|p| (p.name(), p)).collect(),
-            scoreboard: routing.any_adaptive().then(|| Scoreboard::new(settings.adaptive.clone())),
+            scoreboard: routing.any_adaptive().then(|| Arc::new(Scoreboard::new(settings.adaptive.clone()))),
             routing,
             limiter: RateLimiter::new(settings.rate_limits),
             partners: PartnerCache::new(settings.partner_cache_ttl),

@@ -41,7 +41,7 @@ impl Gateway {
         ensure_enabled(partner, product)?;
         self.limit(Scope::Product(partner.id, product)).await?;
         let joined = self.verification_for(partner, input.verification_id).await?;
-        let chain = self.chain(product, &input.phone, input.provider, input.name.is_some()).await?;
+        let chain = self.chain(product, &input.phone, input.provider, input.name.is_some())?;
         // Only a send that is about to be attempted counts against the
         // number: requests refused above, or that no provider can take, cost
         // the phone nothing.
@@ -64,7 +64,7 @@ impl Gateway {
         ensure_enabled(partner, product)?;
         self.limit(Scope::Product(partner.id, product)).await?;
         let joined = self.verification_for(partner, input.verification_id).await?;
-        let chain = self.chain(product, &input.phone, input.provider, false).await?;
+        let chain = self.chain(product, &input.phone, input.provider, false)?;
         let mut draft = self.draft(partner, product, joined.id, &input.phone, chain.first);
         draft.routing = Some(chain.routing.clone());
         draft.birth_date = Some(input.birth_date.to_string());
@@ -153,7 +153,7 @@ impl Gateway {
     /// number, Veratad's country lists): an empty chain, which the start
     /// records as a final 300 with 3908. Providers that need a name are
     /// skipped in a chain without one, and refused (3905) when forced or alone.
-    pub(super) async fn chain(
+    pub(super) fn chain(
         &self,
         product: Product,
         phone: &Phone,
@@ -177,7 +177,7 @@ impl Gateway {
                 RoutingDecision { strategy, order: listed, reason: RoutingReason::Requested, scores: vec![] }
             }
             (Some(scoreboard), None, Strategy::Adaptive) => {
-                scoreboard.refresh(self.store.as_ref(), self.now()).await;
+                scoreboard.refresh_soon(&self.store, self.now());
                 scoreboard.order(&listed, phone.region(), product)
             }
             _ => RoutingDecision { strategy, order: listed, reason: RoutingReason::Configured, scores: vec![] },
