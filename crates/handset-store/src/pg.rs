@@ -719,13 +719,8 @@ impl Store for PgStore {
         let rolled_until: Option<DateTime<Utc>> =
             sqlx::query_scalar(q::ROLLED_UNTIL).fetch_one(&self.pool).await.map_err(db)?;
         let plan = crate::rows::funnel_plan(query.since, query.until, rolled_until);
-        let parts = plan
-            .rolled
-            .map(|range| (rolled_sql, range))
-            .into_iter()
-            .chain(plan.raw.into_iter().map(|range| (raw_sql, range)));
         let mut rows = Vec::new();
-        for (sql, (since, until)) in parts {
+        for (sql, since, until) in plan.queries(rolled_sql, raw_sql) {
             let part = FunnelQuery { since, until, ..query.clone() };
             let found: Vec<(Option<String>, Option<String>, Option<String>, Option<f64>, i64, i64, i64, i64, i64)> =
                 bind_funnel(sqlx::query_as(sql), &part).fetch_all(&self.pool).await.map_err(db)?;

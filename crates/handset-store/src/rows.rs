@@ -518,6 +518,19 @@ pub(crate) fn funnel_plan(
     FunnelPlan { rolled: Some((first, last)), raw }
 }
 
+impl FunnelPlan {
+    /// Each query to run, with its range: `rolled` (the dialect's
+    /// `funnel_rolled!`) for the rolled hours, `raw` for the rest.
+    pub(crate) fn queries(
+        self,
+        rolled: &'static str,
+        raw: &'static str,
+    ) -> impl Iterator<Item = (&'static str, DateTime<Utc>, DateTime<Utc>)> {
+        let rolled = self.rolled.map(|(since, until)| (rolled, since, until));
+        rolled.into_iter().chain(self.raw.into_iter().map(move |(since, until)| (raw, since, until)))
+    }
+}
+
 pub(crate) fn floor_hour(t: DateTime<Utc>) -> DateTime<Utc> {
     use chrono::DurationRound;
     t.duration_trunc(chrono::Duration::hours(1)).unwrap_or(t)

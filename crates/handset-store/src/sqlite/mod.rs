@@ -621,13 +621,8 @@ impl Store for SqliteStore {
             .read_apart(move |c| {
                 let rolled_until = query_row(c, q::ROLLED_UNTIL, &[], |r| get_opt_ts(r, 0))?.flatten();
                 let plan = crate::rows::funnel_plan(f.since, f.until, rolled_until);
-                let parts = plan
-                    .rolled
-                    .map(|range| (rolled_sql, range))
-                    .into_iter()
-                    .chain(plan.raw.into_iter().map(|range| (raw_sql, range)));
                 let mut rows = Vec::new();
-                for (sql, (since, until)) in parts {
+                for (sql, since, until) in plan.queries(rolled_sql, raw_sql) {
                     let args: [&dyn ToSql; 6] = [
                         &ts(since),
                         &ts(until),
