@@ -136,10 +136,6 @@ impl Scoreboard {
         }
     }
 
-    pub fn settings(&self) -> &AdaptiveSettings {
-        &self.settings
-    }
-
     /// Reads the outcomes of the last window again, in the background, when
     /// the reading in hand is older than `refresh_every`: no start waits for
     /// it (they use the reading in hand), and one read runs at a time. A

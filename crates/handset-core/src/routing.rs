@@ -129,11 +129,6 @@ impl Routing {
         self.rules.iter().find(|r| r.matches(product, phone))
     }
 
-    /// The ordered provider chain of the first matching rule, or `None`.
-    pub fn chain(&self, product: Product, phone: &Phone) -> Option<&[ProviderName]> {
-        self.rule(product, phone).map(|r| r.providers.as_slice())
-    }
-
     /// Whether any rule orders its providers adaptively.
     pub fn any_adaptive(&self) -> bool {
         self.rules.iter().any(|r| r.strategy == Strategy::Adaptive)
@@ -167,8 +162,9 @@ mod tests {
         ]);
         let fr = Phone::parse("+33612345678", Region::default()).unwrap();
         let us = Phone::parse("4155550123", Region::default()).unwrap();
-        assert_eq!(routing.chain(Product::PossessionNetwork, &fr), Some(&[ProviderName::Dqe][..]));
-        assert_eq!(routing.chain(Product::PossessionNetwork, &us), Some(&[ProviderName::Sandbox][..]));
-        assert_eq!(routing.chain(Product::Identity, &us), None);
+        let providers = |product, phone| routing.rule(product, phone).map(|r| r.providers.as_slice());
+        assert_eq!(providers(Product::PossessionNetwork, &fr), Some(&[ProviderName::Dqe][..]));
+        assert_eq!(providers(Product::PossessionNetwork, &us), Some(&[ProviderName::Sandbox][..]));
+        assert_eq!(providers(Product::Identity, &us), None);
     }
 }

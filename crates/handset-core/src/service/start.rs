@@ -50,7 +50,7 @@ impl Gateway {
             self.limit(Scope::Phone(&input.phone)).await?;
         }
         let mut draft = self.draft(partner, product, joined.id, &input.phone, chain.first);
-        draft.routing = Some(chain.routing.clone());
+        draft.routing = Some(chain.routing);
         draft.callback_url = input.callback_url;
         draft.redirect_uri = input.redirect_uri;
         draft.name = input.name;
@@ -66,7 +66,7 @@ impl Gateway {
         let joined = self.verification_for(partner, input.verification_id).await?;
         let chain = self.chain(product, &input.phone, input.provider, false)?;
         let mut draft = self.draft(partner, product, joined.id, &input.phone, chain.first);
-        draft.routing = Some(chain.routing.clone());
+        draft.routing = Some(chain.routing);
         draft.birth_date = Some(input.birth_date.to_string());
         draft.callback_url = input.callback_url;
         draft.metadata = input.metadata;
