@@ -11,6 +11,7 @@
 mod queries;
 
 mod pg;
+mod pg_pool;
 mod rows;
 mod sqlite;
 
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use handset_core::store::{Store, StoreError};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 
 pub use pg::PgStore;
 pub use sqlite::SqliteStore;
@@ -64,15 +65,7 @@ pub fn connect(url: &str, settings: &PoolSettings) -> Result<Arc<dyn Store>, Sto
     match Backend::of_url(url) {
         Some(Backend::Postgres) => {
             let options = PgConnectOptions::from_str(url).map_err(invalid)?;
-            let pool = PgPoolOptions::new()
-                .max_connections(settings.max_connections)
-                .acquire_timeout(settings.acquire_timeout)
-                // Each connection is pinged before use (a round trip), so one
-                // that a database restart closed is replaced instead of
-                // failing a partner's request.
-                .test_before_acquire(true)
-                .connect_lazy_with(options);
-            Ok(Arc::new(PgStore::new(pool)))
+            Ok(Arc::new(PgStore::new(options, settings.max_connections, settings.acquire_timeout)))
         }
         // SQLite keeps up to `max_connections` idle readers; the writer is one.
         Some(Backend::Sqlite) => Ok(Arc::new(SqliteStore::open(url, settings.max_connections)?)),

@@ -17,12 +17,14 @@ use handset_core::store::{
     AfterAttempt, Claim, Finalization, IdempotencyBegin, IdempotencyClaim, LocalCodeAttempt, NewPartner, PartnerByKey,
     PartnerRecord, PoolUsage, Requeued, Store, StoreError,
 };
+use sqlx::Postgres;
+use sqlx::postgres::PgConnectOptions;
 use sqlx::postgres::{PgArguments, PgListener, PgNotification};
 use sqlx::query::Query;
 use sqlx::types::Json;
-use sqlx::{PgPool, Postgres};
 use uuid::Uuid;
 
+use crate::pg_pool::{Connections, breaks_connection};
 use crate::queries::{
     self as q, funnel_groups, funnel_histogram, funnel_range, funnel_rolled, funnel_rolled_range, local_code_update,
     outbox_columns, recent_outcomes, roll_up_hour,
@@ -30,15 +32,30 @@ use crate::queries::{
 use crate::rows::{AttemptRow, OutboxRow, PartnerByKeyRow, PartnerRecordRow, TransactionRow, VerificationRow};
 use handset_core::adaptive::EndedCounts;
 
-/// Postgres, the production store: reads and writes share one pool.
+/// Postgres, the production store: reads and writes share one pool
+/// (`pg_pool`), connected as requests need it.
 #[derive(Clone)]
 pub struct PgStore {
-    pool: PgPool,
+    pool: Connections,
 }
 
 impl PgStore {
-    pub fn new(pool: PgPool) -> Self {
-        PgStore { pool }
+    pub fn new(options: PgConnectOptions, max_connections: u32, acquire_timeout: Duration) -> Self {
+        PgStore { pool: Connections::new(options, max_connections, acquire_timeout) }
+    }
+
+    /// Runs a read once more if the connection it ran on turned out closed
+    /// (a database restart closes every pooled connection at once; the
+    /// pool then checks the others before use). A read is safe to repeat.
+    async fn read_again<T, F, Fut>(&self, read: F) -> Result<T, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+    {
+        match read().await {
+            Err(error) if breaks_connection(&error) => read().await.map_err(db),
+            done => done.map_err(db),
+        }
     }
 }
 
@@ -182,7 +199,7 @@ impl PgStore {
     /// connected and listening; a lost connection stops that at once and is
     /// re-opened after a pause.
     async fn follow_changes(&self, cache: &PartnerCache) {
-        let options = (*self.pool.connect_options()).clone();
+        let options = self.pool.connect_options().clone();
         let own = sqlx::postgres::PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(5))
@@ -196,6 +213,8 @@ impl PgStore {
                     tracing::debug!("following partner changes");
                     self.hear_changes(&mut listener, cache).await;
                     cache.set_following(false);
+                    // Most often a restart, which closed the pool's connections too.
+                    self.pool.mark_lost();
                     tracing::warn!(
                         "lost the partner-change listener; partners are read from the database until it is back"
                     );
@@ -248,7 +267,7 @@ const PARTNER_CHANNEL: &str = "handset_partners";
 /// The payload of the listener's own heartbeat (the trigger's is empty).
 const PING: &str = "ping";
 
-async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+async fn listen(pool: &sqlx::PgPool) -> Result<PgListener, sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     listener.eager_reconnect(false);
     listener.listen(PARTNER_CHANNEL).await?;
@@ -261,10 +280,12 @@ impl Store for PgStore {
     /// `CREATE INDEX CONCURRENTLY` left invalid: `IF NOT EXISTS` would skip
     /// it on every later run, and Postgres would never use it.
     async fn migrate(&self) -> Result<(), StoreError> {
+        let mut lease = self.pool.lease().await.map_err(db)?;
         sqlx::migrate!("../../migrations/postgres")
-            .run(&self.pool)
+            .run_direct(&mut *lease)
             .await
             .map_err(|e| StoreError::Database(Box::new(e)))?;
+        lease.release();
         let invalid: Vec<String> = sqlx::query_scalar(q::INVALID_INDEXES).fetch_all(&self.pool).await.map_err(db)?;
         for index in invalid {
             tracing::warn!(index = %index, "rebuilding an index left invalid by an interrupted migration");
@@ -276,14 +297,13 @@ impl Store for PgStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.execute(sqlx::query("SELECT 1")).await?;
+        self.read_again(|| sqlx::query("SELECT 1").execute(&self.pool)).await?;
         Ok(())
     }
 
     fn pool_usage(&self) -> Vec<PoolUsage> {
-        let idle = u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX);
-        let max = self.pool.options().get_max_connections();
-        vec![PoolUsage { pool: "main", open: self.pool.size(), idle, max }]
+        let (open, idle, max) = self.pool.usage();
+        vec![PoolUsage { pool: "main", open, idle, max }]
     }
 
     async fn follow_partner_changes(&self, cache: &PartnerCache) {
@@ -303,12 +323,9 @@ impl Store for PgStore {
         api_key_hash: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<PartnerByKey>, StoreError> {
-        let row: Option<PartnerByKeyRow> = sqlx::query_as(q::PARTNER_BY_KEY)
-            .bind(api_key_hash)
-            .bind(now)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db)?;
+        let row: Option<PartnerByKeyRow> = self
+            .read_again(|| sqlx::query_as(q::PARTNER_BY_KEY).bind(api_key_hash).bind(now).fetch_optional(&self.pool))
+            .await?;
         row.map(PartnerByKey::try_from).transpose()
     }
 
@@ -405,7 +422,7 @@ impl Store for PgStore {
 
     async fn transaction(&self, id: Uuid) -> Result<Option<Transaction>, StoreError> {
         let row: Option<TransactionRow> =
-            sqlx::query_as(q::TRANSACTION).bind(id).fetch_optional(&self.pool).await.map_err(db)?;
+            self.read_again(|| sqlx::query_as(q::TRANSACTION).bind(id).fetch_optional(&self.pool)).await?;
         row.map(Transaction::try_from).transpose()
     }
 
@@ -463,6 +480,7 @@ impl Store for PgStore {
             .await
             .map_err(db)?;
         if done.rows_affected() == 0 {
+            db_tx.rollback().await.map_err(db)?;
             return Ok(false);
         }
         if let Some(message) = f.outbox {
@@ -485,6 +503,7 @@ impl Store for PgStore {
             .await
             .map_err(db)?;
         if pending >= max_pending {
+            db_tx.rollback().await.map_err(db)?;
             return Ok(false);
         }
         Self::insert_outbox(&mut *db_tx, message).await?;
@@ -557,6 +576,7 @@ impl Store for PgStore {
             .await
             .map_err(db)?;
         if done.rows_affected() == 0 {
+            db_tx.rollback().await.map_err(db)?;
             return Ok(false);
         }
         sqlx::query(q::INSERT_CALLBACK_ATTEMPT)
@@ -769,7 +789,10 @@ impl Store for PgStore {
                 .map_err(db)?;
             let advance = |to: DateTime<Utc>| sqlx::query(q::ADVANCE_ROLLUP).bind(mark).bind(to);
             let hour = match crate::rows::rollup_step(mark, next, before) {
-                RollupStep::Stop => break,
+                RollupStep::Stop => {
+                    db_tx.rollback().await.map_err(db)?;
+                    break;
+                }
                 RollupStep::Skip(to) => {
                     advance(to).execute(&mut *db_tx).await.map_err(db)?;
                     db_tx.commit().await.map_err(db)?;
@@ -784,6 +807,8 @@ impl Store for PgStore {
                 if mark.is_none_or(|mark| mark < hour) {
                     advance(hour).execute(&mut *db_tx).await.map_err(db)?;
                     db_tx.commit().await.map_err(db)?;
+                } else {
+                    db_tx.rollback().await.map_err(db)?;
                 }
                 break;
             }
