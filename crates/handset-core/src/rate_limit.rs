@@ -93,17 +93,22 @@ impl Local {
     }
 }
 
-/// Reconcile a window with the database after this many local hits...
+/// Reconcile a window with the database after this many local hits, or a
+/// hundredth of its limit if more (a reconciliation is a write, on a row
+/// every replica updates; with high limits, every 20 hits was a tenth of a
+/// busy partner's commits)...
 const SYNC_EVERY: i64 = 20;
+const SYNC_SHARE_OF_LIMIT: i64 = 100;
 /// ...or this long after the last reconciliation, whichever comes first.
 const SYNC_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The limits as enforced. Per-partner and per-product windows are counted
 /// in this process's memory and reconciled with the database's counter every
-/// `SYNC_EVERY` hits or `SYNC_INTERVAL`, so a partner's requests no longer
-/// all update one database row (which serialised them). One process is
-/// exact; with several, each may admit what the others admitted since its
-/// last reconciliation: at most about (replicas - 1) x (20 hits, or 200 ms of
+/// `SYNC_EVERY` hits (or 1% of the limit, if more) or `SYNC_INTERVAL`, so a
+/// partner's requests no longer all update one database row (which
+/// serialised them). One process is exact; with several, each may admit what
+/// the others admitted since its last reconciliation: at most about
+/// (replicas - 1) x (the larger of 20 hits and 1% of the limit, or 200 ms of
 /// a replica's traffic) over the limit. The per-phone send limit guards money
 /// and stays exact: every send is counted in the database first.
 #[derive(Debug)]
@@ -147,7 +152,8 @@ impl RateLimiter {
                 return Err(RateLimits::refusal(&scope, start, now));
             }
             entry.unsynced += 1;
-            let due = entry.unsynced >= SYNC_EVERY || entry.synced_at.is_none_or(|at| at.elapsed() >= SYNC_INTERVAL);
+            let every = SYNC_EVERY.max(limit / SYNC_SHARE_OF_LIMIT);
+            let due = entry.unsynced >= every || entry.synced_at.is_none_or(|at| at.elapsed() >= SYNC_INTERVAL);
             due.then(|| {
                 entry.synced_at = Some(Instant::now());
                 let hits = std::mem::take(&mut entry.unsynced);

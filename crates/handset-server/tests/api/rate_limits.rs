@@ -77,7 +77,8 @@ crate::on_both_kinds!(
 );
 
 /// Two replicas on one database share a partner's window: each counts in
-/// memory and reconciles with the database every 20 hits or 200 ms, so the
+/// memory and reconciles with the database every 20 hits (1% of a limit above
+/// 2,000) or 200 ms, so the
 /// second learns what the first admitted and refuses once the total is reached.
 async fn read(app: &TestApp) -> Answer {
     app.get("/v1/transactions/00000000-0000-0000-0000-000000000000").await
