@@ -2,8 +2,9 @@
 //! through the whole gateway (HTTP, auth, parsing, service, store) on SQLite
 //! and Postgres, next to the database's own ceiling: the minimal SQL of one
 //! flow (one transaction inserting the verification and the transaction; one
-//! transaction locking it, writing the final state and its callback row), as
-//! prepared statements with nothing in front. Then the gateway's latency at
+//! writing the final state and its callback row), as prepared statements with
+//! nothing in front (on Postgres one statement each, on connections with no
+//! pool checks). Then the gateway's latency at
 //! half its measured rate, and a run with thousands of flows in flight
 //! against a provider (`handset-sim` as ID.me) that answers slowly, with the
 //! peak memory of the `handset serve` process.

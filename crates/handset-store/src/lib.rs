@@ -5,8 +5,9 @@
 //! `ON CONFLICT`), written once in `queries.rs`; each keeps its own schema in
 //! `migrations/{postgres,sqlite}` so the types are natural to it (UUID,
 //! TIMESTAMPTZ and JSONB on Postgres; blobs and text on SQLite). Postgres is
-//! driven by sqlx (`pg.rs`); SQLite by rusqlite with one writer thread that
-//! commits writes in groups (`sqlite/`).
+//! driven by sqlx connections in a `deadpool` pool that pings them only when
+//! there is reason to (`pg.rs`, `pg_pool.rs`); SQLite by rusqlite with one
+//! writer thread that commits writes in groups (`sqlite/`).
 
 mod queries;
 
