@@ -12,16 +12,20 @@
 //! - it was last taken before a connection was seen lost (a database restart
 //!   or a terminated backend closes them all at once).
 //!
-//! A connection is seen lost when a statement fails with an I/O or protocol
-//! error or Postgres's shutdown codes (classes 08 and 57P), and when the
-//! partner-change listener loses its own. Such a connection is closed, not
-//! returned, as is one whose caller stopped waiting mid-statement.
+//! A connection is seen lost when a statement or a ping fails with an I/O or
+//! protocol error or Postgres's shutdown codes (classes 08 and 57P), and when
+//! the partner-change listener loses its own. Such a connection is closed,
+//! not returned, as is one whose caller stopped waiting mid-statement.
+//!
+//! The most recently used connection is handed out first, so a quiet
+//! replica's others stay idle; idle ones are closed after ten minutes and any
+//! after thirty (sqlx's defaults).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use deadpool::managed::{self, Metrics, Object, RecycleResult};
+use deadpool::managed::{self, Metrics, Object, QueueMode, RecycleError, RecycleResult};
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
@@ -30,6 +34,13 @@ use sqlx::{Connection, Describe, Either, Execute, Executor, PgConnection, Postgr
 
 /// A connection unused this long is pinged before it is used again.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
+/// Idle connections are closed after this long unused, and any after this
+/// long open (sqlx's pool defaults), so a quiet replica gives back its
+/// Postgres backends and none lives forever.
+const IDLE_LIMIT: Duration = Duration::from_secs(10 * 60);
+const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
+/// How often a lease looks for connections past those limits.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// When a connection was last seen lost, as nanoseconds after `origin` (0: never).
 struct LostMark {
@@ -43,7 +54,8 @@ impl LostMark {
     }
 
     fn mark(&self) {
-        self.at.store(self.since_origin(Instant::now()), Ordering::Release);
+        // The latest loss wins, whichever thread records it last.
+        self.at.fetch_max(self.since_origin(Instant::now()), Ordering::AcqRel);
     }
 
     /// Whether a connection last taken at `taken` predates the last loss.
@@ -67,9 +79,16 @@ impl managed::Manager for Manager {
     }
 
     async fn recycle(&self, conn: &mut PgConnection, metrics: &Metrics) -> RecycleResult<sqlx::Error> {
+        if metrics.age() >= MAX_LIFETIME {
+            return Err(RecycleError::message("past its lifetime"));
+        }
+        // When it was last taken (deadpool's `recycled`): its last use began then.
         let taken = metrics.recycled.unwrap_or(metrics.created);
-        if taken.elapsed() >= IDLE_CHECK || self.lost.predates_loss(taken) {
-            conn.ping().await?;
+        if (taken.elapsed() >= IDLE_CHECK || self.lost.predates_loss(taken))
+            && let Err(error) = conn.ping().await
+        {
+            self.lost.mark();
+            return Err(error.into());
         }
         Ok(())
     }
@@ -90,6 +109,8 @@ pub(crate) fn breaks_connection(error: &sqlx::Error) -> bool {
 pub(crate) struct Connections {
     pool: managed::Pool<Manager>,
     lost: Arc<LostMark>,
+    /// When idle connections were last looked over, as nanoseconds after `lost.origin`.
+    swept: Arc<AtomicU64>,
     options: PgConnectOptions,
     acquire_timeout: Duration,
 }
@@ -107,10 +128,14 @@ impl Connections {
         let manager = Manager { options: options.clone(), lost: lost.clone() };
         let pool = managed::Pool::builder(manager)
             .max_size(usize::try_from(max_connections.max(1)).unwrap_or(1))
+            // The most recently used first: the others stay idle (and are
+            // closed after `IDLE_LIMIT`) instead of each going a second
+            // unused and needing a ping.
+            .queue_mode(QueueMode::Lifo)
             .build()
             // Only fails for timeouts set without a runtime; none are set.
             .expect("a pool without timeouts builds");
-        Connections { pool, lost, options, acquire_timeout }
+        Connections { pool, lost, swept: Arc::new(AtomicU64::new(0)), options, acquire_timeout }
     }
 
     pub(crate) fn connect_options(&self) -> &PgConnectOptions {
@@ -132,6 +157,7 @@ impl Connections {
     /// A connection for a caller's statements, within `acquire_timeout`
     /// (waiting for a free one and connecting included).
     pub(crate) async fn lease(&self) -> Result<Lease, sqlx::Error> {
+        self.sweep_now_and_then();
         match tokio::time::timeout(self.acquire_timeout, self.pool.get()).await {
             Ok(Ok(object)) => Ok(Lease { object: Some(object), lost: self.lost.clone() }),
             Ok(Err(managed::PoolError::Backend(error))) => {
@@ -144,6 +170,21 @@ impl Connections {
             Ok(Err(other)) => Err(sqlx::Error::Protocol(format!("connection pool: {other}"))),
             Err(_elapsed) => Err(sqlx::Error::PoolTimedOut),
         }
+    }
+
+    /// Closes idle connections past `IDLE_LIMIT` or `MAX_LIFETIME`, at most
+    /// once per `SWEEP_EVERY` (one lease does it; the others go on).
+    fn sweep_now_and_then(&self) {
+        let now = self.lost.since_origin(Instant::now());
+        let last = self.swept.load(Ordering::Relaxed);
+        let due = u64::try_from(SWEEP_EVERY.as_nanos()).unwrap_or(u64::MAX);
+        if now.saturating_sub(last) < due
+            || self.swept.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err()
+        {
+            return;
+        }
+        // The connections removed are closed as they are dropped.
+        drop(self.pool.retain(|_, metrics| metrics.last_used() < IDLE_LIMIT && metrics.age() < MAX_LIFETIME));
     }
 
     /// A connection inside `BEGIN`. Commit it with [`Lease::commit`] or end
