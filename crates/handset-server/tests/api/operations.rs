@@ -358,17 +358,8 @@ async fn binary_reads_config_layers_and_logs_without_secrets() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// A database restart drops every connection: the next requests must work
-/// on fresh connections, and the job runner must carry on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_connection_loss_is_survived() {
-    let receiver = crate::receiver::Receiver::start().await;
-    let app = TestApp::spawn_with(
-        Kind::Postgres,
-        &[("HANDSET__CALLBACKS__ALLOW_PRIVATE_NETWORKS", "true"), ("HANDSET__WORKERS__POLL_INTERVAL", "25ms")],
-    )
-    .await;
-    let id = app.start_sms("4155550123").await.id();
+/// Closes every connection the app has to its database, as a restart does.
+async fn terminate_connections(app: &TestApp) {
     let name = app.db.url.rsplit('/').next().unwrap().to_owned();
     let admin_url = std::env::var(handset_testkit::POSTGRES_URL_VAR)
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
@@ -381,6 +372,39 @@ async fn postgres_connection_loss_is_survived() {
     .await
     .unwrap();
     assert!(!killed.is_empty(), "the app had connections to drop");
+}
+
+/// A start's write after a restart: its pooled connections are closed but
+/// were used under a second ago, so none is pinged for its age. The partner
+/// listener losing its own connection, or the partner read that follows
+/// (the cache stops serving while the listener is down) meeting a closed
+/// connection and running again, must make the pool check the others before
+/// the write takes one. (Without both, this start answers 500.) The pause
+/// gives the listener time to see its connection close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_write_after_a_restart_finds_a_live_connection() {
+    // No job runner: its statements would meet a closed connection first.
+    let app = TestApp::spawn_with(Kind::Postgres, &[("HANDSET__WORKERS__ENABLED", "false")]).await;
+    app.start_sms("4155550123").await.id();
+    terminate_connections(&app).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    let started = app.start_sms("4155550124").await;
+    assert_eq!(started.status, 201, "{}", started.text);
+}
+
+/// A database restart drops every connection: the next requests must work
+/// on fresh connections, and the job runner must carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connection_loss_is_survived() {
+    let receiver = crate::receiver::Receiver::start().await;
+    let app = TestApp::spawn_with(
+        Kind::Postgres,
+        &[("HANDSET__CALLBACKS__ALLOW_PRIVATE_NETWORKS", "true"), ("HANDSET__WORKERS__POLL_INTERVAL", "25ms")],
+    )
+    .await;
+    let id = app.start_sms("4155550123").await.id();
+    terminate_connections(&app).await;
 
     let confirmed = app.confirm(&id, "123123").await;
     assert_eq!(confirmed.status, 200, "{}", confirmed.text);
