@@ -18,8 +18,7 @@ use handset_core::store::{
     PartnerRecord, PoolUsage, Requeued, Store, StoreError,
 };
 use sqlx::Postgres;
-use sqlx::postgres::PgConnectOptions;
-use sqlx::postgres::{PgArguments, PgListener, PgNotification};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgNotification};
 use sqlx::query::Query;
 use sqlx::types::Json;
 use uuid::Uuid;
@@ -302,8 +301,7 @@ impl Store for PgStore {
     }
 
     fn pool_usage(&self) -> Vec<PoolUsage> {
-        let (open, idle, max) = self.pool.usage();
-        vec![PoolUsage { pool: "main", open, idle, max }]
+        vec![self.pool.usage()]
     }
 
     async fn follow_partner_changes(&self, cache: &PartnerCache) {

@@ -29,6 +29,7 @@ use deadpool::managed::{self, Metrics, Object, QueueMode, RecycleError, RecycleR
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
+use handset_core::store::PoolUsage;
 use sqlx::postgres::{PgConnectOptions, PgQueryResult, PgRow, PgStatement, PgTypeInfo};
 use sqlx::{Connection, Describe, Either, Execute, Executor, PgConnection, Postgres};
 
@@ -143,10 +144,10 @@ impl Connections {
     }
 
     /// Connections open, idle, and the most there may be.
-    pub(crate) fn usage(&self) -> (u32, u32, u32) {
+    pub(crate) fn usage(&self) -> PoolUsage {
         let status = self.pool.status();
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-        (count(status.size), count(status.available), count(status.max_size))
+        PoolUsage { pool: "main", open: count(status.size), idle: count(status.available), max: count(status.max_size) }
     }
 
     /// Makes every connection taken before now be pinged before its next use.
