@@ -10,6 +10,11 @@
 # Dependencies are compiled in a layer of their own (cargo-chef), rebuilt only
 # when Cargo.toml or Cargo.lock change, not on every source change.
 FROM rust:1.95-slim-bookworm AS chef
+# make builds jemalloc, the binaries' allocator (tikv-jemalloc-sys).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
 RUN cargo install cargo-chef --locked --version 0.1.78
 WORKDIR /src
 

@@ -4,8 +4,9 @@
 //! flow (one transaction inserting the verification and the transaction; one
 //! writing the final state and its callback row), as prepared statements with
 //! nothing in front (on Postgres one statement each, on connections with no
-//! pool checks). Then the gateway's latency at
-//! half its measured rate, and a run with thousands of flows in flight
+//! pool checks). The gateway and the ceiling run in alternating rounds, so
+//! a shared machine's slow spells fall on both; the ratio is the median of
+//! the rounds'. Then the gateway's latency at half its measured rate, and a run with thousands of flows in flight
 //! against a provider (`handset-sim` as ID.me) that answers slowly, with the
 //! peak memory of the `handset serve` process.
 //!
@@ -28,6 +29,10 @@ use serde_json::{Value, json};
 use sqlx::types::Json;
 use uuid::Uuid;
 
+/// The allocator `handset serve` runs with, so the in-process gateway measures the same.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 const DEV_KEY: &str = "hs_dev_sandbox_key";
 /// A public address: the gateway writes the callback row a partner would
 /// be owed (workers are off, so nothing is sent).
@@ -39,6 +44,12 @@ struct Args {
     /// Flows per measurement.
     #[arg(long, default_value_t = 3000)]
     flows: usize,
+    /// Rounds the flows of the gateway and ceiling rows are split into, run
+    /// one after the other (gateway, ceiling, gateway, ...), so a machine
+    /// that slows down for a while slows both; the ratio is the median of
+    /// the rounds' own ratios.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
     /// Flows in flight at once.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
@@ -68,6 +79,17 @@ struct Run {
 }
 
 impl Run {
+    fn empty() -> Run {
+        Run { wall: Duration::ZERO, latencies: Vec::new(), failures: 0 }
+    }
+
+    /// Adds a round of the same path: its flows, failures and wall time.
+    fn absorb(&mut self, round: Run) {
+        self.wall += round.wall;
+        self.latencies.extend(round.latencies);
+        self.failures += round.failures;
+    }
+
     fn per_second(&self) -> f64 {
         self.latencies.len() as f64 / self.wall.as_secs_f64()
     }
@@ -379,44 +401,58 @@ async fn prepare(db: &TestDatabase) {
     drop(Application::build(setup).await.expect("prepare the database"));
 }
 
-/// The database's ceiling: the minimal SQL of a flow, `concurrency` at a time.
-async fn minimal_sql(db: &TestDatabase, args: &Args) -> Run {
-    prepare(db).await;
-    let connections = args.concurrency.max(2) as u32;
-    match db.kind {
-        Kind::Postgres => {
-            // A connection per flow in flight, taken and put back without a
-            // pool's checks (sqlx's pool pings a connection when it is
-            // returned): the database's work and nothing else.
-            let mut idle = Vec::with_capacity(connections as usize);
-            for _ in 0..connections {
-                idle.push(<sqlx::PgConnection as sqlx::Connection>::connect(&db.url).await.expect("connect"));
-            }
-            let idle = Arc::new(std::sync::Mutex::new(idle));
-            measure(args.flows, args.concurrency, move || {
-                let idle = idle.clone();
-                async move {
-                    let mut conn = idle.lock().expect("idle connections").pop().ok_or("no idle connection")?;
-                    let flow = minimal_flow(&mut conn).await;
-                    idle.lock().expect("idle connections").push(conn);
-                    flow
-                }
-            })
-            .await
-        }
-        // SQLite allows one writer: its least work is one connection
-        // running the flows one after another.
-        Kind::Sqlite => sqlite_direct(db, args).await,
-    }
+/// The database's ceiling: the minimal SQL of a flow, ready to run in rounds.
+enum Ceiling {
+    /// A connection per flow in flight, taken and put back without a pool's
+    /// checks (sqlx's pool pings a connection when it is returned): the
+    /// database's work and nothing else.
+    Postgres(Arc<std::sync::Mutex<Vec<sqlx::PgConnection>>>),
+    /// SQLite allows one writer: its least work is one rusqlite connection
+    /// on a thread of its own running the flows one after another, with
+    /// nothing in between (no async runtime, no driver thread to hand
+    /// statements to). The database file's path.
+    Sqlite(String),
 }
 
-/// SQLite's own ceiling: the same two transactions through one rusqlite
-/// connection on a thread of its own, one flow after another, with nothing
-/// in between (no async runtime, no driver thread to hand statements to).
-async fn sqlite_direct(db: &TestDatabase, args: &Args) -> Run {
-    let path = db.url.trim_start_matches("sqlite://").split('?').next().unwrap_or_default().to_owned();
-    let flows = args.flows;
-    tokio::task::spawn_blocking(move || direct_flows(&path, flows)).await.expect("the direct run")
+impl Ceiling {
+    async fn new(db: &TestDatabase, args: &Args) -> Ceiling {
+        prepare(db).await;
+        match db.kind {
+            Kind::Postgres => {
+                let mut idle = Vec::with_capacity(args.concurrency);
+                for _ in 0..args.concurrency.max(2) {
+                    idle.push(<sqlx::PgConnection as sqlx::Connection>::connect(&db.url).await.expect("connect"));
+                }
+                Ceiling::Postgres(Arc::new(std::sync::Mutex::new(idle)))
+            }
+            Kind::Sqlite => {
+                Ceiling::Sqlite(db.url.trim_start_matches("sqlite://").split('?').next().unwrap_or_default().to_owned())
+            }
+        }
+    }
+
+    /// `flows` flows of minimal SQL, `concurrency` at a time (Postgres).
+    async fn run(&self, flows: usize, concurrency: usize) -> Run {
+        match self {
+            Ceiling::Postgres(idle) => {
+                let idle = idle.clone();
+                measure(flows, concurrency, move || {
+                    let idle = idle.clone();
+                    async move {
+                        let mut conn = idle.lock().expect("idle connections").pop().ok_or("no idle connection")?;
+                        let flow = minimal_flow(&mut conn).await;
+                        idle.lock().expect("idle connections").push(conn);
+                        flow
+                    }
+                })
+                .await
+            }
+            Ceiling::Sqlite(path) => {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || direct_flows(&path, flows)).await.expect("the direct run")
+            }
+        }
+    }
 }
 
 fn direct_flows(path: &str, flows: usize) -> Run {
@@ -547,6 +583,15 @@ async fn in_flight_run(kind: Kind, args: &Args) -> (Run, Option<f64>) {
     (run, peak)
 }
 
+/// The median of the rounds' ratios, and their range.
+fn spread(ratios: &mut [f64]) -> String {
+    ratios.sort_by(f64::total_cmp);
+    match (ratios.first(), ratios.get(ratios.len() / 2), ratios.last()) {
+        (Some(low), Some(median), Some(high)) => format!("{median:.2}x (rounds {low:.2}x to {high:.2}x)"),
+        _ => "no round".to_owned(),
+    }
+}
+
 fn row(store: &str, path: &str, run: &Run) {
     println!(
         "{store:<9} {path:<22} {:>7} {:>6} {:>10.0} {:>9.2} {:>9.2}",
@@ -584,16 +629,33 @@ async fn main() {
         // One database per path, kept for the whole run, so no path measures another's rows.
         let (shipped_db, compared_db) = (TestDatabase::new(kind).await, TestDatabase::new(kind).await);
         let shipped = flow_on(start_gateway(&shipped_db, &args, None).await);
-        let gateway = measure(args.flows, args.concurrency, shipped.clone()).await;
         // Postgres caches partners by default: show what the cache is worth.
-        let compared = match kind {
-            Kind::Postgres => {
-                let other = start_gateway(&compared_db, &args, Some(&args.partner_cache_ttl)).await;
-                Some(measure(args.flows, args.concurrency, flow_on(other)).await)
-            }
+        let other = match kind {
+            Kind::Postgres => Some(flow_on(start_gateway(&compared_db, &args, Some(&args.partner_cache_ttl)).await)),
             Kind::Sqlite => None,
         };
-        let ceiling = minimal_sql(&TestDatabase::new(kind).await, &args).await;
+        let ceiling_db = TestDatabase::new(kind).await;
+        let bare = Ceiling::new(&ceiling_db, &args).await;
+        let rounds = args.rounds.max(1);
+        let per_round = args.flows.div_ceil(rounds);
+        let (mut gateway, mut compared, mut ceiling) =
+            (Run::empty(), other.as_ref().map(|_| Run::empty()), Run::empty());
+        let (mut ratios, mut compared_ratios) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let round = measure(per_round, args.concurrency, shipped.clone()).await;
+            let compared_round = match &other {
+                Some(other) => Some(measure(per_round, args.concurrency, other.clone()).await),
+                None => None,
+            };
+            let ceiling_round = bare.run(per_round, args.concurrency).await;
+            ratios.push(round.per_second() / ceiling_round.per_second());
+            gateway.absorb(round);
+            if let (Some(run), Some(total)) = (compared_round, compared.as_mut()) {
+                compared_ratios.push(run.per_second() / ceiling_round.per_second());
+                total.absorb(run);
+            }
+            ceiling.absorb(ceiling_round);
+        }
         let half = gateway.per_second() / 2.0;
         let paced = measure_paced(args.flows, half, shipped).await;
         row(name, "handset", &gateway);
@@ -602,15 +664,14 @@ async fn main() {
         }
         row(name, "minimal SQL (ceiling)", &ceiling);
         row(name, &format!("handset at {half:.0}/s"), &paced);
-        let ratio = |run: &Run| run.per_second() / ceiling.per_second();
-        match &compared {
-            Some(compared) => println!(
-                "{name:<9} handset reaches {:.2}x of the ceiling ({:.2}x with cache {})",
-                ratio(&gateway),
-                ratio(compared),
+        match compared {
+            Some(_) => println!(
+                "{name:<9} handset reaches {} of the ceiling ({} with cache {})",
+                spread(&mut ratios),
+                spread(&mut compared_ratios),
                 args.partner_cache_ttl
             ),
-            None => println!("{name:<9} handset reaches {:.2}x of the ceiling", ratio(&gateway)),
+            None => println!("{name:<9} handset reaches {} of the ceiling", spread(&mut ratios)),
         }
         if kind == Kind::Postgres && args.stats_rows > 0 {
             funnel_run(args.stats_rows).await;
