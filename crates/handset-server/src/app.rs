@@ -48,8 +48,26 @@ const DEV_WEBHOOK_SECRET: &str = "whsec_ZGV2ZWxvcG1lbnQtb25seS13ZWJob29rLXNlY3Jl
 /// `POST .../callbacks/retry` answers 429.
 pub const MAX_PENDING_CALLBACKS: i64 = 10;
 
+/// What every request's handlers share: a handle, cloned by each extractor
+/// and middleware of a request (one reference count, not one per field).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> AppState {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
     pub gateway: Arc<Gateway>,
     pub default_region: Region,
     /// Where callbacks may go (checked at request time and again at delivery).
@@ -206,7 +224,7 @@ impl Application {
         };
         let in_flight = TaskTracker::new();
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let state = AppState {
+        let state = AppState::new(Shared {
             gateway: gateway.clone(),
             default_region: settings.default_region(),
             callbacks,
@@ -218,7 +236,7 @@ impl Application {
             in_flight: in_flight.clone(),
             openapi: docs::document(!settings.is_production()).to_string().into(),
             draining: draining.clone(),
-        };
+        });
         let limits = ConnectionLimits {
             header_read_timeout: settings.server.header_read_timeout,
             max_connections: settings.server.max_connections as usize,
