@@ -17,6 +17,7 @@ pub mod phone;
 pub mod provider;
 pub mod pumping;
 pub mod rate_limit;
+pub mod recent;
 pub mod routing;
 pub mod sandbox;
 pub mod secret;

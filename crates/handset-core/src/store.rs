@@ -53,6 +53,9 @@ pub struct LocalCodeAttempt<'a> {
     /// The callbacks each final state owes (the transaction has a `callback_url`).
     pub on_success: Option<&'a OutboxMessage>,
     pub on_exhausted: Option<&'a OutboxMessage>,
+    /// Write only if exactly this many attempts were used before (as
+    /// `use_attempt`'s `expected`).
+    pub expected_attempts: Option<i32>,
 }
 
 /// What `requeue_failed_callbacks` did.
@@ -184,8 +187,12 @@ pub trait Store: Send + Sync {
     /// Atomically uses one code attempt of a pending, unexpired transaction.
     /// Returns the attempts used after this one, or `None` when the transaction
     /// is not pending, is past `now`'s expiry, or has no attempt left: the
-    /// database, not the caller, guarantees the limit under concurrency.
-    async fn use_attempt(&self, id: Uuid, now: DateTime<Utc>) -> Result<Option<i32>, StoreError>;
+    /// database, not the caller, guarantees the limit under concurrency. With
+    /// `expected`, also `None` (nothing written) unless exactly that many
+    /// attempts were used before: the caller's copy of the transaction is
+    /// still the stored one.
+    async fn use_attempt(&self, id: Uuid, now: DateTime<Utc>, expected: Option<i32>)
+    -> Result<Option<i32>, StoreError>;
 
     /// Gives back an attempt `use_attempt` took, when the code it was taken
     /// for never reached the provider; false when the transaction is no

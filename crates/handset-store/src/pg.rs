@@ -106,12 +106,12 @@ fn bind_transaction<'q>(query: PgQuery<'q>, t: &'q Transaction) -> PgQuery<'q> {
         .bind(t.routing.as_ref().map(Json))
 }
 
-/// `LOCAL_CODE_UPDATE`'s parameters $1-$5.
+/// `LOCAL_CODE_UPDATE`'s parameters $1-$6.
 fn bind_local_code<'q, O>(
     query: sqlx::query::QueryAs<'q, Postgres, O, PgArguments>,
     a: &LocalCodeAttempt<'q>,
 ) -> sqlx::query::QueryAs<'q, Postgres, O, PgArguments> {
-    query.bind(a.id).bind(a.now).bind(a.matched).bind(Json(a.success)).bind(Json(a.exhausted))
+    query.bind(a.id).bind(a.now).bind(a.matched).bind(Json(a.success)).bind(Json(a.exhausted)).bind(a.expected_attempts)
 }
 
 /// The attempt, the verdict and the callback it owes in one statement: the
@@ -121,8 +121,8 @@ const LOCAL_CODE_WITH_CALLBACK: &str = concat!(
     local_code_update!(),
     "), owed AS (INSERT INTO outbox (",
     outbox_columns!(),
-    ", next_attempt_at) SELECT m.id, $1, $6, $7, m.payload, m.created_at, m.created_at FROM t JOIN (VALUES \
-     ($8::uuid, 200, $9::text, $10::timestamptz), ($11::uuid, 300, $12::text, $13::timestamptz)) \
+    ", next_attempt_at) SELECT m.id, $1, $7, $8, m.payload, m.created_at, m.created_at FROM t JOIN (VALUES \
+     ($9::uuid, 200, $10::text, $11::timestamptz), ($12::uuid, 300, $13::text, $14::timestamptz)) \
      AS m (id, status_code, payload, created_at) ON m.status_code = t.status_code WHERE m.id IS NOT NULL) \
      SELECT status_code, attempts_used FROM t"
 );
@@ -433,8 +433,19 @@ impl Store for PgStore {
         rows.into_iter().map(Transaction::try_from).collect()
     }
 
-    async fn use_attempt(&self, id: Uuid, now: DateTime<Utc>) -> Result<Option<i32>, StoreError> {
-        sqlx::query_scalar(q::USE_ATTEMPT).bind(id).bind(now).fetch_optional(&self.pool).await.map_err(db)
+    async fn use_attempt(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+        expected: Option<i32>,
+    ) -> Result<Option<i32>, StoreError> {
+        sqlx::query_scalar(q::USE_ATTEMPT)
+            .bind(id)
+            .bind(now)
+            .bind(expected)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)
     }
 
     async fn refund_attempt(&self, id: Uuid) -> Result<bool, StoreError> {

@@ -117,9 +117,10 @@ pub(crate) const TRANSACTION_BY_PROVIDER_REF: &str =
 
 /// One statement: the row lock (Postgres) or the single writer (SQLite)
 /// makes the check and the increment indivisible.
+/// `$3`: the attempts the caller saw used, or NULL for any.
 pub(crate) const USE_ATTEMPT: &str = "UPDATE transactions SET attempts_used = attempts_used + 1, updated_at = $2 \
      WHERE id = $1 AND status_code = 210 AND attempts_used < max_attempts \
-     AND (expires_at IS NULL OR expires_at > $2) RETURNING attempts_used";
+     AND (expires_at IS NULL OR expires_at > $2) AND ($3 IS NULL OR attempts_used = $3) RETURNING attempts_used";
 
 pub(crate) const REFUND_ATTEMPT: &str = "UPDATE transactions SET attempts_used = attempts_used - 1 \
      WHERE id = $1 AND status_code = 210 AND attempts_used > 0";
@@ -133,7 +134,8 @@ macro_rules! local_code_update {
          status_code = CASE WHEN $3 THEN 200 WHEN attempts_used + 1 >= max_attempts THEN 300 ELSE status_code END, \
          result = CASE WHEN $3 THEN $4 WHEN attempts_used + 1 >= max_attempts THEN $5 ELSE result END \
          WHERE id = $1 AND status_code = 210 AND attempts_used < max_attempts \
-         AND (expires_at IS NULL OR expires_at > $2) RETURNING status_code, attempts_used"
+         AND (expires_at IS NULL OR expires_at > $2) AND ($6 IS NULL OR attempts_used = $6) \
+         RETURNING status_code, attempts_used"
     };
 }
 pub(crate) use local_code_update;

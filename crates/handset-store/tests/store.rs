@@ -114,6 +114,7 @@ on_both_stores!(
     key_rotation_overlaps,
     transactions_round_trip,
     attempts_stop_at_the_limit,
+    attempts_written_only_over_the_count_the_caller_saw,
     concurrent_attempts_never_exceed_the_limit,
     local_code_attempts_decide_in_one_write,
     a_failed_start_writes_nothing,
@@ -236,10 +237,28 @@ async fn transactions_round_trip(f: Fixture) {
 async fn attempts_stop_at_the_limit(f: Fixture) {
     let tx = insert_pending(&f).await;
     for expected in 1..=5 {
-        assert_eq!(f.store.use_attempt(tx.id, Utc::now()).await.unwrap(), Some(expected));
+        assert_eq!(f.store.use_attempt(tx.id, Utc::now(), None).await.unwrap(), Some(expected));
     }
-    assert_eq!(f.store.use_attempt(tx.id, Utc::now()).await.unwrap(), None);
+    assert_eq!(f.store.use_attempt(tx.id, Utc::now(), None).await.unwrap(), None);
     assert_eq!(f.store.transaction(tx.id).await.unwrap().unwrap().attempts_used, 5);
+}
+
+/// A write on a copy of the transaction that saw another count of used
+/// attempts (another replica used one since) changes nothing.
+async fn attempts_written_only_over_the_count_the_caller_saw(f: Fixture) {
+    let tx = insert_pending(&f).await;
+    assert_eq!(f.store.use_attempt(tx.id, Utc::now(), Some(1)).await.unwrap(), None);
+    assert_eq!(f.store.use_attempt(tx.id, Utc::now(), Some(0)).await.unwrap(), Some(1));
+    assert_eq!(f.store.use_attempt(tx.id, Utc::now(), Some(0)).await.unwrap(), None, "the copy that saw 0 is stale");
+    let (results, messages) = local_outcomes(&tx);
+    let stale = LocalCodeAttempt { expected_attempts: Some(0), ..local_attempt(&tx, true, &results, &messages) };
+    assert_eq!(f.store.attempt_local_code(stale).await.unwrap(), None);
+    let stored = f.store.transaction(tx.id).await.unwrap().unwrap();
+    assert_eq!((stored.status, stored.attempts_used), (Status::Pending, 1), "nothing written");
+    assert!(outbox_of(&f, tx.id).await.is_empty(), "no callback owed");
+    let current = LocalCodeAttempt { expected_attempts: Some(1), ..local_attempt(&tx, true, &results, &messages) };
+    assert_eq!(f.store.attempt_local_code(current).await.unwrap(), Some((Status::Succeeded, 2)));
+    assert_eq!(outbox_of(&f, tx.id).await.len(), 1);
 }
 
 async fn concurrent_attempts_never_exceed_the_limit(f: Fixture) {
@@ -247,7 +266,7 @@ async fn concurrent_attempts_never_exceed_the_limit(f: Fixture) {
     let tasks: Vec<_> = (0..20)
         .map(|_| {
             let store = f.store.clone();
-            tokio::spawn(async move { store.use_attempt(tx.id, Utc::now()).await.unwrap() })
+            tokio::spawn(async move { store.use_attempt(tx.id, Utc::now(), None).await.unwrap() })
         })
         .collect();
     let mut granted = Vec::new();
@@ -278,6 +297,7 @@ fn local_attempt<'a>(
         exhausted: &results.1,
         on_success: Some(&messages.0),
         on_exhausted: Some(&messages.1),
+        expected_attempts: None,
     }
 }
 
@@ -356,7 +376,7 @@ async fn a_failed_start_writes_nothing(f: Fixture) {
     assert!(f.store.insert_transaction(&clash, Some(&v), None).await.is_err(), "the id is taken");
     assert!(f.store.verification(v.id).await.unwrap().is_none(), "the verification was rolled back");
     let next = insert_pending(&f).await;
-    assert_eq!(f.store.use_attempt(next.id, Utc::now()).await.unwrap(), Some(1));
+    assert_eq!(f.store.use_attempt(next.id, Utc::now(), None).await.unwrap(), Some(1));
     assert!(f.store.verification(next.verification_id).await.unwrap().is_some());
 }
 
@@ -382,8 +402,8 @@ async fn rate_hits_stop_at_the_limit(f: Fixture) {
 async fn expired_transactions_take_no_attempt(f: Fixture) {
     let tx = insert_pending(&f).await;
     let after_expiry = tx.expires_at.unwrap() + Duration::milliseconds(1);
-    assert_eq!(f.store.use_attempt(tx.id, after_expiry).await.unwrap(), None);
-    assert_eq!(f.store.use_attempt(tx.id, Utc::now()).await.unwrap(), Some(1));
+    assert_eq!(f.store.use_attempt(tx.id, after_expiry, None).await.unwrap(), None);
+    assert_eq!(f.store.use_attempt(tx.id, Utc::now(), None).await.unwrap(), Some(1));
 }
 
 async fn finalize_writes_state_and_outbox_once(f: Fixture) {

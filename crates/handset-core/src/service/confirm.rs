@@ -8,28 +8,51 @@ pub(super) fn code_is_well_formed(code: &str) -> bool {
     (4..=10).contains(&code.len()) && code.bytes().all(|b| b.is_ascii_digit())
 }
 
+/// The transaction a confirm starts from (`Gateway::transaction_to_confirm`).
+pub struct ToConfirm {
+    pub tx: Transaction,
+    /// `tx` is the copy kept when this process started the check, perhaps
+    /// out of date (`crate::recent`), not a read.
+    pub as_started: bool,
+}
+
 impl Gateway {
     /// Checks a code (sms) or refreshes the operator result (network), with
     /// the documented precedence.
     ///
-    /// `loaded` is the transaction as `possession_transaction` just read it.
+    /// `loaded` is the transaction as `transaction_to_confirm` found it.
     pub async fn confirm_possession(
         &self,
         partner: &Partner,
-        loaded: Transaction,
+        loaded: ToConfirm,
         code: Option<&str>,
     ) -> Result<Transaction, GatewayError> {
-        let transaction_id = loaded.id;
-        self.limit(Scope::Product(partner.id, loaded.product)).await?;
+        let transaction_id = loaded.tx.id;
+        self.limit(Scope::Product(partner.id, loaded.tx.product)).await?;
         let mut fresh = Some(loaded);
         // A concurrent request can change the transaction between our read and
         // our conditional write; re-reading and deciding again settles it.
-        for _ in 0..3 {
-            let mut tx = match fresh.take() {
-                Some(tx) => tx,
-                None => self.possession_transaction(partner, transaction_id).await?,
+        // (Three reads, after the copy kept at the start if there is one.)
+        for _ in 0..4 {
+            let ToConfirm { mut tx, as_started } = match fresh.take() {
+                Some(loaded) => loaded,
+                None => {
+                    ToConfirm { tx: self.possession_transaction(partner, transaction_id).await?, as_started: false }
+                }
             };
             let now = self.now();
+            // A copy kept at the start is only good for a write conditioned on
+            // what it shows (pending, these attempts used): whatever else it
+            // calls for (an expiry, a refusal) is decided on a read.
+            let expected = as_started.then_some(tx.attempts_used);
+            if as_started
+                && !(tx.status == Status::Pending
+                    && tx.expires_at.is_some_and(|at| at > now)
+                    && tx.attempts_used < tx.max_attempts
+                    && code.is_some_and(code_is_well_formed))
+            {
+                continue;
+            }
             match tx.status {
                 Status::Succeeded => return Ok(tx),
                 Status::Failed => return Err(failure_error(&tx).into()),
@@ -48,12 +71,12 @@ impl Gateway {
             let code = code.filter(|c| code_is_well_formed(c)).ok_or_else(|| ApiError::new(ErrorCode::InvalidCode))?;
             if let Some(hash) = &tx.code_hash {
                 let matched = constant_time_eq(hash, &self.code_hash(tx.id, code));
-                match self.apply_local_code(tx, matched, now).await? {
+                match self.apply_local_code(tx, matched, now, expected).await? {
                     Some(succeeded) => return Ok(succeeded),
                     None => continue,
                 }
             }
-            let Some(used) = self.store.use_attempt(tx.id, now).await? else {
+            let Some(used) = self.store.use_attempt(tx.id, now, expected).await? else {
                 continue;
             };
             let (checked, reference) = match self.provider_check(&tx, code).await {
@@ -95,7 +118,7 @@ impl Gateway {
                 }
             }
         }
-        Err(GatewayError::Internal("confirm did not settle after 3 reads".into()))
+        Err(GatewayError::Internal("confirm did not settle after repeated reads".into()))
     }
 
     /// A code the provider did not decide. Given back when the provider
@@ -141,12 +164,14 @@ impl Gateway {
     /// its callback when the code decides the check. The succeeded
     /// transaction, or the refusal a wrong code earns (3102, or 3104 for the
     /// last one); `None` when the transaction changed since it was read
-    /// (decide again on a fresh read).
+    /// (decide again on a fresh read), or used other than `expected`
+    /// attempts.
     async fn apply_local_code(
         &self,
         tx: Transaction,
         matched: bool,
         now: DateTime<Utc>,
+        expected: Option<i32>,
     ) -> Result<Option<Transaction>, GatewayError> {
         let phone = TransactionResult::Phone { phone: tx.phone.clone().unwrap_or_default() };
         let success = possession_result(&tx, phone);
@@ -168,6 +193,7 @@ impl Gateway {
             exhausted: &exhausted,
             on_success: on_success.as_ref().filter(|_| matched),
             on_exhausted: on_exhausted.as_ref().filter(|_| !matched),
+            expected_attempts: expected,
         };
         let Some((status, used)) = self.store.attempt_local_code(attempt).await? else {
             return Ok(None);

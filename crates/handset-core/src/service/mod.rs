@@ -31,10 +31,12 @@ use crate::phone::Phone;
 use crate::provider::{CodeCheck, Outcome, Provider, ProviderError, Renewed, StartRequest, Started};
 use crate::pumping::{NewPause, PumpingGuard, RangeTraffic};
 use crate::rate_limit::{RateLimiter, RateLimits, Scope};
+use crate::recent::RecentStarts;
 use crate::routing::{Routing, RoutingDecision, RoutingReason, Strategy};
 use crate::secret::{Secret, api_key_hash, code_hash, constant_time_eq};
 use crate::store::{Finalization, LocalCodeAttempt, Store, StoreError};
 
+pub use confirm::ToConfirm;
 pub use start::{StartIdentity, StartPossession};
 // Shared by the flows' files (they `use super::*`).
 use results::{checked, deadline_error, possession_result};
@@ -96,6 +98,8 @@ pub struct Gateway {
     settings: GatewaySettings,
     limiter: RateLimiter,
     partners: PartnerCache,
+    /// SMS checks started here, for their first confirm (`crate::recent`).
+    recent: RecentStarts,
     clock: Arc<dyn Clock>,
 }
 
@@ -114,6 +118,7 @@ impl Gateway {
             routing,
             limiter: RateLimiter::new(settings.rate_limits),
             partners: PartnerCache::new(settings.partner_cache_ttl),
+            recent: RecentStarts::new(crate::recent::RECENT_STARTS),
             settings,
             clock: Arc::new(SystemClock),
         }

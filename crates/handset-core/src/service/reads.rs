@@ -40,6 +40,18 @@ impl Gateway {
         Ok(tx)
     }
 
+    /// The possession transaction a confirm acts on: the copy this process
+    /// kept when it started the check, if it has one for this partner
+    /// (`crate::recent`), else as `possession_transaction` reads it.
+    pub async fn transaction_to_confirm(&self, partner: &Partner, id: Uuid) -> Result<ToConfirm, GatewayError> {
+        if let Some(tx) = self.recent.take(id)
+            && tx.partner_id == partner.id
+        {
+            return Ok(ToConfirm { tx, as_started: true });
+        }
+        Ok(ToConfirm { tx: self.possession_transaction(partner, id).await?, as_started: false })
+    }
+
     pub async fn transaction(&self, partner: &Partner, id: Uuid) -> Result<Transaction, GatewayError> {
         self.owned_transaction(partner, id).await
     }

@@ -394,6 +394,7 @@ impl Gateway {
         };
         let outbox = outbox_for(&tx);
         self.store.insert_transaction(&tx, new_verification.as_ref(), outbox.as_ref()).await?;
+        self.recent.remember(&tx);
         crate::observe::started(&tx);
         match refusal {
             Some(error) => Err(error.into()),

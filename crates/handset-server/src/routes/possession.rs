@@ -80,7 +80,7 @@ pub async fn confirm(
     body: Result<JsonObject, Failure>,
 ) -> Result<Json<TransactionOut>, Failure> {
     // Which transaction comes first (404, 403 3200, 422 3105), then the body.
-    let loaded = state.gateway.possession_transaction(&partner, id).await?;
+    let loaded = state.gateway.transaction_to_confirm(&partner, id).await?;
     let JsonObject(fields) = body?;
     fields.only(ConfirmIn::FIELDS)?;
     // A code of the wrong JSON type is a malformed code, checked (without

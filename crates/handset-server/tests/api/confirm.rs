@@ -13,6 +13,8 @@ on_both_stores!(
     concurrent_wrong_codes_count_exactly_the_limit,
     identity_transactions_are_not_possession_checks,
     foreign_and_unknown_transactions,
+    attempts_used_on_another_replica_count_for_the_starting_one,
+    a_check_ended_on_another_replica_stays_ended,
 );
 
 async fn remaining(app: &TestApp, id: &str) -> serde_json::Value {
@@ -134,4 +136,38 @@ mod expiry {
     }
 
     crate::on_both_kinds!(expired_codes_end_the_transaction);
+}
+
+/// A second replica: another gateway on `app`'s database.
+async fn replica_of(app: &TestApp) -> TestApp {
+    TestApp::spawn_with(app.kind, &[("HANDSET__DATABASE__URL", app.db.url.as_str())]).await
+}
+
+/// The starting replica keeps a copy of the check for its first confirm;
+/// a wrong code given on another replica since makes that copy stale, and
+/// the confirm still counts both attempts.
+async fn attempts_used_on_another_replica_count_for_the_starting_one(app: TestApp) {
+    let other = replica_of(&app).await;
+    let id = app.start_sms("4155550123").await.id();
+    other.confirm(&id, "000000").await.assert_error(422, 3102);
+    let confirmed = app.confirm(&id, "123123").await;
+    assert_eq!(confirmed.status, 200, "{}", confirmed.text);
+    assert_eq!(confirmed.body["status"]["code"], 200);
+    let row = app.store.transaction(id.parse().unwrap()).await.unwrap().unwrap();
+    assert_eq!(row.attempts_used, 2, "the other replica's attempt and this one");
+    assert_eq!(other.transaction(&id).await.body["status"]["code"], 200);
+}
+
+/// A check whose attempts ran out on another replica is not revived by the
+/// right code on the replica that started it (and still holds it pending).
+async fn a_check_ended_on_another_replica_stays_ended(app: TestApp) {
+    let other = replica_of(&app).await;
+    let id = app.start_sms("4155550123").await.id();
+    for _ in 0..4 {
+        other.confirm(&id, "000000").await.assert_error(422, 3102);
+    }
+    other.confirm(&id, "000000").await.assert_error(422, 3104);
+    app.confirm(&id, "123123").await.assert_error(422, 3104);
+    let row = app.store.transaction(id.parse().unwrap()).await.unwrap().unwrap();
+    assert_eq!((row.status.code(), row.attempts_used), (300, 5));
 }

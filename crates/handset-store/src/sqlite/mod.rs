@@ -332,8 +332,13 @@ impl Store for SqliteStore {
         transactions(rows)
     }
 
-    async fn use_attempt(&self, id: Uuid, now: DateTime<Utc>) -> Result<Option<i32>, StoreError> {
-        self.engine.write(move |c| query_row(c, q::USE_ATTEMPT, &[&id, &ts(now)], |row| row.get(0))).await
+    async fn use_attempt(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+        expected: Option<i32>,
+    ) -> Result<Option<i32>, StoreError> {
+        self.engine.write(move |c| query_row(c, q::USE_ATTEMPT, &[&id, &ts(now), &expected], |row| row.get(0))).await
     }
 
     async fn refund_attempt(&self, id: Uuid) -> Result<bool, StoreError> {
@@ -342,15 +347,17 @@ impl Store for SqliteStore {
 
     /// The attempt, the verdict and the callback it owes in one write.
     async fn attempt_local_code(&self, a: LocalCodeAttempt<'_>) -> Result<Option<(Status, i32)>, StoreError> {
-        let (id, now, matched) = (a.id, a.now, a.matched);
+        let (id, now, matched, expected) = (a.id, a.now, a.matched, a.expected_attempts);
         let (success, exhausted) = (json(a.success)?, json(a.exhausted)?);
         let (on_success, on_exhausted) = (a.on_success.cloned(), a.on_exhausted.cloned());
         self.engine
             .write(move |c| {
-                let row: Option<(i32, i32)> =
-                    query_row(c, q::LOCAL_CODE_UPDATE, &[&id, &ts(now), &matched, &success, &exhausted], |row| {
-                        Ok((row.get(0)?, row.get(1)?))
-                    })?;
+                let row: Option<(i32, i32)> = query_row(
+                    c,
+                    q::LOCAL_CODE_UPDATE,
+                    &[&id, &ts(now), &matched, &success, &exhausted, &expected],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )?;
                 let Some((code, used)) = row else { return Ok(None) };
                 let status = crate::rows::status_of(code)?;
                 let owed = match status {
