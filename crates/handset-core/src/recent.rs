@@ -18,7 +18,8 @@ use crate::model::{Product, Status, Transaction};
 
 /// How many started checks are kept. Past it the oldest go first: a check
 /// confirmed later than 10,000 starts after its own is read from the
-/// database, as on any other replica.
+/// database, as on any other replica. Copies past their deadline go too,
+/// so a quiet process keeps no abandoned check's number for long.
 pub const RECENT_STARTS: usize = 10_000;
 
 #[derive(Default)]
@@ -49,12 +50,25 @@ impl RecentStarts {
             return;
         }
         let mut kept = self.kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        kept.by_id.insert(tx.id, tx.clone());
-        kept.order.push_back(tx.id);
+        let Kept { by_id, order } = &mut *kept;
+        // Checks come in start order, so deadlines mostly do too: the front
+        // holds the taken and the expired, up to the first still useful.
+        while let Some(oldest) = order.front() {
+            match by_id.get(oldest) {
+                Some(copy) if copy.expires_at.is_some_and(|at| at > tx.created_at) => break,
+                _ => {
+                    let oldest = *oldest;
+                    order.pop_front();
+                    by_id.remove(&oldest);
+                }
+            }
+        }
+        by_id.insert(tx.id, tx.clone());
+        order.push_back(tx.id);
         // `order` also holds ids already taken; bounding it bounds both.
-        while kept.order.len() > self.capacity {
-            if let Some(oldest) = kept.order.pop_front() {
-                kept.by_id.remove(&oldest);
+        while order.len() > self.capacity {
+            if let Some(oldest) = order.pop_front() {
+                by_id.remove(&oldest);
             }
         }
     }
@@ -103,6 +117,17 @@ mod tests {
             recent.remember(tx);
             assert!(recent.take(tx.id).is_none());
         }
+    }
+
+    #[test]
+    fn copies_past_their_deadline_go_with_the_next_start() {
+        let recent = RecentStarts::new(4);
+        let old = sms();
+        recent.remember(&old);
+        let later = Transaction { created_at: old.expires_at.unwrap(), ..sms() };
+        recent.remember(&later);
+        assert!(recent.take(old.id).is_none(), "its deadline had passed when the next check started");
+        assert!(recent.take(later.id).is_some());
     }
 
     #[test]

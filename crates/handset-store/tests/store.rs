@@ -256,6 +256,13 @@ async fn attempts_written_only_over_the_count_the_caller_saw(f: Fixture) {
     let stored = f.store.transaction(tx.id).await.unwrap().unwrap();
     assert_eq!((stored.status, stored.attempts_used), (Status::Pending, 1), "nothing written");
     assert!(outbox_of(&f, tx.id).await.is_empty(), "no callback owed");
+    let without_callback = LocalCodeAttempt {
+        on_success: None,
+        on_exhausted: None,
+        expected_attempts: Some(0),
+        ..local_attempt(&tx, false, &results, &messages)
+    };
+    assert_eq!(f.store.attempt_local_code(without_callback).await.unwrap(), None);
     let current = LocalCodeAttempt { expected_attempts: Some(1), ..local_attempt(&tx, true, &results, &messages) };
     assert_eq!(f.store.attempt_local_code(current).await.unwrap(), Some((Status::Succeeded, 2)));
     assert_eq!(outbox_of(&f, tx.id).await.len(), 1);

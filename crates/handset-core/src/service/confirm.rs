@@ -29,11 +29,12 @@ impl Gateway {
     ) -> Result<Transaction, GatewayError> {
         let transaction_id = loaded.tx.id;
         self.limit(Scope::Product(partner.id, loaded.tx.product)).await?;
-        let mut fresh = Some(loaded);
         // A concurrent request can change the transaction between our read and
         // our conditional write; re-reading and deciding again settles it.
         // (Three reads, after the copy kept at the start if there is one.)
-        for _ in 0..4 {
+        let tries = 3 + usize::from(loaded.as_started);
+        let mut fresh = Some(loaded);
+        for _ in 0..tries {
             let ToConfirm { mut tx, as_started } = match fresh.take() {
                 Some(loaded) => loaded,
                 None => {

@@ -138,7 +138,8 @@ mod expiry {
     crate::on_both_kinds!(expired_codes_end_the_transaction);
 }
 
-/// A second replica: another gateway on `app`'s database.
+/// A second replica: another gateway on `app`'s database. (Its own `db` and
+/// `store` are an unused empty database: read through `app`.)
 async fn replica_of(app: &TestApp) -> TestApp {
     TestApp::spawn_with(app.kind, &[("HANDSET__DATABASE__URL", app.db.url.as_str())]).await
 }
