@@ -30,6 +30,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 /// The allocator `handset serve` runs with, so the in-process gateway measures the same.
+#[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -2,6 +2,7 @@ use clap::Parser;
 
 // jemalloc: under load glibc's malloc and free took a fifth of the process's
 // CPU (see the README's "Measure it").
+#[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
