@@ -8,6 +8,12 @@
 //! copy calls for anything else (expired, no attempt left, a malformed
 //! code), the confirm reads the transaction as it always did. Each copy
 //! serves one confirm: taking it removes it.
+//!
+//! A copy's provider reference stays current for the same reason: an SMS
+//! check's reference is renewed only by a confirm that keeps the attempt it
+//! used, so a renewed reference always comes with a changed count. A path
+//! that renewed an SMS check's reference without using an attempt would
+//! have to condition `finalize` on the reference too.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
