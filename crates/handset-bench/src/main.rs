@@ -420,8 +420,9 @@ impl Ceiling {
         prepare(db).await;
         match db.kind {
             Kind::Postgres => {
-                let mut idle = Vec::with_capacity(args.concurrency);
-                for _ in 0..args.concurrency.max(2) {
+                let connections = args.concurrency.max(2);
+                let mut idle = Vec::with_capacity(connections);
+                for _ in 0..connections {
                     idle.push(<sqlx::PgConnection as sqlx::Connection>::connect(&db.url).await.expect("connect"));
                 }
                 Ceiling::Postgres(Arc::new(std::sync::Mutex::new(idle)))
