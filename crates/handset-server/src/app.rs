@@ -131,6 +131,8 @@ impl Application {
     /// system's resolver (tests of DNS rebinding).
     pub async fn build_with_lookup(settings: Settings, lookup: Arc<dyn HostLookup>) -> Result<Application, StartError> {
         crate::install_crypto_provider();
+        // Off the first request's path (it builds the plans' patterns).
+        tokio::task::spawn_blocking(handset_core::phone::load_numbering_plans);
         let problems = settings.production_problems();
         if !problems.is_empty() {
             return Err(StartError::Production(problems));
