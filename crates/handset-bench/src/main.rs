@@ -12,6 +12,7 @@
 //!
 //! A measurement, not a test: nothing asserts a speed (see the README).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,7 +26,11 @@ use handset_server::{Application, Settings};
 use handset_sim::faults::Faults;
 use handset_sim::{Sim, SimConfig};
 use handset_testkit::{Kind, TestDatabase};
-use serde_json::{Value, json};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
 use sqlx::types::Json;
 use uuid::Uuid;
 
@@ -34,7 +39,10 @@ use uuid::Uuid;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-const DEV_KEY: &str = "hs_dev_sandbox_key";
+/// The development partner's key (`dev.api_key`), as a header.
+const AUTHORIZATION: &str = "Bearer hs_dev_sandbox_key";
+/// The name of the in-process gateway's threads; the rest are the load's.
+const GATEWAY_THREADS: &str = "gateway";
 /// A public address: the gateway writes the callback row a partner would
 /// be owed (workers are off, so nothing is sent).
 const CALLBACK_URL: &str = "https://93.184.215.14/hook";
@@ -202,38 +210,98 @@ async fn collect(mut running: tokio::task::JoinSet<Result<Duration, String>>, st
     Run { wall: started.elapsed(), latencies, failures }
 }
 
-/// One start+confirm through handset's HTTP API at `base`.
-async fn gateway_flow(client: reqwest::Client, base: String, start: Value) -> FlowResult {
-    let answer = client
-        .post(format!("{base}/v1/possession"))
-        .bearer_auth(DEV_KEY)
-        .json(&start)
-        .send()
-        .await
-        .map_err(|e| format!("start: {e}"))?;
-    let status = answer.status();
-    let started: Value = answer.json().await.map_err(|e| format!("start body: {e}"))?;
-    let id = started["transaction_id"].as_str().ok_or_else(|| format!("start answered {status}: {started}"))?;
-    let confirmed = client
-        .post(format!("{base}/v1/possession/{id}/confirm"))
-        .bearer_auth(DEV_KEY)
-        .json(&json!({"code": "123123"}))
-        .send()
-        .await
-        .map_err(|e| format!("confirm: {e}"))?;
-    match confirmed.status().as_u16() {
-        200 => Ok(()),
-        other => Err(format!("confirm answered {other}: {}", confirmed.text().await.unwrap_or_default())),
+/// One keep-alive HTTP/1 connection to the gateway carrying one request at
+/// a time: the lightest load generator (hyper's client connection, with no
+/// pool, redirect or URL layers), so it takes little of the cores it shares
+/// with the gateway and the database, and what it takes is counted apart (`Cpu`).
+struct Lane {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl Lane {
+    async fn open(addr: SocketAddr) -> Result<Lane, String> {
+        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+        stream.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(connection);
+        Ok(Lane { sender })
+    }
+
+    async fn send(&mut self, method: Method, path: &str, body: Bytes) -> Result<(StatusCode, Bytes), String> {
+        self.sender.ready().await.map_err(|e| format!("{path}: {e}"))?;
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "handset")
+            .header(header::AUTHORIZATION, AUTHORIZATION)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .map_err(|e| format!("{path}: {e}"))?;
+        let response = self.sender.send_request(request).await.map_err(|e| format!("{path}: {e}"))?;
+        let status = response.status();
+        let body = response.into_body().collect().await.map_err(|e| format!("{path} body: {e}"))?.to_bytes();
+        Ok((status, body))
+    }
+
+    /// One start (`start`: its JSON body) and its confirm with the sandbox's code.
+    async fn flow(&mut self, start: Bytes) -> FlowResult {
+        #[derive(serde::Deserialize)]
+        struct Started {
+            transaction_id: Uuid,
+        }
+        let (status, body) = self.send(Method::POST, "/v1/possession", start).await?;
+        let started: Started = serde_json::from_slice(&body)
+            .map_err(|_| format!("start answered {status}: {}", String::from_utf8_lossy(&body)))?;
+        let confirm = format!("/v1/possession/{}/confirm", started.transaction_id);
+        let (status, body) = self.send(Method::POST, &confirm, Bytes::from_static(br#"{"code":"123123"}"#)).await?;
+        match status.as_u16() {
+            200 => Ok(()),
+            other => Err(format!("confirm answered {other}: {}", String::from_utf8_lossy(&body))),
+        }
     }
 }
 
-fn sandbox_start() -> Value {
-    json!({"phone": "4155550123", "callback_url": CALLBACK_URL})
+/// Idle lanes to one gateway, opened as flows need them (one per flow in flight).
+#[derive(Clone)]
+struct Lanes {
+    addr: SocketAddr,
+    idle: Arc<std::sync::Mutex<Vec<Lane>>>,
 }
 
-/// The whole gateway in this process (sandbox provider), on `db`.
+impl Lanes {
+    fn new(addr: SocketAddr) -> Lanes {
+        Lanes { addr, idle: Arc::default() }
+    }
+
+    async fn flow(self, start: Bytes) -> FlowResult {
+        // The server closes connections left idle (a paced run leaves some): skip those.
+        let idle = {
+            let mut idle = self.idle.lock().expect("idle lanes");
+            std::iter::from_fn(|| idle.pop()).find(|lane| !lane.sender.is_closed())
+        };
+        let mut lane = match idle {
+            Some(lane) => lane,
+            None => Lane::open(self.addr).await?,
+        };
+        let flow = lane.flow(start).await;
+        // A lane that failed may be mid-response: it is dropped, not reused.
+        if flow.is_ok() {
+            self.idle.lock().expect("idle lanes").push(lane);
+        }
+        flow
+    }
+}
+
+fn sandbox_start() -> Bytes {
+    Bytes::from(json!({"phone": "4155550123", "callback_url": CALLBACK_URL}).to_string())
+}
+
+/// The whole gateway in this process (sandbox provider), on `db`, on a
+/// runtime of its own (threads named `gateway`) as `handset serve` has, so
+/// its CPU is told apart from the load generator's.
 /// `partner_cache_ttl`: `None` keeps the shipped default.
-async fn start_gateway(db: &TestDatabase, args: &Args, partner_cache_ttl: Option<&str>) -> String {
+async fn start_gateway(db: &TestDatabase, args: &Args, partner_cache_ttl: Option<&str>) -> SocketAddr {
     let mut vars = vec![
         ("HANDSET__SERVER__BIND".to_string(), "127.0.0.1:0".to_string()),
         ("HANDSET__DATABASE__URL".to_string(), db.url.clone()),
@@ -247,10 +315,23 @@ async fn start_gateway(db: &TestDatabase, args: &Args, partner_cache_ttl: Option
         vars.push(("HANDSET__SECURITY__PARTNER_CACHE_TTL".to_string(), ttl.to_string()));
     }
     let settings = Settings::load_with(None, Some(vars)).expect("settings");
-    let app = Application::build(settings).await.expect("start handset");
-    let base = format!("http://{}", app.local_addr());
-    tokio::spawn(app.run_until(std::future::pending()));
-    base
+    let (started, addr) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(GATEWAY_THREADS.into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .thread_name(GATEWAY_THREADS)
+                .enable_all()
+                .build()
+                .expect("the gateway's runtime");
+            runtime.block_on(async move {
+                let app = Application::build(settings).await.expect("start handset");
+                let _ = started.send(app.local_addr());
+                app.run_until(std::future::pending()).await
+            })
+        })
+        .expect("the gateway's thread");
+    addr.await.expect("the gateway started")
 }
 
 /// The minimal SQL of one flow, prepared, on Postgres, with the fewest round
@@ -566,19 +647,22 @@ async fn in_flight_run(kind: Kind, args: &Args) -> (Run, Option<f64>) {
     let db = TestDatabase::new(kind).await;
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().unwrap().port();
     let mut child = spawn_serve(&db, &sim, port);
-    let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::builder().pool_max_idle_per_host(usize::MAX).build().expect("client");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut ready = false;
     for _ in 0..200 {
-        if client.get(format!("{base}/health")).send().await.is_ok_and(|r| r.status() == 200) {
+        if let Ok(mut lane) = Lane::open(addr).await
+            && lane.send(Method::GET, "/health", Bytes::new()).await.is_ok_and(|(status, _)| status == 200)
+        {
             ready = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(ready, "handset serve did not start");
-    let start = json!({"phone": "4155550123", "provider": "idme", "callback_url": CALLBACK_URL});
-    let run = measure_all_at_once(args.in_flight, || gateway_flow(client.clone(), base.clone(), start.clone())).await;
+    let start =
+        Bytes::from(json!({"phone": "4155550123", "provider": "idme", "callback_url": CALLBACK_URL}).to_string());
+    let lanes = Lanes::new(addr);
+    let run = measure_all_at_once(args.in_flight, || lanes.clone().flow(start.clone())).await;
     let peak = peak_rss_mib(child.id());
     let _ = child.kill();
     let _ = child.wait();
@@ -605,9 +689,93 @@ fn row(store: &str, path: &str, run: &Run) {
     );
 }
 
-#[tokio::main]
-async fn main() {
-    let args = Args::parse();
+/// CPU time spent so far by the three parties of a run, from the kernel's
+/// per-thread and per-process counters (`/proc/.../schedstat`, nanoseconds
+/// on a CPU): the gateway's threads (its runtime and SQLite's threads), the
+/// rest of this process (the load generator, or the ceiling's SQL driver),
+/// and the local PostgreSQL server's processes (`None` if there are none to read).
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    gateway: Duration,
+    load: Duration,
+    database: Option<Duration>,
+}
+
+impl Cpu {
+    fn now(postgres: bool) -> Cpu {
+        let on_cpu = |dir: &std::path::Path| -> Option<Duration> {
+            let stat = std::fs::read_to_string(dir.join("schedstat")).ok()?;
+            stat.split_whitespace().next()?.parse().ok().map(Duration::from_nanos)
+        };
+        let comm = |dir: &std::path::Path| std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let mut cpu = Cpu::default();
+        for task in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+            let (dir, name) = (task.path(), comm(&task.path()));
+            let spent = on_cpu(&dir).unwrap_or_default();
+            if name.trim_end() == GATEWAY_THREADS || name.starts_with("handset-sqlite") {
+                cpu.gateway += spent;
+            } else {
+                cpu.load += spent;
+            }
+        }
+        if postgres {
+            let servers = std::fs::read_dir("/proc").into_iter().flatten().flatten().filter(|p| {
+                p.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                    && comm(&p.path()).trim_end() == "postgres"
+            });
+            cpu.database = servers.map(|p| on_cpu(&p.path()).unwrap_or_default()).reduce(|a, b| a + b);
+        }
+        cpu
+    }
+
+    fn since(self, before: Cpu) -> Cpu {
+        Cpu {
+            gateway: self.gateway.saturating_sub(before.gateway),
+            load: self.load.saturating_sub(before.load),
+            database: self.database.zip(before.database).map(|(now, then)| now.saturating_sub(then)),
+        }
+    }
+
+    fn add(&mut self, other: Cpu) {
+        self.gateway += other.gateway;
+        self.load += other.load;
+        self.database = match (self.database, other.database) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+/// Runs `work` and adds the CPU it took to `total`.
+async fn counting<T>(total: &mut Cpu, postgres: bool, work: impl std::future::Future<Output = T>) -> T {
+    let before = Cpu::now(postgres);
+    let out = work.await;
+    total.add(Cpu::now(postgres).since(before));
+    out
+}
+
+/// CPU milliseconds per flow of one path.
+fn cpu_row(store: &str, path: &str, cpu: &Cpu, flows: usize, load_label: &str) {
+    let per_flow = |d: Duration| d.as_secs_f64() * 1000.0 / flows.max(1) as f64;
+    let database = cpu.database.map_or("-".to_owned(), |d| format!("{:.3}", per_flow(d)));
+    println!(
+        "{store:<9} {path:<22} {:>10.3} {database:>11} {:>9.3}  ({load_label})",
+        per_flow(cpu.gateway),
+        per_flow(cpu.load)
+    );
+}
+
+fn main() {
+    // The load's runtime; the gateway's has its own threads (`start_gateway`).
+    tokio::runtime::Builder::new_multi_thread()
+        .thread_name("load")
+        .enable_all()
+        .build()
+        .expect("the load's runtime")
+        .block_on(run(Args::parse()));
+}
+
+async fn run(args: Args) {
     handset_server::install_crypto_provider();
     println!(
         "start+confirm flows: {} per run, {} in flight; the ceiling is the minimal SQL of a flow run bare",
@@ -623,11 +791,11 @@ async fn main() {
             "postgres" => Kind::Postgres,
             other => panic!("unknown store {other:?}: sqlite or postgres"),
         };
-        let client = reqwest::Client::new();
-        let flow_on = |base: String| {
-            let client = client.clone();
-            move || gateway_flow(client.clone(), base.clone(), sandbox_start())
+        let flow_on = |addr: SocketAddr| {
+            let (lanes, start) = (Lanes::new(addr), sandbox_start());
+            move || lanes.clone().flow(start.clone())
         };
+        let postgres = kind == Kind::Postgres;
         // One database per path, kept for the whole run, so no path measures another's rows.
         let (shipped_db, compared_db) = (TestDatabase::new(kind).await, TestDatabase::new(kind).await);
         let shipped = flow_on(start_gateway(&shipped_db, &args, None).await);
@@ -643,13 +811,17 @@ async fn main() {
         let (mut gateway, mut compared, mut ceiling) =
             (Run::empty(), other.as_ref().map(|_| Run::empty()), Run::empty());
         let (mut ratios, mut compared_ratios) = (Vec::new(), Vec::new());
+        let (mut gateway_cpu, mut compared_cpu, mut ceiling_cpu) = (Cpu::default(), Cpu::default(), Cpu::default());
         for _ in 0..rounds {
-            let round = measure(per_round, args.concurrency, shipped.clone()).await;
+            let round =
+                counting(&mut gateway_cpu, postgres, measure(per_round, args.concurrency, shipped.clone())).await;
             let compared_round = match &other {
-                Some(other) => Some(measure(per_round, args.concurrency, other.clone()).await),
+                Some(other) => Some(
+                    counting(&mut compared_cpu, postgres, measure(per_round, args.concurrency, other.clone())).await,
+                ),
                 None => None,
             };
-            let ceiling_round = bare.run(per_round, args.concurrency).await;
+            let ceiling_round = counting(&mut ceiling_cpu, postgres, bare.run(per_round, args.concurrency)).await;
             ratios.push(round.per_second() / ceiling_round.per_second());
             gateway.absorb(round);
             if let (Some(run), Some(total)) = (compared_round, compared.as_mut()) {
@@ -675,6 +847,31 @@ async fn main() {
             ),
             None => println!("{name:<9} handset reaches {} of the ceiling", spread(&mut ratios)),
         }
+        println!("{:<9} {:<22} {:>10} {:>11} {:>9}", "", "CPU ms per flow", "gateway", "database", "load");
+        cpu_row(name, "handset", &gateway_cpu, gateway.latencies.len(), "the HTTP load generator");
+        if let Some(compared) = &compared {
+            cpu_row(
+                name,
+                &format!("handset, cache {}", args.partner_cache_ttl),
+                &compared_cpu,
+                compared.latencies.len(),
+                "the HTTP load generator",
+            );
+        }
+        cpu_row(name, "minimal SQL (ceiling)", &ceiling_cpu, ceiling.latencies.len(), "its SQL driver");
+        // What the ratio would be on these cores if the load came from elsewhere,
+        // as a partner's does: the gateway's and its database's CPU per flow
+        // against the ceiling's (its SQL driver included: that is its client).
+        let per_flow = |d: Duration, flows: usize| d.as_secs_f64() * 1000.0 / flows.max(1) as f64;
+        let served = per_flow(gateway_cpu.gateway + gateway_cpu.database.unwrap_or_default(), gateway.latencies.len());
+        let bare_work = per_flow(
+            ceiling_cpu.gateway + ceiling_cpu.load + ceiling_cpu.database.unwrap_or_default(),
+            ceiling.latencies.len(),
+        );
+        println!(
+            "{name:<9} by CPU per flow, load generator left out: handset {served:.3} ms, ceiling {bare_work:.3} ms: {:.2}x",
+            bare_work / served
+        );
         if kind == Kind::Postgres && args.stats_rows > 0 {
             funnel_run(args.stats_rows).await;
         }
