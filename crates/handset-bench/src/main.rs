@@ -777,6 +777,9 @@ fn main() {
 
 async fn run(args: Args) {
     handset_server::install_crypto_provider();
+    // The gateway logs as `handset serve` does by default, into a sink.
+    let shipped = Settings::load_with(None, Some(Vec::new())).expect("the shipped settings");
+    handset_server::telemetry::init_logging_to(shipped.log.format, &shipped.log.level, std::io::sink);
     println!(
         "start+confirm flows: {} per run, {} in flight; the ceiling is the minimal SQL of a flow run bare",
         args.flows, args.concurrency

@@ -59,15 +59,7 @@ pub fn init_telemetry(
 ) -> Result<Option<TraceExport>, String> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let logs = match format {
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_writer(std::io::stderr)
-            .boxed(),
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).boxed(),
-    };
+    let logs = log_layer(format, std::io::stderr, ansi);
     let export = match telemetry.filter(|t| !t.otlp_endpoint.is_empty()) {
         Some(settings) => Some(trace_export(settings)?),
         None => None,
@@ -78,6 +70,33 @@ pub fn init_telemetry(
         return Err("telemetry.otlp_endpoint: another tracing subscriber is already installed".into());
     }
     Ok(export)
+}
+
+/// Logs as `handset serve` writes them (`format`, `level`, `RUST_LOG`), into
+/// `writer`: the benchmark's in-process gateway logs as the binary does,
+/// into a sink, so its cost is measured.
+pub fn init_logging_to<W>(format: LogFormat, level: &str, writer: W)
+where
+    W: for<'writer> tracing_subscriber::fmt::MakeWriter<'writer> + Send + Sync + 'static,
+{
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let _ = tracing_subscriber::registry().with(filter).with(log_layer(format, writer, false)).try_init();
+}
+
+fn log_layer<S, W>(format: LogFormat, writer: W, ansi: bool) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+    W: for<'writer> tracing_subscriber::fmt::MakeWriter<'writer> + Send + Sync + 'static,
+{
+    match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_writer(writer)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi).boxed(),
+    }
 }
 
 fn trace_export(settings: &TelemetrySettings) -> Result<TraceExport, String> {

@@ -25,8 +25,8 @@ use uuid::Uuid;
 
 use crate::pg_pool::{Connections, breaks_connection};
 use crate::queries::{
-    self as q, funnel_groups, funnel_histogram, funnel_range, funnel_rolled, funnel_rolled_range, local_code_update,
-    outbox_columns, recent_outcomes, roll_up_hour,
+    self as q, code_attempt_allowed, funnel_groups, funnel_histogram, funnel_range, funnel_rolled, funnel_rolled_range,
+    local_code_update, outbox_columns, recent_outcomes, roll_up_hour,
 };
 use crate::rows::{AttemptRow, OutboxRow, PartnerByKeyRow, PartnerRecordRow, TransactionRow, VerificationRow};
 use handset_core::adaptive::EndedCounts;
@@ -125,6 +125,20 @@ const LOCAL_CODE_WITH_CALLBACK: &str = concat!(
      ($9::uuid, 200, $10::text, $11::timestamptz), ($12::uuid, 300, $13::text, $14::timestamptz)) \
      AS m (id, status_code, payload, created_at) ON m.status_code = t.status_code WHERE m.id IS NOT NULL) \
      SELECT status_code, attempts_used FROM t"
+);
+
+/// A code that matched, with the callback its success owes: the attempt,
+/// the success and the callback row in one statement, with nothing to
+/// decide in SQL (the general statement above also weighs a wrong code).
+/// `$3`: the success's result, `$4`-`$5`, `$7`-`$9`: the callback's id,
+/// partner, URL, body and time.
+const MATCHED_CODE_WITH_CALLBACK: &str = concat!(
+    "WITH t AS (UPDATE transactions SET attempts_used = attempts_used + 1, updated_at = $2, status_code = 200, \
+     result = $3 ",
+    code_attempt_allowed!(),
+    " RETURNING status_code, attempts_used), owed AS (INSERT INTO outbox (",
+    outbox_columns!(),
+    ", next_attempt_at) SELECT $4, $1, $5, $7, $8, $9, $9 FROM t) SELECT status_code, attempts_used FROM t"
 );
 
 /// Whole seconds from start to success below ten minutes, then 600 + whole minutes.
@@ -454,6 +468,22 @@ impl Store for PgStore {
 
     async fn attempt_local_code(&self, a: LocalCodeAttempt<'_>) -> Result<Option<(Status, i32)>, StoreError> {
         let row = match a.on_success.or(a.on_exhausted) {
+            // The commonest confirm: a matching code, a callback owed.
+            Some(message) if a.matched && a.on_success.is_some() => {
+                sqlx::query_as::<_, (i32, i32)>(MATCHED_CODE_WITH_CALLBACK)
+                    .bind(a.id)
+                    .bind(a.now)
+                    .bind(Json(a.success))
+                    .bind(message.id)
+                    .bind(message.partner_id)
+                    .bind(a.expected_attempts)
+                    .bind(&message.callback_url)
+                    .bind(message.payload.as_str())
+                    .bind(message.created_at)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db)?
+            }
             // Both messages share the transaction's partner and callback URL.
             Some(message) => bind_local_code(sqlx::query_as::<_, (i32, i32)>(LOCAL_CODE_WITH_CALLBACK), &a)
                 .bind(message.partner_id)

@@ -130,15 +130,27 @@ pub(crate) const REFUND_ATTEMPT: &str = "UPDATE transactions SET attempts_used =
 /// SQLite make them indivisible); `RETURNING` says which state it left.
 macro_rules! local_code_update {
     () => {
-        "UPDATE transactions SET attempts_used = attempts_used + 1, updated_at = $2, \
-         status_code = CASE WHEN $3 THEN 200 WHEN attempts_used + 1 >= max_attempts THEN 300 ELSE status_code END, \
-         result = CASE WHEN $3 THEN $4 WHEN attempts_used + 1 >= max_attempts THEN $5 ELSE result END \
-         WHERE id = $1 AND status_code = 210 AND attempts_used < max_attempts \
-         AND (expires_at IS NULL OR expires_at > $2) AND ($6 IS NULL OR attempts_used = $6) \
-         RETURNING status_code, attempts_used"
+        concat!(
+            "UPDATE transactions SET attempts_used = attempts_used + 1, updated_at = $2, \
+             status_code = CASE WHEN $3 THEN 200 WHEN attempts_used + 1 >= max_attempts THEN 300 ELSE status_code END, \
+             result = CASE WHEN $3 THEN $4 WHEN attempts_used + 1 >= max_attempts THEN $5 ELSE result END ",
+            code_attempt_allowed!(),
+            " RETURNING status_code, attempts_used"
+        )
     };
 }
 pub(crate) use local_code_update;
+
+/// Which row a code attempt may write: pending, an attempt left, before
+/// its deadline, and (`$6`, unless NULL) with the attempts the caller saw
+/// used. `$1`: the transaction, `$2`: now.
+macro_rules! code_attempt_allowed {
+    () => {
+        "WHERE id = $1 AND status_code = 210 AND attempts_used < max_attempts \
+         AND (expires_at IS NULL OR expires_at > $2) AND ($6 IS NULL OR attempts_used = $6)"
+    };
+}
+pub(crate) use code_attempt_allowed;
 
 pub(crate) const LOCAL_CODE_UPDATE: &str = local_code_update!();
 

@@ -184,16 +184,17 @@ impl Gateway {
             attempts_used: tx.attempts_used + 1,
             ..tx.clone()
         };
-        let on_success = outbox_for(&ended(Status::Succeeded, &success));
-        let on_exhausted = outbox_for(&ended(Status::Failed, &exhausted));
+        // Only the callback this code can lead to is rendered.
+        let on_success = if matched { outbox_for(&ended(Status::Succeeded, &success)) } else { None };
+        let on_exhausted = if matched { None } else { outbox_for(&ended(Status::Failed, &exhausted)) };
         let attempt = LocalCodeAttempt {
             id: tx.id,
             now,
             matched,
             success: &success,
             exhausted: &exhausted,
-            on_success: on_success.as_ref().filter(|_| matched),
-            on_exhausted: on_exhausted.as_ref().filter(|_| !matched),
+            on_success: on_success.as_ref(),
+            on_exhausted: on_exhausted.as_ref(),
             expected_attempts: expected,
         };
         let Some((status, used)) = self.store.attempt_local_code(attempt).await? else {
