@@ -6,7 +6,11 @@
 //! nothing in front (on Postgres one statement each, on connections with no
 //! pool checks). The gateway and the ceiling run in alternating rounds, so
 //! a shared machine's slow spells fall on both; the ratio is the median of
-//! the rounds'. Then the gateway's latency at half its measured rate, and a run with thousands of flows in flight
+//! the rounds'. Beside each path, the CPU per flow of the gateway's
+//! threads, of the PostgreSQL server's processes and of the load (the
+//! keep-alive HTTP/1 load generator, or the ceiling's SQL driver), and the
+//! ratio of CPU per flow with the load generator left out.
+//! Then the gateway's latency at half its measured rate, and a run with thousands of flows in flight
 //! against a provider (`handset-sim` as ID.me) that answers slowly, with the
 //! peak memory of the `handset serve` process.
 //!
