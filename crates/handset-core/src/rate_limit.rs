@@ -32,11 +32,21 @@ pub enum Scope<'a> {
 }
 
 impl Scope<'_> {
+    /// The database counter's key.
     fn key(&self) -> String {
         match self {
             Scope::Partner(partner) => format!("partner:{partner}"),
             Scope::Product(partner, product) => format!("product:{partner}:{product}"),
             Scope::Phone(phone) => format!("phone:{}", hex::encode(Sha256::digest(phone.e164().as_bytes()))),
+        }
+    }
+
+    /// The key of a window counted in memory (every scope but the phone's).
+    fn window_key(&self) -> Option<WindowKey> {
+        match self {
+            Scope::Partner(partner) => Some(WindowKey::Partner(*partner)),
+            Scope::Product(partner, product) => Some(WindowKey::Product(*partner, *product)),
+            Scope::Phone(_) => None,
         }
     }
 
@@ -69,6 +79,23 @@ impl RateLimits {
     fn refusal(scope: &Scope<'_>, start: DateTime<Utc>, now: DateTime<Utc>) -> ApiError {
         let wait = (start + scope.window() - now).to_std().unwrap_or_default();
         ApiError::new(scope.code()).retry_after(wait)
+    }
+}
+
+/// A partner or product window counted in memory: a plain value, so a hit
+/// builds no string (the database's key is written only to reconcile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum WindowKey {
+    Partner(Uuid),
+    Product(Uuid, Product),
+}
+
+impl WindowKey {
+    fn scope(self) -> Scope<'static> {
+        match self {
+            WindowKey::Partner(partner) => Scope::Partner(partner),
+            WindowKey::Product(partner, product) => Scope::Product(partner, product),
+        }
     }
 }
 
@@ -114,7 +141,7 @@ const SYNC_INTERVAL: Duration = Duration::from_millis(200);
 #[derive(Debug)]
 pub struct RateLimiter {
     limits: RateLimits,
-    local: Mutex<HashMap<String, Local>>,
+    local: Mutex<HashMap<WindowKey, Local>>,
 }
 
 impl RateLimiter {
@@ -134,17 +161,16 @@ impl RateLimiter {
             return Ok(());
         }
         let start = now.duration_trunc(scope.window()).unwrap_or(now);
-        let key = scope.key();
-        if let Scope::Phone(_) = scope {
-            let taken = store.take_rate_hit(&key, start, limit).await.map_err(|error| {
+        let Some(key) = scope.window_key() else {
+            let taken = store.take_rate_hit(&scope.key(), start, limit).await.map_err(|error| {
                 tracing::error!(%error, "rate counter unavailable");
                 ApiError::new(ErrorCode::Internal)
             })?;
             return if taken { Ok(()) } else { Err(RateLimits::refusal(&scope, start, now)) };
-        }
+        };
         let due = {
             let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
-            let entry = local.entry(key.clone()).or_insert_with(|| Local::new(start));
+            let entry = local.entry(key).or_insert_with(|| Local::new(start));
             if entry.window_start != start {
                 *entry = Local::new(start);
             }
@@ -162,17 +188,17 @@ impl RateLimiter {
             })
         };
         if let Some(hits) = due {
-            self.reconcile(store, &key, start, hits).await;
+            self.reconcile(store, key, start, hits).await;
         }
         Ok(())
     }
 
     /// Adds this process's `hits` to the database's window and learns every
     /// replica's total; on a database error the hits wait for the next try.
-    async fn reconcile(&self, store: &dyn Store, key: &str, start: DateTime<Utc>, hits: i64) {
-        let total = store.add_rate_hits(key, start, hits).await;
+    async fn reconcile(&self, store: &dyn Store, key: WindowKey, start: DateTime<Utc>, hits: i64) {
+        let total = store.add_rate_hits(&key.scope().key(), start, hits).await;
         let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(entry) = local.get_mut(key).filter(|e| e.window_start == start) else { return };
+        let Some(entry) = local.get_mut(&key).filter(|e| e.window_start == start) else { return };
         entry.reconciling -= hits;
         match total {
             // The total includes these hits and every replica's reconciled ones.
