@@ -16,6 +16,7 @@
 //!
 //! A measurement, not a test: nothing asserts a speed (see the README).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -45,8 +46,8 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// The development partner's key (`dev.api_key`), as a header.
 const AUTHORIZATION: &str = "Bearer hs_dev_sandbox_key";
-/// The name of the in-process gateway's threads; the rest are the load's.
-const GATEWAY_THREADS: &str = "gateway";
+/// The name of the benchmark's own runtime threads (the load).
+const LOAD_THREADS: &str = "load";
 /// A public address: the gateway writes the callback row a partner would
 /// be owed (workers are off, so nothing is sent).
 const CALLBACK_URL: &str = "https://93.184.215.14/hook";
@@ -232,8 +233,10 @@ impl Lane {
         Ok(Lane { sender })
     }
 
-    async fn send(&mut self, method: Method, path: &str, body: Bytes) -> Result<(StatusCode, Bytes), String> {
-        self.sender.ready().await.map_err(|e| format!("{path}: {e}"))?;
+    /// Errors before the request went out are `Unsent`.
+    async fn send(&mut self, method: Method, path: &str, body: Bytes) -> Result<(StatusCode, Bytes), LaneError> {
+        let unsent = |e: hyper::Error| LaneError::Unsent(format!("{path}: {e}"));
+        self.sender.ready().await.map_err(unsent)?;
         let request = Request::builder()
             .method(method)
             .uri(path)
@@ -241,27 +244,51 @@ impl Lane {
             .header(header::AUTHORIZATION, AUTHORIZATION)
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(body))
-            .map_err(|e| format!("{path}: {e}"))?;
-        let response = self.sender.send_request(request).await.map_err(|e| format!("{path}: {e}"))?;
+            .map_err(|e| LaneError::Failed(format!("{path}: {e}")))?;
+        let response = self.sender.send_request(request).await.map_err(|e| match e.is_canceled() {
+            // hyper gives the request back untouched when the connection closed first.
+            true => LaneError::Unsent(format!("{path}: {e}")),
+            false => LaneError::Failed(format!("{path}: {e}")),
+        })?;
         let status = response.status();
-        let body = response.into_body().collect().await.map_err(|e| format!("{path} body: {e}"))?.to_bytes();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| LaneError::Failed(format!("{path} body: {e}")))?
+            .to_bytes();
         Ok((status, body))
     }
 
     /// One start (`start`: its JSON body) and its confirm with the sandbox's code.
-    async fn flow(&mut self, start: Bytes) -> FlowResult {
+    async fn flow(&mut self, start: Bytes) -> Result<(), LaneError> {
         #[derive(serde::Deserialize)]
         struct Started {
             transaction_id: Uuid,
         }
         let (status, body) = self.send(Method::POST, "/v1/possession", start).await?;
         let started: Started = serde_json::from_slice(&body)
-            .map_err(|_| format!("start answered {status}: {}", String::from_utf8_lossy(&body)))?;
+            .map_err(|_| LaneError::Failed(format!("start answered {status}: {}", String::from_utf8_lossy(&body))))?;
         let confirm = format!("/v1/possession/{}/confirm", started.transaction_id);
-        let (status, body) = self.send(Method::POST, &confirm, Bytes::from_static(br#"{"code":"123123"}"#)).await?;
+        let confirmed = self.send(Method::POST, &confirm, Bytes::from_static(br#"{"code":"123123"}"#)).await;
+        let (status, body) = confirmed.map_err(|e| LaneError::Failed(e.into()))?;
         match status.as_u16() {
             200 => Ok(()),
-            other => Err(format!("confirm answered {other}: {}", String::from_utf8_lossy(&body))),
+            other => Err(LaneError::Failed(format!("confirm answered {other}: {}", String::from_utf8_lossy(&body)))),
+        }
+    }
+}
+
+/// Why a lane's flow failed: `Unsent` if nothing of it reached the server.
+enum LaneError {
+    Unsent(String),
+    Failed(String),
+}
+
+impl From<LaneError> for String {
+    fn from(error: LaneError) -> String {
+        match error {
+            LaneError::Unsent(message) | LaneError::Failed(message) => message,
         }
     }
 }
@@ -284,16 +311,22 @@ impl Lanes {
             let mut idle = self.idle.lock().expect("idle lanes");
             std::iter::from_fn(|| idle.pop()).find(|lane| !lane.sender.is_closed())
         };
+        let reused = idle.is_some();
         let mut lane = match idle {
             Some(lane) => lane,
             None => Lane::open(self.addr).await?,
         };
-        let flow = lane.flow(start).await;
+        let mut flow = lane.flow(start.clone()).await;
+        // The server may close an idle lane as the start goes out: once, a new lane.
+        if reused && matches!(flow, Err(LaneError::Unsent(_))) {
+            lane = Lane::open(self.addr).await?;
+            flow = lane.flow(start).await;
+        }
         // A lane that failed may be mid-response: it is dropped, not reused.
         if flow.is_ok() {
             self.idle.lock().expect("idle lanes").push(lane);
         }
-        flow
+        flow.map_err(String::from)
     }
 }
 
@@ -302,10 +335,13 @@ fn sandbox_start() -> Bytes {
 }
 
 /// The whole gateway in this process (sandbox provider), on `db`, on a
-/// runtime of its own (threads named `gateway`) as `handset serve` has, so
-/// its CPU is told apart from the load generator's.
+/// runtime of its own as `handset serve` has, its threads named
+/// `gateway-<n>` (returned) so its CPU is told apart from the load
+/// generator's and the other gateways'.
 /// `partner_cache_ttl`: `None` keeps the shipped default.
-async fn start_gateway(db: &TestDatabase, args: &Args, partner_cache_ttl: Option<&str>) -> SocketAddr {
+async fn start_gateway(db: &TestDatabase, args: &Args, partner_cache_ttl: Option<&str>) -> (SocketAddr, String) {
+    static STARTED: AtomicUsize = AtomicUsize::new(0);
+    let threads = format!("gateway-{}", STARTED.fetch_add(1, Ordering::Relaxed) + 1);
     let mut vars = vec![
         ("HANDSET__SERVER__BIND".to_string(), "127.0.0.1:0".to_string()),
         ("HANDSET__DATABASE__URL".to_string(), db.url.clone()),
@@ -320,11 +356,12 @@ async fn start_gateway(db: &TestDatabase, args: &Args, partner_cache_ttl: Option
     }
     let settings = Settings::load_with(None, Some(vars)).expect("settings");
     let (started, addr) = tokio::sync::oneshot::channel();
+    let name = threads.clone();
     std::thread::Builder::new()
-        .name(GATEWAY_THREADS.into())
+        .name(threads.clone())
         .spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
-                .thread_name(GATEWAY_THREADS)
+                .thread_name(name)
                 .enable_all()
                 .build()
                 .expect("the gateway's runtime");
@@ -335,7 +372,7 @@ async fn start_gateway(db: &TestDatabase, args: &Args, partner_cache_ttl: Option
             })
         })
         .expect("the gateway's thread");
-    addr.await.expect("the gateway started")
+    (addr.await.expect("the gateway started"), threads)
 }
 
 /// The minimal SQL of one flow, prepared, on Postgres, with the fewest round
@@ -693,11 +730,11 @@ fn row(store: &str, path: &str, run: &Run) {
     );
 }
 
-/// CPU time spent so far by the three parties of a run, from the kernel's
-/// per-thread and per-process counters (`/proc/.../schedstat`, nanoseconds
-/// on a CPU): the gateway's threads (its runtime and SQLite's threads), the
-/// rest of this process (the load generator, or the ceiling's SQL driver),
-/// and the local PostgreSQL server's processes (`None` if there are none to read).
+/// CPU time spent by the three parties of a run: the measured gateway's
+/// threads (its runtime, and SQLite's threads on SQLite), the load's (the
+/// benchmark's own runtime: the load generator, or the ceiling's SQL driver),
+/// and the PostgreSQL server's processes (`None` when they cannot be read,
+/// e.g. a server on another machine).
 #[derive(Clone, Copy, Default)]
 struct Cpu {
     gateway: Duration,
@@ -706,40 +743,6 @@ struct Cpu {
 }
 
 impl Cpu {
-    fn now(postgres: bool) -> Cpu {
-        let on_cpu = |dir: &std::path::Path| -> Option<Duration> {
-            let stat = std::fs::read_to_string(dir.join("schedstat")).ok()?;
-            stat.split_whitespace().next()?.parse().ok().map(Duration::from_nanos)
-        };
-        let comm = |dir: &std::path::Path| std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        let mut cpu = Cpu::default();
-        for task in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
-            let (dir, name) = (task.path(), comm(&task.path()));
-            let spent = on_cpu(&dir).unwrap_or_default();
-            if name.trim_end() == GATEWAY_THREADS || name.starts_with("handset-sqlite") {
-                cpu.gateway += spent;
-            } else {
-                cpu.load += spent;
-            }
-        }
-        if postgres {
-            let servers = std::fs::read_dir("/proc").into_iter().flatten().flatten().filter(|p| {
-                p.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-                    && comm(&p.path()).trim_end() == "postgres"
-            });
-            cpu.database = servers.map(|p| on_cpu(&p.path()).unwrap_or_default()).reduce(|a, b| a + b);
-        }
-        cpu
-    }
-
-    fn since(self, before: Cpu) -> Cpu {
-        Cpu {
-            gateway: self.gateway.saturating_sub(before.gateway),
-            load: self.load.saturating_sub(before.load),
-            database: self.database.zip(before.database).map(|(now, then)| now.saturating_sub(then)),
-        }
-    }
-
     fn add(&mut self, other: Cpu) {
         self.gateway += other.gateway;
         self.load += other.load;
@@ -750,11 +753,92 @@ impl Cpu {
     }
 }
 
+/// Whose CPU a measurement counts: the threads of one gateway (named
+/// `gateway_threads` by `start_gateway`; other gateways are left out),
+/// SQLite's threads or not, and the PostgreSQL server whose postmaster this is.
+struct CpuProbe {
+    gateway_threads: String,
+    sqlite: bool,
+    postmaster: Option<u32>,
+}
+
+/// The CPU each thread and server process had spent at one moment (on-CPU
+/// nanoseconds from `/proc/.../schedstat`), by id: a thread or process that
+/// ends between two samples then takes away only its own time, not its share
+/// of the total.
+struct CpuSample {
+    gateway: HashMap<u32, Duration>,
+    load: HashMap<u32, Duration>,
+    database: Option<HashMap<u32, Duration>>,
+}
+
+fn on_cpu(dir: &std::path::Path) -> Option<Duration> {
+    let stat = std::fs::read_to_string(dir.join("schedstat")).ok()?;
+    stat.split_whitespace().next()?.parse().ok().map(Duration::from_nanos)
+}
+
+/// The parent of a process, from `/proc/<pid>/stat` (after the name in parentheses).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The postmaster of the PostgreSQL server at `url`, if it runs here.
+async fn postmaster_of(url: &str) -> Option<u32> {
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url).await.ok()?;
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut conn).await.ok()?;
+    parent_of(u32::try_from(backend).ok()?)
+}
+
+impl CpuProbe {
+    fn sample(&self) -> CpuSample {
+        let ids = |dir: &str| {
+            std::fs::read_dir(dir).into_iter().flatten().flatten().filter_map(|entry| {
+                let id = entry.file_name().to_str()?.parse::<u32>().ok()?;
+                Some((id, entry.path()))
+            })
+        };
+        let me = std::process::id();
+        let (mut gateway, mut load) = (HashMap::new(), HashMap::new());
+        for (tid, dir) in ids("/proc/self/task") {
+            let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            let name = name.trim_end();
+            let spent = on_cpu(&dir).unwrap_or_default();
+            if name == self.gateway_threads || (self.sqlite && name.starts_with("handset-sqlite")) {
+                gateway.insert(tid, spent);
+            } else if name == LOAD_THREADS || tid == me {
+                load.insert(tid, spent);
+            }
+        }
+        let database = self.postmaster.map(|postmaster| {
+            ids("/proc")
+                .filter(|(pid, _)| *pid == postmaster || parent_of(*pid) == Some(postmaster))
+                .map(|(pid, dir)| (pid, on_cpu(&dir).unwrap_or_default()))
+                .collect()
+        });
+        CpuSample { gateway, load, database }
+    }
+}
+
+impl CpuSample {
+    /// What was spent from `before` to this sample.
+    fn since(&self, before: &CpuSample) -> Cpu {
+        let spent = |now: &HashMap<u32, Duration>, then: &HashMap<u32, Duration>| {
+            now.iter().map(|(id, d)| d.saturating_sub(then.get(id).copied().unwrap_or_default())).sum()
+        };
+        Cpu {
+            gateway: spent(&self.gateway, &before.gateway),
+            load: spent(&self.load, &before.load),
+            database: self.database.as_ref().zip(before.database.as_ref()).map(|(now, then)| spent(now, then)),
+        }
+    }
+}
+
 /// Runs `work` and adds the CPU it took to `total`.
-async fn counting<T>(total: &mut Cpu, postgres: bool, work: impl std::future::Future<Output = T>) -> T {
-    let before = Cpu::now(postgres);
+async fn counting<T>(total: &mut Cpu, probe: &CpuProbe, work: impl std::future::Future<Output = T>) -> T {
+    let before = probe.sample();
     let out = work.await;
-    total.add(Cpu::now(postgres).since(before));
+    total.add(probe.sample().since(&before));
     out
 }
 
@@ -772,7 +856,7 @@ fn cpu_row(store: &str, path: &str, cpu: &Cpu, flows: usize, load_label: &str) {
 fn main() {
     // The load's runtime; the gateway's has its own threads (`start_gateway`).
     tokio::runtime::Builder::new_multi_thread()
-        .thread_name("load")
+        .thread_name(LOAD_THREADS)
         .enable_all()
         .build()
         .expect("the load's runtime")
@@ -802,15 +886,25 @@ async fn run(args: Args) {
             let (lanes, start) = (Lanes::new(addr), sandbox_start());
             move || lanes.clone().flow(start.clone())
         };
-        let postgres = kind == Kind::Postgres;
         // One database per path, kept for the whole run, so no path measures another's rows.
         let (shipped_db, compared_db) = (TestDatabase::new(kind).await, TestDatabase::new(kind).await);
-        let shipped = flow_on(start_gateway(&shipped_db, &args, None).await);
-        // Postgres caches partners by default: show what the cache is worth.
-        let other = match kind {
-            Kind::Postgres => Some(flow_on(start_gateway(&compared_db, &args, Some(&args.partner_cache_ttl)).await)),
+        let postmaster = match kind {
+            Kind::Postgres => postmaster_of(&shipped_db.url).await,
             Kind::Sqlite => None,
         };
+        let probe = |gateway_threads: String| CpuProbe { gateway_threads, sqlite: kind == Kind::Sqlite, postmaster };
+        let (addr, threads) = start_gateway(&shipped_db, &args, None).await;
+        let (shipped, shipped_probe) = (flow_on(addr), probe(threads));
+        // Postgres caches partners by default: show what the cache is worth.
+        let other = match kind {
+            Kind::Postgres => {
+                let (addr, threads) = start_gateway(&compared_db, &args, Some(&args.partner_cache_ttl)).await;
+                Some((flow_on(addr), probe(threads)))
+            }
+            Kind::Sqlite => None,
+        };
+        // The ceiling runs on the load's threads: no gateway's count.
+        let ceiling_probe = CpuProbe { gateway_threads: String::new(), sqlite: false, postmaster };
         let ceiling_db = TestDatabase::new(kind).await;
         let bare = Ceiling::new(&ceiling_db, &args).await;
         let rounds = args.rounds.max(1);
@@ -821,14 +915,14 @@ async fn run(args: Args) {
         let (mut gateway_cpu, mut compared_cpu, mut ceiling_cpu) = (Cpu::default(), Cpu::default(), Cpu::default());
         for _ in 0..rounds {
             let round =
-                counting(&mut gateway_cpu, postgres, measure(per_round, args.concurrency, shipped.clone())).await;
+                counting(&mut gateway_cpu, &shipped_probe, measure(per_round, args.concurrency, shipped.clone())).await;
             let compared_round = match &other {
-                Some(other) => Some(
-                    counting(&mut compared_cpu, postgres, measure(per_round, args.concurrency, other.clone())).await,
-                ),
+                Some((other, probe)) => {
+                    Some(counting(&mut compared_cpu, probe, measure(per_round, args.concurrency, other.clone())).await)
+                }
                 None => None,
             };
-            let ceiling_round = counting(&mut ceiling_cpu, postgres, bare.run(per_round, args.concurrency)).await;
+            let ceiling_round = counting(&mut ceiling_cpu, &ceiling_probe, bare.run(per_round, args.concurrency)).await;
             ratios.push(round.per_second() / ceiling_round.per_second());
             gateway.absorb(round);
             if let (Some(run), Some(total)) = (compared_round, compared.as_mut()) {
@@ -871,13 +965,10 @@ async fn run(args: Args) {
         // against the ceiling's (its SQL driver included: that is its client).
         let per_flow = |d: Duration, flows: usize| d.as_secs_f64() * 1000.0 / flows.max(1) as f64;
         let served = per_flow(gateway_cpu.gateway + gateway_cpu.database.unwrap_or_default(), gateway.latencies.len());
-        let bare_work = per_flow(
-            ceiling_cpu.gateway + ceiling_cpu.load + ceiling_cpu.database.unwrap_or_default(),
-            ceiling.latencies.len(),
-        );
+        let bare_work = per_flow(ceiling_cpu.load + ceiling_cpu.database.unwrap_or_default(), ceiling.latencies.len());
+        let ratio = if served > 0.0 { format!("{:.2}x", bare_work / served) } else { "unknown".to_owned() };
         println!(
-            "{name:<9} by CPU per flow, load generator left out: handset {served:.3} ms, ceiling {bare_work:.3} ms: {:.2}x",
-            bare_work / served
+            "{name:<9} by CPU per flow, load generator left out: handset {served:.3} ms, ceiling {bare_work:.3} ms: {ratio}"
         );
         if kind == Kind::Postgres && args.stats_rows > 0 {
             funnel_run(args.stats_rows).await;

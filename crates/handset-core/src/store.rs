@@ -50,7 +50,9 @@ pub struct LocalCodeAttempt<'a> {
     pub success: &'a TransactionResult,
     /// The result when a wrong code uses the last attempt.
     pub exhausted: &'a TransactionResult,
-    /// The callbacks each final state owes (the transaction has a `callback_url`).
+    /// The callback each final state owes (the transaction has a
+    /// `callback_url`); the gateway passes only the one this code can lead
+    /// to (a match: `on_success`; a wrong code: `on_exhausted`).
     pub on_success: Option<&'a OutboxMessage>,
     pub on_exhausted: Option<&'a OutboxMessage>,
     /// Write only if exactly this many attempts were used before (as
