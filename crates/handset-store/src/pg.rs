@@ -45,7 +45,8 @@ impl PgStore {
 
     /// Runs a read once more if the connection it ran on turned out closed
     /// (a database restart closes every pooled connection at once; the
-    /// pool then checks the others before use). A read is safe to repeat.
+    /// pool then checks the others before use). A read is safe to repeat;
+    /// so is a matching code's write (`attempt_local_code`).
     async fn read_again<T, F, Fut>(&self, read: F) -> Result<T, StoreError>
     where
         F: Fn() -> Fut,
@@ -467,41 +468,52 @@ impl Store for PgStore {
     }
 
     async fn attempt_local_code(&self, a: LocalCodeAttempt<'_>) -> Result<Option<(Status, i32)>, StoreError> {
-        let row = match a.on_success.or(a.on_exhausted) {
-            // The commonest confirm: a matching code, a callback owed.
-            Some(message) if a.matched && a.on_success.is_some() => {
-                sqlx::query_as::<_, (i32, i32)>(MATCHED_CODE_WITH_CALLBACK)
-                    .bind(a.id)
-                    .bind(a.now)
-                    .bind(Json(a.success))
-                    .bind(message.id)
-                    .bind(message.partner_id)
-                    .bind(a.expected_attempts)
-                    .bind(&message.callback_url)
-                    .bind(message.payload.as_str())
-                    .bind(message.created_at)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(db)?
+        let attempt = || async {
+            match a.on_success.or(a.on_exhausted) {
+                // The commonest confirm: a matching code, a callback owed.
+                Some(message) if a.matched && a.on_success.is_some() => {
+                    sqlx::query_as::<_, (i32, i32)>(MATCHED_CODE_WITH_CALLBACK)
+                        .bind(a.id)
+                        .bind(a.now)
+                        .bind(Json(a.success))
+                        .bind(message.id)
+                        .bind(message.partner_id)
+                        .bind(a.expected_attempts)
+                        .bind(&message.callback_url)
+                        .bind(message.payload.as_str())
+                        .bind(message.created_at)
+                        .fetch_optional(&self.pool)
+                        .await
+                }
+                // Both messages share the transaction's partner and callback URL.
+                Some(message) => {
+                    bind_local_code(sqlx::query_as::<_, (i32, i32)>(LOCAL_CODE_WITH_CALLBACK), &a)
+                        .bind(message.partner_id)
+                        .bind(&message.callback_url)
+                        .bind(a.on_success.map(|m| m.id))
+                        .bind(a.on_success.map(|m| m.payload.as_str()))
+                        .bind(a.on_success.map(|m| m.created_at))
+                        .bind(a.on_exhausted.map(|m| m.id))
+                        .bind(a.on_exhausted.map(|m| m.payload.as_str()))
+                        .bind(a.on_exhausted.map(|m| m.created_at))
+                        .fetch_optional(&self.pool)
+                        .await
+                }
+                None => {
+                    bind_local_code(sqlx::query_as::<_, (i32, i32)>(q::LOCAL_CODE_UPDATE), &a)
+                        .fetch_optional(&self.pool)
+                        .await
+                }
             }
-            // Both messages share the transaction's partner and callback URL.
-            Some(message) => bind_local_code(sqlx::query_as::<_, (i32, i32)>(LOCAL_CODE_WITH_CALLBACK), &a)
-                .bind(message.partner_id)
-                .bind(&message.callback_url)
-                .bind(a.on_success.map(|m| m.id))
-                .bind(a.on_success.map(|m| m.payload.as_str()))
-                .bind(a.on_success.map(|m| m.created_at))
-                .bind(a.on_exhausted.map(|m| m.id))
-                .bind(a.on_exhausted.map(|m| m.payload.as_str()))
-                .bind(a.on_exhausted.map(|m| m.created_at))
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db)?,
-            None => bind_local_code(sqlx::query_as::<_, (i32, i32)>(q::LOCAL_CODE_UPDATE), &a)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db)?,
         };
+        // A matching code's write is safe to repeat on another connection
+        // when its own turned out closed (a confirm that starts from the
+        // start's copy writes before it reads anything): it only moves a
+        // pending row to succeeded, so run twice it writes once, and a
+        // second run that finds the row already succeeded writes nothing
+        // (the caller then reads the transaction). A wrong code's write is
+        // not repeated: it would count the attempt twice if the first did.
+        let row = if a.matched { self.read_again(attempt).await? } else { attempt().await.map_err(db)? };
         row.map(|(code, used)| Ok((crate::rows::status_of(code)?, used))).transpose()
     }
 

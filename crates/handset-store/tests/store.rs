@@ -777,3 +777,40 @@ async fn index_valid(admin: &mut sqlx::PgConnection) -> bool {
     let query = "SELECT indisvalid FROM pg_index WHERE indexrelid = 'transactions_number_range'::regclass";
     sqlx::query_scalar::<_, bool>(query).fetch_one(admin).await.unwrap()
 }
+
+/// A matching code's write that meets a connection the database closed (a
+/// restart, before anything told the pool) runs once more on a live one:
+/// a confirm that starts from the start's copy writes before it reads, so
+/// no read is there to find the loss first. A wrong code's write is not
+/// repeated (it might count the attempt twice) and fails as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_matching_code_survives_a_closed_connection() {
+    let f = fixture(Kind::Postgres).await;
+    let terminate = async |f: &Fixture| {
+        let name = f.db.url.rsplit('/').next().unwrap().to_owned();
+        let admin_url = std::env::var(handset_testkit::POSTGRES_URL_VAR).unwrap();
+        let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url).await.unwrap();
+        let killed: Vec<(bool,)> = sqlx::query_as(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&name)
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
+        assert!(!killed.is_empty(), "the store had connections to close");
+    };
+
+    let tx = insert_pending(&f).await;
+    let (results, messages) = local_outcomes(&tx);
+    terminate(&f).await;
+    let matched = LocalCodeAttempt { expected_attempts: Some(0), ..local_attempt(&tx, true, &results, &messages) };
+    assert_eq!(f.store.attempt_local_code(matched).await.unwrap(), Some((Status::Succeeded, 1)));
+    assert_eq!(ids_and_payloads(&f, tx.id).await, [(messages.0.id, messages.0.payload.clone())], "one callback");
+
+    let tx = insert_pending(&f).await;
+    let (results, messages) = local_outcomes(&tx);
+    terminate(&f).await;
+    let wrong = f.store.attempt_local_code(local_attempt(&tx, false, &results, &messages)).await;
+    assert!(wrong.is_err(), "a wrong code's write is not repeated: {wrong:?}");
+    assert_eq!(f.store.transaction(tx.id).await.unwrap().unwrap().attempts_used, 0);
+}
