@@ -64,6 +64,21 @@ impl TestDatabase {
         TestDatabase { kind: Kind::Sqlite, url, cleanup: Cleanup::RemoveDir(dir) }
     }
 
+    /// Closes every connection to this Postgres database, as a restart
+    /// does; returns how many there were (0 for SQLite).
+    pub async fn close_connections(&self) -> usize {
+        let Cleanup::DropPostgres { admin_url, name } = &self.cleanup else { return 0 };
+        let mut admin = PgConnection::connect(admin_url).await.expect("connect as admin");
+        let closed: Vec<(bool,)> = sqlx::query_as(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(name)
+        .fetch_all(&mut admin)
+        .await
+        .expect("close the connections");
+        closed.len()
+    }
+
     /// Makes the database unreachable for the app (readiness tests).
     pub async fn destroy(&self) {
         match &self.cleanup {

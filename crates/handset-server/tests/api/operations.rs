@@ -360,18 +360,7 @@ async fn binary_reads_config_layers_and_logs_without_secrets() {
 
 /// Closes every connection the app has to its database, as a restart does.
 async fn terminate_connections(app: &TestApp) {
-    let name = app.db.url.rsplit('/').next().unwrap().to_owned();
-    let admin_url = std::env::var(handset_testkit::POSTGRES_URL_VAR)
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url).await.unwrap();
-    let killed: Vec<(bool,)> = sqlx::query_as(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-    )
-    .bind(&name)
-    .fetch_all(&mut admin)
-    .await
-    .unwrap();
-    assert!(!killed.is_empty(), "the app had connections to drop");
+    assert!(app.db.close_connections().await > 0, "the app had connections to drop");
 }
 
 /// A start's write after a restart: its pooled connections are closed but
