@@ -10,7 +10,9 @@
 //! threads, of the PostgreSQL server's processes and of the load (the
 //! keep-alive HTTP/1 load generator, or the ceiling's SQL driver), and the
 //! ratio of CPU per flow with the load generator left out.
-//! Then the gateway's latency at half its measured rate, and a run with thousands of flows in flight
+//! Then the gateway's latency at half its measured rate, beside the ceiling's
+//! at that same rate (the database's own tail: a WAL sync that stalls shows
+//! in both), and a run with thousands of flows in flight
 //! against a provider (`handset-sim` as ID.me) that answers slowly, with the
 //! peak memory of the `handset serve` process.
 //!
@@ -25,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use clap::Parser;
+use handset_core::model::new_record_id;
 use handset_core::secret::{DEVELOPMENT_CODE_PEPPER, code_hash};
 use handset_server::app::DEV_PARTNER_ID;
 use handset_server::{Application, Settings};
@@ -382,7 +385,7 @@ async fn start_gateway(db: &TestDatabase, args: &Args, partner_cache_ttl: Option
 /// own, so a flow costs two commits, as in the gateway.
 async fn minimal_flow(conn: &mut sqlx::PgConnection) -> FlowResult {
     let now = Utc::now();
-    let (verification, id) = (Uuid::new_v4(), Uuid::new_v4());
+    let (verification, id) = (new_record_id(), new_record_id());
     sqlx::query(
         "WITH verification AS (INSERT INTO verifications (id, partner_id, created_at) VALUES ($2, $3, $4)) \
          INSERT INTO transactions (id, verification_id, partner_id, product, provider, phone, status_code, \
@@ -411,7 +414,7 @@ async fn minimal_flow(conn: &mut sqlx::PgConnection) -> FlowResult {
     .bind(id)
     .bind(Json(json!({"phone": "+14155550123"})))
     .bind(now)
-    .bind(Uuid::new_v4())
+    .bind(new_record_id())
     .bind(DEV_PARTNER_ID)
     .bind(CALLBACK_URL)
     .bind(r#"{"status":{"code":200}}"#)
@@ -526,10 +529,8 @@ async fn prepare(db: &TestDatabase) {
 
 /// The database's ceiling: the minimal SQL of a flow, ready to run in rounds.
 enum Ceiling {
-    /// A connection per flow in flight, taken and put back without a pool's
-    /// checks (sqlx's pool pings a connection when it is returned): the
-    /// database's work and nothing else.
-    Postgres(Arc<std::sync::Mutex<Vec<sqlx::PgConnection>>>),
+    /// A connection per flow in flight (`BareConnections`).
+    Postgres(Arc<BareConnections>),
     /// SQLite allows one writer: its least work is one rusqlite connection
     /// on a thread of its own running the flows one after another, with
     /// nothing in between (no async runtime, no driver thread to hand
@@ -547,7 +548,10 @@ impl Ceiling {
                 for _ in 0..connections {
                     idle.push(<sqlx::PgConnection as sqlx::Connection>::connect(&db.url).await.expect("connect"));
                 }
-                Ceiling::Postgres(Arc::new(std::sync::Mutex::new(idle)))
+                Ceiling::Postgres(Arc::new(BareConnections {
+                    free: tokio::sync::Semaphore::new(connections),
+                    idle: std::sync::Mutex::new(idle),
+                }))
             }
             Kind::Sqlite => {
                 Ceiling::Sqlite(db.url.trim_start_matches("sqlite://").split('?').next().unwrap_or_default().to_owned())
@@ -558,84 +562,73 @@ impl Ceiling {
     /// `flows` flows of minimal SQL, `concurrency` at a time (Postgres).
     async fn run(&self, flows: usize, concurrency: usize) -> Run {
         match self {
-            Ceiling::Postgres(idle) => {
-                let idle = idle.clone();
-                measure(flows, concurrency, move || {
-                    let idle = idle.clone();
-                    async move {
-                        let mut conn = idle.lock().expect("idle connections").pop().ok_or("no idle connection")?;
-                        let flow = minimal_flow(&mut conn).await;
-                        idle.lock().expect("idle connections").push(conn);
-                        flow
-                    }
-                })
-                .await
+            Ceiling::Postgres(connections) => {
+                let connections = connections.clone();
+                measure(flows, concurrency, move || connections.clone().flow()).await
             }
             Ceiling::Sqlite(path) => {
                 let path = path.clone();
-                tokio::task::spawn_blocking(move || direct_flows(&path, flows)).await.expect("the direct run")
+                tokio::task::spawn_blocking(move || direct_flows(&path, flows, None)).await.expect("the direct run")
+            }
+        }
+    }
+
+    /// `flows` flows started at `rate` per second: the database's own
+    /// latency at the pace the gateway's is measured at.
+    async fn run_paced(&self, flows: usize, rate: f64) -> Run {
+        match self {
+            Ceiling::Postgres(connections) => {
+                let connections = connections.clone();
+                measure_paced(flows, rate, move || connections.clone().flow()).await
+            }
+            Ceiling::Sqlite(path) => {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || direct_flows(&path, flows, Some(rate))).await.expect("the direct run")
             }
         }
     }
 }
 
-fn direct_flows(path: &str, flows: usize) -> Run {
-    use rusqlite::params;
+/// The ceiling's Postgres connections, one per flow in flight, taken and
+/// put back without a pool's checks (sqlx's pool pings a connection when
+/// it is returned): the database's work and nothing else. A flow that
+/// finds them all busy waits for one, as the gateway's wait for its pool.
+struct BareConnections {
+    free: tokio::sync::Semaphore,
+    idle: std::sync::Mutex<Vec<sqlx::PgConnection>>,
+}
+
+impl BareConnections {
+    async fn flow(self: Arc<Self>) -> FlowResult {
+        let _turn = self.free.acquire().await.map_err(|e| e.to_string())?;
+        let mut conn = self.idle.lock().expect("idle connections").pop().ok_or("no idle connection")?;
+        let flow = minimal_flow(&mut conn).await;
+        self.idle.lock().expect("idle connections").push(conn);
+        flow
+    }
+}
+
+/// `flows` flows of minimal SQL one after another on one connection. With
+/// a `rate`, each starts when due at that pace and its latency counts from
+/// then, so a flow that stalls delays the next ones as a queue would.
+fn direct_flows(path: &str, flows: usize, rate: Option<f64>) -> Run {
     let conn = rusqlite::Connection::open(path).expect("open the database");
     conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000;")
         .expect("pragmas");
-    let time = |t: chrono::DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     let started = Instant::now();
     let mut latencies = Vec::with_capacity(flows);
     let mut failures = 0;
-    for _ in 0..flows {
-        let flow = Instant::now();
-        let one = || -> rusqlite::Result<()> {
-            let (id, verification, now) = (Uuid::new_v4(), Uuid::new_v4(), Utc::now());
-            conn.execute_batch("BEGIN IMMEDIATE")?;
-            conn.prepare_cached("INSERT INTO verifications (id, partner_id, created_at) VALUES (?1, ?2, ?3)")?
-                .execute(params![verification.as_bytes(), DEV_PARTNER_ID.as_bytes(), time(now)])?;
-            conn.prepare_cached(
-                "INSERT INTO transactions (id, verification_id, partner_id, product, provider, phone, status_code, \
-                 created_at, updated_at, expires_at, max_attempts, code_hash, callback_url, metadata) \
-                 VALUES (?1, ?2, ?3, 'possession.sms', 'sandbox', '+14155550123', 210, ?4, ?4, ?5, 5, ?6, ?7, '{}')",
-            )?
-            .execute(params![
-                id.as_bytes(),
-                verification.as_bytes(),
-                DEV_PARTNER_ID.as_bytes(),
-                time(now),
-                time(now + chrono::Duration::minutes(10)),
-                code_hash(DEVELOPMENT_CODE_PEPPER.as_bytes(), id, "123123"),
-                CALLBACK_URL
-            ])?;
-            conn.execute_batch("COMMIT")?;
-            let now = Utc::now();
-            conn.execute_batch("BEGIN IMMEDIATE")?;
-            let _: (Option<String>, i32) = conn
-                .prepare_cached("SELECT code_hash, attempts_used FROM transactions WHERE id = ?1")?
-                .query_row(params![id.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))?;
-            conn.prepare_cached(
-                "UPDATE transactions SET status_code = 200, attempts_used = attempts_used + 1, result = ?2, \
-                 updated_at = ?3 WHERE id = ?1",
-            )?
-            .execute(params![id.as_bytes(), r#"{"phone":"+14155550123"}"#, time(now)])?;
-            conn.prepare_cached(
-                "INSERT INTO outbox (id, transaction_id, partner_id, callback_url, payload, created_at, next_attempt_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-            )?
-            .execute(params![
-                Uuid::new_v4().as_bytes(),
-                id.as_bytes(),
-                DEV_PARTNER_ID.as_bytes(),
-                CALLBACK_URL,
-                r#"{"status":{"code":200}}"#,
-                time(now)
-            ])?;
-            conn.execute_batch("COMMIT")
+    for i in 0..flows {
+        let due = match rate {
+            Some(rate) => {
+                let due = started + Duration::from_secs_f64(i as f64 / rate);
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                due
+            }
+            None => Instant::now(),
         };
-        match one() {
-            Ok(()) => latencies.push(flow.elapsed()),
+        match direct_flow(&conn) {
+            Ok(()) => latencies.push(due.elapsed()),
             Err(_) => {
                 failures += 1;
                 let _ = conn.execute_batch("ROLLBACK");
@@ -643,6 +636,54 @@ fn direct_flows(path: &str, flows: usize) -> Run {
         }
     }
     Run { wall: started.elapsed(), latencies, failures }
+}
+
+/// One flow of minimal SQL on SQLite: the start's transaction, then the confirm's.
+fn direct_flow(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    use rusqlite::params;
+    let time = |t: chrono::DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let (id, verification, now) = (new_record_id(), new_record_id(), Utc::now());
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    conn.prepare_cached("INSERT INTO verifications (id, partner_id, created_at) VALUES (?1, ?2, ?3)")?
+        .execute(params![verification.as_bytes(), DEV_PARTNER_ID.as_bytes(), time(now)])?;
+    conn.prepare_cached(
+        "INSERT INTO transactions (id, verification_id, partner_id, product, provider, phone, status_code, \
+         created_at, updated_at, expires_at, max_attempts, code_hash, callback_url, metadata) \
+         VALUES (?1, ?2, ?3, 'possession.sms', 'sandbox', '+14155550123', 210, ?4, ?4, ?5, 5, ?6, ?7, '{}')",
+    )?
+    .execute(params![
+        id.as_bytes(),
+        verification.as_bytes(),
+        DEV_PARTNER_ID.as_bytes(),
+        time(now),
+        time(now + chrono::Duration::minutes(10)),
+        code_hash(DEVELOPMENT_CODE_PEPPER.as_bytes(), id, "123123"),
+        CALLBACK_URL
+    ])?;
+    conn.execute_batch("COMMIT")?;
+    let now = Utc::now();
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let _: (Option<String>, i32) = conn
+        .prepare_cached("SELECT code_hash, attempts_used FROM transactions WHERE id = ?1")?
+        .query_row(params![id.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    conn.prepare_cached(
+        "UPDATE transactions SET status_code = 200, attempts_used = attempts_used + 1, result = ?2, \
+         updated_at = ?3 WHERE id = ?1",
+    )?
+    .execute(params![id.as_bytes(), r#"{"phone":"+14155550123"}"#, time(now)])?;
+    conn.prepare_cached(
+        "INSERT INTO outbox (id, transaction_id, partner_id, callback_url, payload, created_at, next_attempt_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+    )?
+    .execute(params![
+        new_record_id().as_bytes(),
+        id.as_bytes(),
+        DEV_PARTNER_ID.as_bytes(),
+        CALLBACK_URL,
+        r#"{"status":{"code":200}}"#,
+        time(now)
+    ])?;
+    conn.execute_batch("COMMIT")
 }
 
 /// `handset serve` as a process of its own (its memory is measured), with
@@ -933,12 +974,14 @@ async fn run(args: Args) {
         }
         let half = gateway.per_second() / 2.0;
         let paced = measure_paced(args.flows, half, shipped).await;
+        let ceiling_paced = bare.run_paced(args.flows, half).await;
         row(name, "handset", &gateway);
         if let Some(compared) = &compared {
             row(name, &format!("handset, cache {}", args.partner_cache_ttl), compared);
         }
         row(name, "minimal SQL (ceiling)", &ceiling);
         row(name, &format!("handset at {half:.0}/s"), &paced);
+        row(name, &format!("minimal SQL at {half:.0}/s"), &ceiling_paced);
         match compared {
             Some(_) => println!(
                 "{name:<9} handset reaches {} of the ceiling ({} with cache {})",

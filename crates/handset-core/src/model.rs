@@ -352,7 +352,7 @@ impl OutboxMessage {
     /// A callback of `transaction` as it is now, to `callback_url`.
     pub fn of(transaction: &Transaction, callback_url: String, created_at: DateTime<Utc>) -> OutboxMessage {
         OutboxMessage {
-            id: Uuid::new_v4(),
+            id: new_record_id(),
             transaction_id: transaction.id,
             partner_id: transaction.partner_id,
             callback_url,
@@ -470,6 +470,20 @@ impl CallbackRecord {
     }
 }
 
+/// A new id for a stored record (verification, transaction, callback):
+/// UUID version 7, its first 48 bits the creation time in milliseconds and
+/// the other 74 random. Ids made close in time sit side by side in the
+/// primary-key and foreign-key indexes, so a write touches the few index pages
+/// already in memory instead of a random page of each index (with version 4,
+/// every insert dirtied a page of its own per index: in SQLite a whole page
+/// written per index per commit, in Postgres a full-page image after each
+/// checkpoint). No counter: within a millisecond ids are not ordered, and
+/// every id keeps 74 unguessable bits. The time they reveal is the
+/// record's `created_at`, which the API shows anyway.
+pub fn new_record_id() -> Uuid {
+    Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext))
+}
+
 /// Timestamps as partners see them: RFC 3339, UTC, milliseconds.
 pub fn format_time(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Millis, true)
@@ -529,7 +543,7 @@ impl Transaction {
         now: DateTime<Utc>,
     ) -> Transaction {
         Transaction {
-            id: Uuid::new_v4(),
+            id: new_record_id(),
             verification_id,
             partner_id,
             product,
@@ -633,6 +647,21 @@ impl VerificationOut {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn record_ids_follow_the_clock_and_stay_random() {
+        let first = new_record_id();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let later = new_record_id();
+        assert_eq!(first.get_version_num(), 7);
+        assert!(later > first, "an id made later sorts after: {first} {later}");
+        // Ids of one millisecond share the time bits and differ in the rest.
+        let (a, b) = (new_record_id(), new_record_id());
+        assert_ne!(a.as_bytes()[8..], b.as_bytes()[8..], "the random bits repeat");
+        let at = |id: Uuid| id.get_timestamp().map(|t| t.to_unix()).expect("a v7 timestamp");
+        let now = Utc::now().timestamp() as u64;
+        assert!(at(a).0.abs_diff(now) <= 1, "the id's time is now");
+    }
 
     #[test]
     fn debug_output_holds_no_personal_data_or_secret() {

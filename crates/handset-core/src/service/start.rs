@@ -141,7 +141,8 @@ impl Gateway {
                 Ok(Joined { id, new: None, provider_verifications })
             }
             None => {
-                let verification = Verification { id: Uuid::new_v4(), partner_id: partner.id, created_at: self.now() };
+                let verification =
+                    Verification { id: crate::model::new_record_id(), partner_id: partner.id, created_at: self.now() };
                 Ok(Joined { id: verification.id, new: Some(verification), provider_verifications: Vec::new() })
             }
         }
