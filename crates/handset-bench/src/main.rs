@@ -9,7 +9,8 @@
 //! the rounds'. Beside each path, the CPU per flow of the gateway's
 //! threads, of the PostgreSQL server's processes and of the load (the
 //! keep-alive HTTP/1 load generator, or the ceiling's SQL driver), and the
-//! ratio of CPU per flow with the load generator left out.
+//! ratio of CPU per flow with the load generator left out; on Postgres,
+//! the bytes of WAL per flow.
 //! Then the gateway's latency at half its measured rate, beside the ceiling's
 //! at that same rate (the database's own tail: a WAL sync that stalls shows
 //! in both), and a run with thousands of flows in flight
@@ -583,7 +584,9 @@ impl Ceiling {
             }
             Ceiling::Sqlite(path) => {
                 let path = path.clone();
-                tokio::task::spawn_blocking(move || direct_flows(&path, flows, Some(rate))).await.expect("the direct run")
+                tokio::task::spawn_blocking(move || direct_flows(&path, flows, Some(rate)))
+                    .await
+                    .expect("the direct run")
             }
         }
     }
@@ -781,6 +784,8 @@ struct Cpu {
     gateway: Duration,
     load: Duration,
     database: Option<Duration>,
+    /// Bytes of write-ahead log the PostgreSQL server wrote (`pg_stat_wal`).
+    wal_bytes: Option<u64>,
 }
 
 impl Cpu {
@@ -788,6 +793,10 @@ impl Cpu {
         self.gateway += other.gateway;
         self.load += other.load;
         self.database = match (self.database, other.database) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        self.wal_bytes = match (self.wal_bytes, other.wal_bytes) {
             (Some(a), Some(b)) => Some(a + b),
             (a, b) => a.or(b),
         };
@@ -801,6 +810,8 @@ struct CpuProbe {
     gateway_threads: String,
     sqlite: bool,
     postmaster: Option<u32>,
+    /// The Postgres server whose WAL is counted.
+    postgres_url: Option<String>,
 }
 
 /// The CPU each thread and server process had spent at one moment (on-CPU
@@ -822,6 +833,14 @@ fn on_cpu(dir: &std::path::Path) -> Option<Duration> {
 fn parent_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The bytes of WAL the PostgreSQL server at `url` has written since its
+/// statistics were reset (the whole server: the benchmark is its only user).
+async fn wal_written(url: &str) -> Option<u64> {
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url).await.ok()?;
+    let bytes: i64 = sqlx::query_scalar("SELECT wal_bytes::bigint FROM pg_stat_wal").fetch_one(&mut conn).await.ok()?;
+    u64::try_from(bytes).ok()
 }
 
 /// The postmaster of the PostgreSQL server at `url`, if it runs here.
@@ -871,15 +890,25 @@ impl CpuSample {
             gateway: spent(&self.gateway, &before.gateway),
             load: spent(&self.load, &before.load),
             database: self.database.as_ref().zip(before.database.as_ref()).map(|(now, then)| spent(now, then)),
+            wal_bytes: None,
         }
     }
 }
 
 /// Runs `work` and adds the CPU it took to `total`.
+/// The WAL is read outside the CPU samples, so reading it is not counted.
 async fn counting<T>(total: &mut Cpu, probe: &CpuProbe, work: impl std::future::Future<Output = T>) -> T {
+    let wal_before = match &probe.postgres_url {
+        Some(url) => wal_written(url).await,
+        None => None,
+    };
     let before = probe.sample();
     let out = work.await;
-    total.add(probe.sample().since(&before));
+    let mut spent = probe.sample().since(&before);
+    if let (Some(url), Some(before)) = (&probe.postgres_url, wal_before) {
+        spent.wal_bytes = wal_written(url).await.map(|after| after.saturating_sub(before));
+    }
+    total.add(spent);
     out
 }
 
@@ -887,8 +916,9 @@ async fn counting<T>(total: &mut Cpu, probe: &CpuProbe, work: impl std::future::
 fn cpu_row(store: &str, path: &str, cpu: &Cpu, flows: usize, load_label: &str) {
     let per_flow = |d: Duration| d.as_secs_f64() * 1000.0 / flows.max(1) as f64;
     let database = cpu.database.map_or("-".to_owned(), |d| format!("{:.3}", per_flow(d)));
+    let wal = cpu.wal_bytes.map_or("-".to_owned(), |bytes| format!("{:.0}", bytes as f64 / flows.max(1) as f64));
     println!(
-        "{store:<9} {path:<22} {:>10.3} {database:>11} {:>9.3}  ({load_label})",
+        "{store:<9} {path:<22} {:>10.3} {database:>11} {:>9.3} {wal:>10}  ({load_label})",
         per_flow(cpu.gateway),
         per_flow(cpu.load)
     );
@@ -933,7 +963,13 @@ async fn run(args: Args) {
             Kind::Postgres => postmaster_of(&shipped_db.url).await,
             Kind::Sqlite => None,
         };
-        let probe = |gateway_threads: String| CpuProbe { gateway_threads, sqlite: kind == Kind::Sqlite, postmaster };
+        let postgres_url = (kind == Kind::Postgres).then(|| shipped_db.url.clone());
+        let probe = |gateway_threads: String| CpuProbe {
+            gateway_threads,
+            sqlite: kind == Kind::Sqlite,
+            postmaster,
+            postgres_url: postgres_url.clone(),
+        };
         let (addr, threads) = start_gateway(&shipped_db, &args, None).await;
         let (shipped, shipped_probe) = (flow_on(addr), probe(threads));
         // Postgres caches partners by default: show what the cache is worth.
@@ -945,7 +981,8 @@ async fn run(args: Args) {
             Kind::Sqlite => None,
         };
         // The ceiling runs on the load's threads: no gateway's count.
-        let ceiling_probe = CpuProbe { gateway_threads: String::new(), sqlite: false, postmaster };
+        let ceiling_probe =
+            CpuProbe { gateway_threads: String::new(), sqlite: false, postmaster, postgres_url: postgres_url.clone() };
         let ceiling_db = TestDatabase::new(kind).await;
         let bare = Ceiling::new(&ceiling_db, &args).await;
         let rounds = args.rounds.max(1);
@@ -991,7 +1028,10 @@ async fn run(args: Args) {
             ),
             None => println!("{name:<9} handset reaches {} of the ceiling", spread(&mut ratios)),
         }
-        println!("{:<9} {:<22} {:>10} {:>11} {:>9}", "", "CPU ms per flow", "gateway", "database", "load");
+        println!(
+            "{:<9} {:<22} {:>10} {:>11} {:>9} {:>10}",
+            "", "CPU ms per flow", "gateway", "database", "load", "WAL bytes"
+        );
         cpu_row(name, "handset", &gateway_cpu, gateway.latencies.len(), "the HTTP load generator");
         if let Some(compared) = &compared {
             cpu_row(
