@@ -11,9 +11,9 @@
 //! keep-alive HTTP/1 load generator, or the ceiling's SQL driver), and the
 //! ratio of CPU per flow with the load generator left out; on Postgres,
 //! the bytes of WAL per flow.
-//! Then the gateway's latency at half its measured rate, beside the ceiling's
-//! at that same rate (the database's own tail: a WAL sync that stalls shows
-//! in both), and a run with thousands of flows in flight
+//! Then the gateway's latency at half its measured rate, beside the
+//! ceiling's at half its own (the database's own tail when not saturated: a
+//! disk sync that stalls shows in both), and a run with thousands of flows in flight
 //! against a provider (`handset-sim` as ID.me) that answers slowly, with the
 //! peak memory of the `handset serve` process.
 //!
@@ -575,7 +575,7 @@ impl Ceiling {
     }
 
     /// `flows` flows started at `rate` per second: the database's own
-    /// latency at the pace the gateway's is measured at.
+    /// latency when not saturated.
     async fn run_paced(&self, flows: usize, rate: f64) -> Run {
         match self {
             Ceiling::Postgres(connections) => {
@@ -1011,14 +1011,15 @@ async fn run(args: Args) {
         }
         let half = gateway.per_second() / 2.0;
         let paced = measure_paced(args.flows, half, shipped).await;
-        let ceiling_paced = bare.run_paced(args.flows, half).await;
+        let ceiling_half = ceiling.per_second() / 2.0;
+        let ceiling_paced = bare.run_paced(args.flows, ceiling_half).await;
         row(name, "handset", &gateway);
         if let Some(compared) = &compared {
             row(name, &format!("handset, cache {}", args.partner_cache_ttl), compared);
         }
         row(name, "minimal SQL (ceiling)", &ceiling);
         row(name, &format!("handset at {half:.0}/s"), &paced);
-        row(name, &format!("minimal SQL at {half:.0}/s"), &ceiling_paced);
+        row(name, &format!("minimal SQL at {ceiling_half:.0}/s"), &ceiling_paced);
         match compared {
             Some(_) => println!(
                 "{name:<9} handset reaches {} of the ceiling ({} with cache {})",
