@@ -24,6 +24,8 @@ RUN cargo chef prepare --recipe-path recipe.json
 
 FROM chef AS builder
 COPY --from=planner /src/recipe.json recipe.json
+# The build's settings (SQLite's compile flags) apply to the cached dependencies too.
+COPY .cargo .cargo
 RUN cargo chef cook --release --locked --recipe-path recipe.json
 COPY . .
 RUN cargo build --release --locked --bin handset --bin handset-sim

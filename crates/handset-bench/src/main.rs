@@ -612,8 +612,9 @@ impl BareConnections {
 }
 
 /// `flows` flows of minimal SQL one after another on one connection. With
-/// a `rate`, each starts when due at that pace and its latency counts from
-/// then, so a flow that stalls delays the next ones as a queue would.
+/// a `rate`, each starts when due at that pace; one that had to wait for
+/// the flow before it counts its latency from when it was due, so a flow
+/// that stalls delays the next ones as a queue would.
 fn direct_flows(path: &str, flows: usize, rate: Option<f64>) -> Run {
     let conn = rusqlite::Connection::open(path).expect("open the database");
     conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000;")
@@ -625,8 +626,14 @@ fn direct_flows(path: &str, flows: usize, rate: Option<f64>) -> Run {
         let due = match rate {
             Some(rate) => {
                 let due = started + Duration::from_secs_f64(i as f64 / rate);
-                std::thread::sleep(due.saturating_duration_since(Instant::now()));
-                due
+                let now = Instant::now();
+                // On time: from its start (a sleep's overshoot is not the database's).
+                if now < due {
+                    std::thread::sleep(due - now);
+                    Instant::now()
+                } else {
+                    due
+                }
             }
             None => Instant::now(),
         };
@@ -784,7 +791,7 @@ struct Cpu {
     gateway: Duration,
     load: Duration,
     database: Option<Duration>,
-    /// Bytes of write-ahead log the PostgreSQL server wrote (`pg_stat_wal`).
+    /// Bytes of write-ahead log the PostgreSQL server inserted.
     wal_bytes: Option<u64>,
 }
 
@@ -835,11 +842,15 @@ fn parent_of(pid: u32) -> Option<u32> {
     stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// The bytes of WAL the PostgreSQL server at `url` has written since its
-/// statistics were reset (the whole server: the benchmark is its only user).
-async fn wal_written(url: &str) -> Option<u64> {
+/// Where the PostgreSQL server at `url` inserts its next WAL record, in
+/// bytes: exact at once, where `pg_stat_wal` lags up to a second per
+/// backend (the whole server: the benchmark is its only user).
+async fn wal_position(url: &str) -> Option<u64> {
     let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url).await.ok()?;
-    let bytes: i64 = sqlx::query_scalar("SELECT wal_bytes::bigint FROM pg_stat_wal").fetch_one(&mut conn).await.ok()?;
+    let bytes: i64 = sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint")
+        .fetch_one(&mut conn)
+        .await
+        .ok()?;
     u64::try_from(bytes).ok()
 }
 
@@ -899,14 +910,14 @@ impl CpuSample {
 /// The WAL is read outside the CPU samples, so reading it is not counted.
 async fn counting<T>(total: &mut Cpu, probe: &CpuProbe, work: impl std::future::Future<Output = T>) -> T {
     let wal_before = match &probe.postgres_url {
-        Some(url) => wal_written(url).await,
+        Some(url) => wal_position(url).await,
         None => None,
     };
     let before = probe.sample();
     let out = work.await;
     let mut spent = probe.sample().since(&before);
     if let (Some(url), Some(before)) = (&probe.postgres_url, wal_before) {
-        spent.wal_bytes = wal_written(url).await.map(|after| after.saturating_sub(before));
+        spent.wal_bytes = wal_position(url).await.map(|after| after.saturating_sub(before));
     }
     total.add(spent);
     out

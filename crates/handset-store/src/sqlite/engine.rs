@@ -81,11 +81,6 @@ fn open(location: &Location, read_only: bool) -> rusqlite::Result<Connection> {
     // NORMAL: a power loss can lose the last commits, never corrupt the file.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    // Each write of a group runs in a savepoint whose page copies (the
-    // statement journal) SQLite spills to a new temporary file past 64 KiB:
-    // a file created, written and deleted inside the writer's commit, which
-    // took milliseconds of every write queued behind it. In memory instead.
-    conn.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(conn)
 }
 
@@ -444,4 +439,19 @@ pub(crate) fn get_opt_json<T: serde::de::DeserializeOwned>(row: &Row<'_>, index:
 
 pub(crate) fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Database(Box::new(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    /// The writer's savepoints keep their statement journals in memory up
+    /// to 4 MiB (`.cargo/config.toml` builds SQLite so): with SQLite's 64 KiB
+    /// a start's journal went to a temporary file inside the commit.
+    #[test]
+    fn statement_journals_stay_in_memory_up_to_four_mib() {
+        let conn = rusqlite::Connection::open_in_memory().expect("open");
+        let mut options = conn.prepare("PRAGMA compile_options").expect("prepare");
+        let options: Vec<String> =
+            options.query_map([], |row| row.get(0)).expect("query").collect::<Result<_, _>>().expect("read");
+        assert!(options.iter().any(|o| o == "STMTJRNL_SPILL=4194304"), "built without it: {options:?}");
+    }
 }
