@@ -55,6 +55,16 @@ impl Location {
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most writes committed together.
 const MAX_GROUP: usize = 64;
+/// While writes arrive together (the last group held more than one), the
+/// writer waits this long after the first of a group for others before it
+/// commits. A commit writes every page it changed to the log, about ten
+/// per write when groups are of one or two: fewer, larger groups write less
+/// and meet fewer of the stalls of the log's file while the checkpointer
+/// syncs it. Measured on the benchmark (SQLite, 16 in flight): p99 47-56 ms
+/// to 31-34 ms at the same rate, for about 1 ms more at the median when
+/// half loaded (1 ms of waiting cut the rate by a fifth). A lone write, on
+/// a quiet server, never waits.
+const GATHER: Duration = Duration::from_micros(300);
 /// Prepared statements kept per connection (handset runs about 40).
 const STATEMENT_CACHE: usize = 64;
 
@@ -253,14 +263,24 @@ fn run_writer(location: &Location, queue: &mpsc::Receiver<Box<dyn Job>>) {
     let mut conn: Option<Connection> = None;
     // Wakes the checkpointer after commits (one pending signal is enough).
     let mut committed: Option<mpsc::SyncSender<()>> = None;
+    let mut busy = false;
     while let Ok(first) = queue.recv() {
+        let gathered_until = std::time::Instant::now() + if busy { GATHER } else { Duration::ZERO };
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
-            match queue.try_recv() {
-                Ok(job) => group.push(job),
-                Err(_) => break,
+            let next = match queue.try_recv() {
+                Ok(job) => Some(job),
+                Err(_) => match gathered_until.checked_duration_since(std::time::Instant::now()) {
+                    Some(left) if !left.is_zero() => queue.recv_timeout(left).ok(),
+                    _ => None,
+                },
+            };
+            match next {
+                Some(job) => group.push(job),
+                None => break,
             }
         }
+        busy = group.len() > 1;
         if conn.is_none() {
             match open_writer(location) {
                 Ok((opened, checkpointer)) => (conn, committed) = (Some(opened), checkpointer),
