@@ -799,14 +799,8 @@ impl Cpu {
     fn add(&mut self, other: Cpu) {
         self.gateway += other.gateway;
         self.load += other.load;
-        self.database = match (self.database, other.database) {
-            (Some(a), Some(b)) => Some(a + b),
-            (a, b) => a.or(b),
-        };
-        self.wal_bytes = match (self.wal_bytes, other.wal_bytes) {
-            (Some(a), Some(b)) => Some(a + b),
-            (a, b) => a.or(b),
-        };
+        self.database = sum(self.database, other.database);
+        self.wal_bytes = sum(self.wal_bytes, other.wal_bytes);
     }
 }
 
@@ -819,6 +813,14 @@ struct CpuProbe {
     postmaster: Option<u32>,
     /// The Postgres server whose WAL is counted.
     postgres_url: Option<String>,
+}
+
+/// Either or both, added.
+fn sum<T: std::ops::Add<Output = T>>(a: Option<T>, b: Option<T>) -> Option<T> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a + b),
+        (a, b) => a.or(b),
+    }
 }
 
 /// The CPU each thread and server process had spent at one moment (on-CPU

@@ -11,7 +11,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use handset_core::store::StoreError;
@@ -265,19 +265,13 @@ fn run_writer(location: &Location, queue: &mpsc::Receiver<Box<dyn Job>>) {
     let mut committed: Option<mpsc::SyncSender<()>> = None;
     let mut busy = false;
     while let Ok(first) = queue.recv() {
-        let gathered_until = std::time::Instant::now() + if busy { GATHER } else { Duration::ZERO };
+        let gathered_until = Instant::now() + if busy { GATHER } else { Duration::ZERO };
         let mut group = vec![first];
+        // A zero wait still takes what is already queued.
         while group.len() < MAX_GROUP {
-            let next = match queue.try_recv() {
-                Ok(job) => Some(job),
-                Err(_) => match gathered_until.checked_duration_since(std::time::Instant::now()) {
-                    Some(left) if !left.is_zero() => queue.recv_timeout(left).ok(),
-                    _ => None,
-                },
-            };
-            match next {
-                Some(job) => group.push(job),
-                None => break,
+            match queue.recv_timeout(gathered_until.saturating_duration_since(Instant::now())) {
+                Ok(job) => group.push(job),
+                Err(_) => break,
             }
         }
         busy = group.len() > 1;
