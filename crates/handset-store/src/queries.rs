@@ -420,3 +420,57 @@ pub(crate) const RELEASE_RANGE: &str = "UPDATE number_range_pauses SET paused_un
 pub(crate) const INVALID_INDEXES: &str = "SELECT c.relname::text FROM pg_index i \
      JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
      WHERE NOT i.indisvalid AND n.nspname = current_schema() ORDER BY 1";
+
+#[cfg(test)]
+mod tests {
+    //! The lookups served by partial indexes: a query uses one only when its
+    //! own conditions imply the index's, which an edit of either can break
+    //! without any result changing (only the table scans would show it).
+    use handset_testkit::TestDatabase;
+
+    use super::*;
+
+    async fn migrated(db: &TestDatabase) {
+        let store = crate::connect(&db.url, &crate::PoolSettings::default()).expect("store");
+        store.migrate().await.expect("migrate");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_lookups_use_the_partial_indexes() {
+        let db = TestDatabase::postgres().await;
+        migrated(&db).await;
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url).await.expect("connect");
+        // The plan the store's prepared statements settle on, and no table
+        // scan to fall back to on an empty table.
+        let setup = format!(
+            "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off; \
+             PREPARE by_ref AS {TRANSACTION_BY_PROVIDER_REF}; PREPARE claim_polls AS {CLAIM_POLLS_PG}"
+        );
+        sqlx::raw_sql(&setup).execute(&mut conn).await.expect("prepare");
+        for (statement, index) in [
+            ("EXPLAIN EXECUTE by_ref('idme', 'ref')", "transactions_provider_ref_set"),
+            ("EXPLAIN EXECUTE claim_polls(now(), now(), 10)", "transactions_poll_scheduled"),
+        ] {
+            let plan: Vec<String> = sqlx::query_scalar(statement).fetch_all(&mut conn).await.expect("explain");
+            assert!(plan.iter().any(|line| line.contains(index)), "{statement}: {plan:#?}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_lookups_use_the_partial_indexes() {
+        let db = TestDatabase::sqlite();
+        migrated(&db).await;
+        let conn = rusqlite::Connection::open(db.url.trim_start_matches("sqlite://")).expect("open");
+        for (query, index) in [
+            (TRANSACTION_BY_PROVIDER_REF, "transactions_provider_ref_set"),
+            (CLAIM_POLLS_SQLITE, "transactions_poll_scheduled"),
+        ] {
+            let mut explain = conn.prepare(&format!("EXPLAIN QUERY PLAN {query}")).expect("explain");
+            let unbound =
+                rusqlite::params_from_iter(std::iter::repeat_n(rusqlite::types::Null, explain.parameter_count()));
+            let plan: Vec<String> =
+                explain.query_map(unbound, |row| row.get(3)).expect("plan").collect::<Result<_, _>>().expect("rows");
+            assert!(plan.iter().any(|line| line.contains(index)), "{query}: {plan:#?}");
+        }
+    }
+}
