@@ -169,6 +169,18 @@ fn bind_funnel<'q, O>(
 }
 
 impl PgStore {
+    /// `REINDEX INDEX CONCURRENTLY` of every index of handset's schema marked invalid.
+    async fn rebuild_invalid_indexes(&self) -> Result<(), StoreError> {
+        let invalid: Vec<String> = sqlx::query_scalar(q::INVALID_INDEXES).fetch_all(&self.pool).await.map_err(db)?;
+        for index in invalid {
+            tracing::warn!(index = %index, "rebuilding an index left invalid by an interrupted migration");
+            // The name comes from the catalogue, quoted as an identifier.
+            let rebuild = format!("REINDEX INDEX CONCURRENTLY \"{}\"", index.replace('"', "\"\""));
+            sqlx::query(&rebuild).execute(&self.pool).await.map_err(db)?;
+        }
+        Ok(())
+    }
+
     async fn execute(&self, query: PgQuery<'_>) -> Result<u64, StoreError> {
         Ok(query.execute(&self.pool).await.map_err(db)?.rows_affected())
     }
@@ -290,24 +302,20 @@ async fn listen(pool: &sqlx::PgPool) -> Result<PgListener, sqlx::Error> {
 
 #[async_trait]
 impl Store for PgStore {
-    /// Applies pending migrations, then rebuilds any index an interrupted
-    /// `CREATE INDEX CONCURRENTLY` left invalid: `IF NOT EXISTS` would skip
-    /// it on every later run, and Postgres would never use it.
+    /// Applies pending migrations, rebuilding any index an interrupted
+    /// `CREATE INDEX CONCURRENTLY` left invalid (`IF NOT EXISTS` would skip
+    /// it on every later run, and Postgres would never use it) both before
+    /// them, so that a migration dropping the index it replaces never
+    /// leaves a lookup with only an invalid one, and after.
     async fn migrate(&self) -> Result<(), StoreError> {
+        self.rebuild_invalid_indexes().await?;
         let mut lease = self.pool.lease().await.map_err(db)?;
         sqlx::migrate!("../../migrations/postgres")
             .run_direct(&mut *lease)
             .await
             .map_err(|e| StoreError::Database(Box::new(e)))?;
         lease.release();
-        let invalid: Vec<String> = sqlx::query_scalar(q::INVALID_INDEXES).fetch_all(&self.pool).await.map_err(db)?;
-        for index in invalid {
-            tracing::warn!(index = %index, "rebuilding an index left invalid by an interrupted migration");
-            // The name comes from the catalogue, quoted as an identifier.
-            let rebuild = format!("REINDEX INDEX CONCURRENTLY \"{}\"", index.replace('"', "\"\""));
-            sqlx::query(&rebuild).execute(&self.pool).await.map_err(db)?;
-        }
-        Ok(())
+        self.rebuild_invalid_indexes().await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -778,6 +778,32 @@ async fn index_valid(admin: &mut sqlx::PgConnection) -> bool {
     sqlx::query_scalar::<_, bool>(query).fetch_one(admin).await.unwrap()
 }
 
+/// An upgrade interrupted while building an index that replaces another
+/// (`transactions_provider_ref_set`, then the old one dropped) ends, on the
+/// next migration, with the new index valid and the old one gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_interrupted_index_replacement_completes() {
+    let db = TestDatabase::postgres().await;
+    let store = handset_store::connect(&db.url, &PoolSettings::default()).unwrap();
+    store.migrate().await.unwrap();
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url).await.unwrap();
+    // As a database whose migration 16 was cut short: the old index still
+    // there, the new one left invalid, 16 and 17 not recorded as applied.
+    let interrupted = "CREATE INDEX transactions_provider_ref ON transactions (provider, provider_ref); \
+         UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'transactions_provider_ref_set'::regclass; \
+         DELETE FROM _sqlx_migrations WHERE version IN (16, 17)";
+    sqlx::raw_sql(interrupted).execute(&mut admin).await.unwrap();
+    store.migrate().await.expect("migrate completes the replacement");
+    let indexes: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT c.relname::text, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+         WHERE c.relname LIKE 'transactions_provider_ref%' ORDER BY 1",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(indexes, vec![("transactions_provider_ref_set".to_owned(), true)]);
+}
+
 /// A matching code's write that meets a connection the database closed (a
 /// restart, before anything told the pool) runs once more on a live one:
 /// a confirm that starts from the start's copy writes before it reads, so
