@@ -2,9 +2,11 @@
 //! shared with SQLite; starts and local-code confirms are single statements
 //! here (data-modifying `WITH`), one round trip each.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
 use handset_core::funnel::{Dimension, FunnelCounts, FunnelQuery};
 use handset_core::model::{
@@ -57,6 +59,15 @@ impl PgStore {
             done => done.map_err(db),
         }
     }
+}
+
+/// The pauses between a start's writes while the database restarts:
+/// 0.1, 0.2, 0.4, 0.8 and 1 s.
+fn restart_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(1))
+        .with_max_times(5)
 }
 
 pub(crate) fn db(error: sqlx::Error) -> StoreError {
@@ -179,6 +190,42 @@ impl PgStore {
             sqlx::query(&rebuild).execute(&self.pool).await.map_err(db)?;
         }
         Ok(())
+    }
+
+    /// One try of `insert_transaction`.
+    async fn write_transaction(
+        &self,
+        t: &Transaction,
+        new_verification: Option<&Verification>,
+        outbox: Option<&OutboxMessage>,
+    ) -> Result<(), sqlx::Error> {
+        // A start (a new verification, nothing owed yet): one statement.
+        if let (Some(v), None) = (new_verification, outbox) {
+            let query =
+                bind_transaction(sqlx::query(q::INSERT_START), t).bind(v.id).bind(v.partner_id).bind(v.created_at);
+            query.execute(&self.pool).await?;
+            return Ok(());
+        }
+        let mut db_tx = self.pool.begin().await?;
+        if let Some(v) = new_verification {
+            sqlx::query(q::INSERT_VERIFICATION)
+                .bind(v.id)
+                .bind(v.partner_id)
+                .bind(v.created_at)
+                .execute(&mut *db_tx)
+                .await?;
+        }
+        bind_transaction(sqlx::query(q::INSERT_TRANSACTION), t).execute(&mut *db_tx).await?;
+        if let Some(message) = outbox {
+            bind_outbox(sqlx::query(q::INSERT_OUTBOX), message).execute(&mut *db_tx).await?;
+        }
+        db_tx.commit().await
+    }
+
+    /// Whether the transaction `id` is stored.
+    async fn stored(&self, id: Uuid) -> Result<bool, sqlx::Error> {
+        let found: Option<i32> = sqlx::query_scalar(q::TRANSACTION_EXISTS).bind(id).fetch_optional(&self.pool).await?;
+        Ok(found.is_some())
     }
 
     async fn execute(&self, query: PgQuery<'_>) -> Result<u64, StoreError> {
@@ -411,34 +458,42 @@ impl Store for PgStore {
         Ok(row.map(Verification::from))
     }
 
+    /// Writes a started transaction (a start whose provider may already
+    /// have sent a code). A database restart that closes the connection
+    /// under it (or refuses new ones for a moment) is waited out with a
+    /// few more tries, over about 2.5 s: the ids are fixed, so a later try
+    /// either writes the rows or, if an earlier try committed and only its
+    /// answer was lost, finds them written (a unique violation on the
+    /// transaction's own id), which counts as written.
     async fn insert_transaction(
         &self,
         t: &Transaction,
         new_verification: Option<&Verification>,
         outbox: Option<&OutboxMessage>,
     ) -> Result<(), StoreError> {
-        // A start (a new verification, nothing owed yet): one statement.
-        if let (Some(v), None) = (new_verification, outbox) {
-            let query =
-                bind_transaction(sqlx::query(q::INSERT_START), t).bind(v.id).bind(v.partner_id).bind(v.created_at);
-            self.execute(query).await?;
-            return Ok(());
-        }
-        let mut db_tx = self.pool.begin().await.map_err(db)?;
-        if let Some(v) = new_verification {
-            sqlx::query(q::INSERT_VERIFICATION)
-                .bind(v.id)
-                .bind(v.partner_id)
-                .bind(v.created_at)
-                .execute(&mut *db_tx)
-                .await
-                .map_err(db)?;
-        }
-        bind_transaction(sqlx::query(q::INSERT_TRANSACTION), t).execute(&mut *db_tx).await.map_err(db)?;
-        if let Some(message) = outbox {
-            Self::insert_outbox(&mut *db_tx, message).await?;
-        }
-        db_tx.commit().await.map_err(db)
+        let tries = AtomicU32::new(0);
+        let write = || async {
+            let again = tries.fetch_add(1, Ordering::Relaxed) > 0;
+            match self.write_transaction(t, new_verification, outbox).await {
+                Err(error)
+                    if again
+                        && error.as_database_error().is_some_and(|e| e.is_unique_violation())
+                        && self.stored(t.id).await? =>
+                {
+                    Ok(())
+                }
+                written => written,
+            }
+        };
+        write
+            .retry(restart_backoff())
+            .sleep(tokio::time::sleep)
+            .when(breaks_connection)
+            .notify(|error, wait| {
+                tracing::warn!(transaction_id = %t.id, %error, ?wait, "a start's write met a closed database connection; writing again");
+            })
+            .await
+            .map_err(db)
     }
 
     async fn transaction(&self, id: Uuid) -> Result<Option<Transaction>, StoreError> {

@@ -109,6 +109,8 @@ pub(crate) const INSERT_START: &str = concat!(
 
 pub(crate) const TRANSACTION: &str = concat!("SELECT ", transaction_columns!(), " FROM transactions WHERE id = $1");
 
+pub(crate) const TRANSACTION_EXISTS: &str = "SELECT 1 FROM transactions WHERE id = $1";
+
 pub(crate) const TRANSACTIONS_OF_VERIFICATION: &str =
     concat!("SELECT ", transaction_columns!(), " FROM transactions WHERE verification_id = $1 ORDER BY created_at, id");
 

@@ -828,3 +828,25 @@ async fn postgres_matching_code_survives_a_closed_connection() {
     assert!(wrong.is_err(), "a wrong code's write is not repeated: {wrong:?}");
     assert_eq!(f.store.transaction(tx.id).await.unwrap().unwrap().attempts_used, 0);
 }
+
+/// A start's write that meets a connection the database closed (a restart
+/// while the provider was sending the code) is written on a live one; and
+/// one whose earlier try was committed, only its answer lost, finds its rows
+/// and counts as written. Without a lost connection, writing a transaction
+/// twice is still a conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_start_survives_a_closed_connection() {
+    let f = fixture(Kind::Postgres).await;
+    let first = insert_pending(&f).await;
+    assert!(f.db.close_connections().await > 0, "the store had connections");
+    let second = insert_pending(&f).await;
+    assert!(f.store.transaction(second.id).await.unwrap().is_some());
+
+    // As if the first write had committed and the connection closed before its answer.
+    let v = f.store.verification(first.verification_id).await.unwrap().unwrap();
+    let again = f.store.insert_transaction(&first, Some(&v), None).await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "a plain second write conflicts: {again:?}");
+    assert!(f.db.close_connections().await > 0, "the store had connections");
+    f.store.insert_transaction(&first, Some(&v), None).await.expect("found written, not a conflict");
+    assert_eq!(f.store.transactions_of_verification(v.id).await.unwrap().len(), 1, "written once");
+}
