@@ -222,6 +222,41 @@ impl PgStore {
         db_tx.commit().await
     }
 
+    /// One try of `finalize`.
+    async fn write_final(&self, f: &Finalization<'_>) -> Result<bool, sqlx::Error> {
+        let t = f.transaction;
+        let mut db_tx = self.pool.begin().await?;
+        let done = sqlx::query(q::FINALIZE)
+            .bind(t.id)
+            .bind(t.status.code())
+            .bind(t.result.as_ref().map(Json))
+            .bind(t.updated_at)
+            .bind(t.attempts_used)
+            .bind(&t.provider_ref)
+            .execute(&mut *db_tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            db_tx.rollback().await?;
+            return Ok(false);
+        }
+        if let Some(message) = f.outbox {
+            bind_outbox(sqlx::query(q::INSERT_OUTBOX), message).execute(&mut *db_tx).await?;
+        }
+        db_tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Whether `t` is stored in the final state and at the time it carries.
+    async fn finalized_as(&self, t: &Transaction) -> Result<bool, sqlx::Error> {
+        let found: Option<i32> = sqlx::query_scalar(q::TRANSACTION_FINALIZED_AS)
+            .bind(t.id)
+            .bind(t.status.code())
+            .bind(t.updated_at)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(found.is_some())
+    }
+
     /// Whether the transaction `id` is stored.
     async fn stored(&self, id: Uuid) -> Result<bool, sqlx::Error> {
         let found: Option<i32> = sqlx::query_scalar(q::TRANSACTION_EXISTS).bind(id).fetch_optional(&self.pool).await?;
@@ -580,28 +615,29 @@ impl Store for PgStore {
         row.map(|(code, used)| Ok((crate::rows::status_of(code)?, used))).transpose()
     }
 
+    /// Like a start's write, tried again while the database restarts: it
+    /// only moves a pending transaction, so a later try that finds it
+    /// already final as this one would leave it (same status and time)
+    /// meets what an earlier try committed, and counts it as its own.
     async fn finalize(&self, f: Finalization<'_>) -> Result<bool, StoreError> {
-        let t = f.transaction;
-        let mut db_tx = self.pool.begin().await.map_err(db)?;
-        let done = sqlx::query(q::FINALIZE)
-            .bind(t.id)
-            .bind(t.status.code())
-            .bind(t.result.as_ref().map(Json))
-            .bind(t.updated_at)
-            .bind(t.attempts_used)
-            .bind(&t.provider_ref)
-            .execute(&mut *db_tx)
+        let tries = AtomicU32::new(0);
+        let write = || async {
+            let again = tries.fetch_add(1, Ordering::Relaxed) > 0;
+            let ended = self.write_final(&f).await?;
+            if !ended && again {
+                return self.finalized_as(f.transaction).await;
+            }
+            Ok(ended)
+        };
+        write
+            .retry(restart_backoff())
+            .sleep(tokio::time::sleep)
+            .when(breaks_connection)
+            .notify(|error, wait| {
+                tracing::warn!(transaction_id = %f.transaction.id, %error, ?wait, "a final write met a closed database connection; writing again");
+            })
             .await
-            .map_err(db)?;
-        if done.rows_affected() == 0 {
-            db_tx.rollback().await.map_err(db)?;
-            return Ok(false);
-        }
-        if let Some(message) = f.outbox {
-            Self::insert_outbox(&mut *db_tx, message).await?;
-        }
-        db_tx.commit().await.map_err(db)?;
-        Ok(true)
+            .map_err(db)
     }
 
     async fn renew_provider_ref(&self, id: Uuid, old: Option<&str>, renewed: &str) -> Result<bool, StoreError> {

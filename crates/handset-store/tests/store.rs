@@ -850,3 +850,34 @@ async fn postgres_a_start_survives_a_closed_connection() {
     f.store.insert_transaction(&first, Some(&v), None).await.expect("found written, not a conflict");
     assert_eq!(f.store.transactions_of_verification(v.id).await.unwrap().len(), 1, "written once");
 }
+
+/// A final write that meets a closed connection (a restart while the
+/// provider checked the code) is written on a live one; one whose earlier
+/// try committed, only its answer lost, finds the transaction final as it
+/// would leave it and counts that as its own (one callback row), while a
+/// different final state found there is still another request's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_final_write_survives_a_closed_connection() {
+    let f = fixture(Kind::Postgres).await;
+    let tx = insert_pending(&f).await;
+    let done = succeeded(&tx);
+    let message = outbox(&done);
+    assert!(f.db.close_connections().await > 0, "the store had connections");
+    assert!(f.store.finalize(Finalization { transaction: &done, outbox: Some(&message) }).await.unwrap());
+    assert_eq!(f.store.transaction(tx.id).await.unwrap().unwrap().status, Status::Succeeded);
+
+    // As if that write had committed and the connection closed before its answer.
+    assert!(f.db.close_connections().await > 0, "the store had connections");
+    assert!(f.store.finalize(Finalization { transaction: &done, outbox: Some(&message) }).await.unwrap());
+    assert_eq!(outbox_of(&f, tx.id).await.len(), 1, "one callback");
+
+    let failed = Transaction {
+        status: Status::Failed,
+        result: Some(TransactionResult::failure(ResultError::new(ErrorCode::CodeExpired))),
+        ..tx.clone()
+    };
+    assert!(f.db.close_connections().await > 0, "the store had connections");
+    let second = outbox(&failed);
+    assert!(!f.store.finalize(Finalization { transaction: &failed, outbox: Some(&second) }).await.unwrap());
+    assert_eq!(outbox_of(&f, tx.id).await.len(), 1, "still one callback");
+}
