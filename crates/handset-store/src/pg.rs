@@ -61,13 +61,15 @@ impl PgStore {
     }
 }
 
-/// The pauses between a start's writes while the database restarts:
-/// 0.1, 0.2, 0.4, 0.8 and 1 s.
+/// The pauses between the tries of a start's or a final write while the
+/// database restarts: about 0.1, 0.2, 0.4, 0.8 and 1 s, each up to twice
+/// that at random, so the writes of a restart do not all arrive together.
 fn restart_backoff() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(Duration::from_secs(1))
         .with_max_times(5)
+        .with_jitter()
 }
 
 pub(crate) fn db(error: sqlx::Error) -> StoreError {
@@ -207,53 +209,74 @@ impl PgStore {
             return Ok(());
         }
         let mut db_tx = self.pool.begin().await?;
-        if let Some(v) = new_verification {
-            sqlx::query(q::INSERT_VERIFICATION)
-                .bind(v.id)
-                .bind(v.partner_id)
-                .bind(v.created_at)
-                .execute(&mut *db_tx)
-                .await?;
+        let written = async {
+            if let Some(v) = new_verification {
+                sqlx::query(q::INSERT_VERIFICATION)
+                    .bind(v.id)
+                    .bind(v.partner_id)
+                    .bind(v.created_at)
+                    .execute(&mut *db_tx)
+                    .await?;
+            }
+            bind_transaction(sqlx::query(q::INSERT_TRANSACTION), t).execute(&mut *db_tx).await?;
+            if let Some(message) = outbox {
+                bind_outbox(sqlx::query(q::INSERT_OUTBOX), message).execute(&mut *db_tx).await?;
+            }
+            Ok(())
         }
-        bind_transaction(sqlx::query(q::INSERT_TRANSACTION), t).execute(&mut *db_tx).await?;
-        if let Some(message) = outbox {
-            bind_outbox(sqlx::query(q::INSERT_OUTBOX), message).execute(&mut *db_tx).await?;
+        .await;
+        match written {
+            Ok(()) => db_tx.commit().await,
+            Err(error) => Err(db_tx.fail(error)),
         }
-        db_tx.commit().await
     }
 
     /// One try of `finalize`.
     async fn write_final(&self, f: &Finalization<'_>) -> Result<bool, sqlx::Error> {
         let t = f.transaction;
         let mut db_tx = self.pool.begin().await?;
-        let done = sqlx::query(q::FINALIZE)
-            .bind(t.id)
-            .bind(t.status.code())
-            .bind(t.result.as_ref().map(Json))
-            .bind(t.updated_at)
-            .bind(t.attempts_used)
-            .bind(&t.provider_ref)
-            .execute(&mut *db_tx)
-            .await?;
-        if done.rows_affected() == 0 {
-            db_tx.rollback().await?;
-            return Ok(false);
+        let written = async {
+            let done = sqlx::query(q::FINALIZE)
+                .bind(t.id)
+                .bind(t.status.code())
+                .bind(t.result.as_ref().map(Json))
+                .bind(t.updated_at)
+                .bind(t.attempts_used)
+                .bind(&t.provider_ref)
+                .execute(&mut *db_tx)
+                .await?;
+            if done.rows_affected() == 0 {
+                return Ok(false);
+            }
+            if let Some(message) = f.outbox {
+                bind_outbox(sqlx::query(q::INSERT_OUTBOX), message).execute(&mut *db_tx).await?;
+            }
+            Ok(true)
         }
-        if let Some(message) = f.outbox {
-            bind_outbox(sqlx::query(q::INSERT_OUTBOX), message).execute(&mut *db_tx).await?;
+        .await;
+        match written {
+            Ok(true) => db_tx.commit().await.map(|()| true),
+            Ok(false) => db_tx.rollback().await.map(|()| false),
+            Err(error) => Err(db_tx.fail(error)),
         }
-        db_tx.commit().await?;
-        Ok(true)
     }
 
-    /// Whether `t` is stored in the final state and at the time it carries.
-    async fn finalized_as(&self, t: &Transaction) -> Result<bool, sqlx::Error> {
-        let found: Option<i32> = sqlx::query_scalar(q::TRANSACTION_FINALIZED_AS)
-            .bind(t.id)
-            .bind(t.status.code())
-            .bind(t.updated_at)
-            .fetch_optional(&self.pool)
-            .await?;
+    /// Whether an earlier try of `f` committed: its callback row is stored
+    /// (its id is this write's own), or, when it owes none, the transaction
+    /// is stored in the final state and at the time `f` carries.
+    async fn finalized_as(&self, f: &Finalization<'_>) -> Result<bool, sqlx::Error> {
+        let t = f.transaction;
+        let found: Option<i32> = match f.outbox {
+            Some(message) => sqlx::query_scalar(q::OUTBOX_EXISTS).bind(message.id).fetch_optional(&self.pool).await?,
+            None => {
+                sqlx::query_scalar(q::TRANSACTION_FINALIZED_AS)
+                    .bind(t.id)
+                    .bind(t.status.code())
+                    .bind(t.updated_at)
+                    .fetch_optional(&self.pool)
+                    .await?
+            }
+        };
         Ok(found.is_some())
     }
 
@@ -489,14 +512,14 @@ impl Store for PgStore {
 
     async fn verification(&self, id: Uuid) -> Result<Option<Verification>, StoreError> {
         let row: Option<VerificationRow> =
-            sqlx::query_as(q::VERIFICATION).bind(id).fetch_optional(&self.pool).await.map_err(db)?;
+            self.read_again(|| sqlx::query_as(q::VERIFICATION).bind(id).fetch_optional(&self.pool)).await?;
         Ok(row.map(Verification::from))
     }
 
     /// Writes a started transaction (a start whose provider may already
     /// have sent a code). A database restart that closes the connection
     /// under it (or refuses new ones for a moment) is waited out with a
-    /// few more tries, over about 2.5 s: the ids are fixed, so a later try
+    /// few more tries, over 2.5 to 5 s: the ids are fixed, so a later try
     /// either writes the rows or, if an earlier try committed and only its
     /// answer was lost, finds them written (a unique violation on the
     /// transaction's own id), which counts as written.
@@ -616,16 +639,16 @@ impl Store for PgStore {
     }
 
     /// Like a start's write, tried again while the database restarts: it
-    /// only moves a pending transaction, so a later try that finds it
-    /// already final as this one would leave it (same status and time)
-    /// meets what an earlier try committed, and counts it as its own.
+    /// only moves a pending transaction, so a later try that finds nothing
+    /// to move and finds what an earlier try would have left
+    /// (`finalized_as`) counts that commit as its own.
     async fn finalize(&self, f: Finalization<'_>) -> Result<bool, StoreError> {
         let tries = AtomicU32::new(0);
         let write = || async {
             let again = tries.fetch_add(1, Ordering::Relaxed) > 0;
             let ended = self.write_final(&f).await?;
             if !ended && again {
-                return self.finalized_as(f.transaction).await;
+                return self.finalized_as(&f).await;
             }
             Ok(ended)
         };

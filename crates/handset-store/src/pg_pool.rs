@@ -229,6 +229,16 @@ impl Lease {
         result
     }
 
+    /// Ends a lease whose transaction failed before `COMMIT`: the connection
+    /// is closed (which rolls the transaction back), and when the error says
+    /// it was gone, the pool checks the others before use.
+    pub(crate) fn fail(self, error: sqlx::Error) -> sqlx::Error {
+        if breaks_connection(&error) {
+            self.lost.mark();
+        }
+        error
+    }
+
     pub(crate) async fn commit(mut self) -> Result<(), sqlx::Error> {
         let done = self.conn().execute("COMMIT").await.map(|_| ());
         self.settle(done)

@@ -111,6 +111,8 @@ pub(crate) const TRANSACTION: &str = concat!("SELECT ", transaction_columns!(), 
 
 pub(crate) const TRANSACTION_EXISTS: &str = "SELECT 1 FROM transactions WHERE id = $1";
 
+pub(crate) const OUTBOX_EXISTS: &str = "SELECT 1 FROM outbox WHERE id = $1";
+
 pub(crate) const TRANSACTION_FINALIZED_AS: &str =
     "SELECT 1 FROM transactions WHERE id = $1 AND status_code = $2 AND updated_at = $3";
 

@@ -849,6 +849,19 @@ async fn postgres_a_start_survives_a_closed_connection() {
     assert!(f.db.close_connections().await > 0, "the store had connections");
     f.store.insert_transaction(&first, Some(&v), None).await.expect("found written, not a conflict");
     assert_eq!(f.store.transactions_of_verification(v.id).await.unwrap().len(), 1, "written once");
+
+    // A start already final, with its callback: BEGIN, three inserts, COMMIT.
+    assert!(f.db.close_connections().await > 0, "the store had connections");
+    let (ended, message) = insert_final_with_callback(&f).await;
+    assert_eq!(outbox_of(&f, ended.id).await.len(), 1);
+    let v = f.store.verification(ended.verification_id).await.unwrap().unwrap();
+    assert!(f.db.close_connections().await > 0, "the store had connections");
+    f.store.insert_transaction(&ended, Some(&v), Some(&message)).await.expect("found written, not a conflict");
+    assert_eq!(outbox_of(&f, ended.id).await.len(), 1, "one callback");
+
+    // The read a start on an existing verification begins with runs again too.
+    assert!(f.db.close_connections().await > 0, "the store had connections");
+    assert!(f.store.verification(v.id).await.unwrap().is_some());
 }
 
 /// A final write that meets a closed connection (a restart while the
