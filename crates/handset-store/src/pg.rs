@@ -194,6 +194,27 @@ impl PgStore {
         Ok(())
     }
 
+    /// Runs `write` (told whether an earlier try ran) again, after the
+    /// pauses of `restart_backoff`, while its error says the connection
+    /// was lost: a write that must not be lost to a database restart and
+    /// that can tell an earlier try's commit from nothing written.
+    async fn through_restarts<T, F, Fut>(&self, transaction_id: Uuid, what: &str, write: F) -> Result<T, StoreError>
+    where
+        F: Fn(bool) -> Fut,
+        Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+    {
+        let tries = AtomicU32::new(0);
+        (|| write(tries.fetch_add(1, Ordering::Relaxed) > 0))
+            .retry(restart_backoff())
+            .sleep(tokio::time::sleep)
+            .when(breaks_connection)
+            .notify(|error, wait| {
+                tracing::warn!(%transaction_id, %error, ?wait, "{what} met a closed database connection; writing again");
+            })
+            .await
+            .map_err(db)
+    }
+
     /// One try of `insert_transaction`.
     async fn write_transaction(
         &self,
@@ -529,9 +550,7 @@ impl Store for PgStore {
         new_verification: Option<&Verification>,
         outbox: Option<&OutboxMessage>,
     ) -> Result<(), StoreError> {
-        let tries = AtomicU32::new(0);
-        let write = || async {
-            let again = tries.fetch_add(1, Ordering::Relaxed) > 0;
+        self.through_restarts(t.id, "a start's write", |again| async move {
             match self.write_transaction(t, new_verification, outbox).await {
                 Err(error)
                     if again
@@ -542,16 +561,8 @@ impl Store for PgStore {
                 }
                 written => written,
             }
-        };
-        write
-            .retry(restart_backoff())
-            .sleep(tokio::time::sleep)
-            .when(breaks_connection)
-            .notify(|error, wait| {
-                tracing::warn!(transaction_id = %t.id, %error, ?wait, "a start's write met a closed database connection; writing again");
-            })
-            .await
-            .map_err(db)
+        })
+        .await
     }
 
     async fn transaction(&self, id: Uuid) -> Result<Option<Transaction>, StoreError> {
@@ -643,24 +654,15 @@ impl Store for PgStore {
     /// to move and finds what an earlier try would have left
     /// (`finalized_as`) counts that commit as its own.
     async fn finalize(&self, f: Finalization<'_>) -> Result<bool, StoreError> {
-        let tries = AtomicU32::new(0);
-        let write = || async {
-            let again = tries.fetch_add(1, Ordering::Relaxed) > 0;
-            let ended = self.write_final(&f).await?;
+        let f = &f;
+        self.through_restarts(f.transaction.id, "a final write", |again| async move {
+            let ended = self.write_final(f).await?;
             if !ended && again {
-                return self.finalized_as(&f).await;
+                return self.finalized_as(f).await;
             }
             Ok(ended)
-        };
-        write
-            .retry(restart_backoff())
-            .sleep(tokio::time::sleep)
-            .when(breaks_connection)
-            .notify(|error, wait| {
-                tracing::warn!(transaction_id = %f.transaction.id, %error, ?wait, "a final write met a closed database connection; writing again");
-            })
-            .await
-            .map_err(db)
+        })
+        .await
     }
 
     async fn renew_provider_ref(&self, id: Uuid, old: Option<&str>, renewed: &str) -> Result<bool, StoreError> {
