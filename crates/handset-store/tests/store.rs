@@ -755,15 +755,22 @@ async fn sqlite_a_failing_write_spares_its_group() {
     assert_eq!(kept, 30);
 }
 
+/// A migrated Postgres database, its store, and a connection of its own to
+/// change the schema behind the store's back.
+async fn migrated_postgres() -> (TestDatabase, Arc<dyn Store>, sqlx::PgConnection) {
+    let db = TestDatabase::postgres().await;
+    let store = handset_store::connect(&db.url, &PoolSettings::default()).unwrap();
+    store.migrate().await.unwrap();
+    let admin = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url).await.unwrap();
+    (db, store, admin)
+}
+
 /// An index that an interrupted `CREATE INDEX CONCURRENTLY` left invalid (a
 /// deadlock between replicas migrating at once can do it) is rebuilt by
 /// the next migration, rather than skipped forever by `IF NOT EXISTS`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_migrations_rebuild_invalid_indexes() {
-    let db = TestDatabase::postgres().await;
-    let store = handset_store::connect(&db.url, &PoolSettings::default()).unwrap();
-    store.migrate().await.unwrap();
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url).await.unwrap();
+    let (_db, store, mut admin) = migrated_postgres().await;
     sqlx::query("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'transactions_number_range'::regclass")
         .execute(&mut admin)
         .await
@@ -783,10 +790,7 @@ async fn index_valid(admin: &mut sqlx::PgConnection) -> bool {
 /// next migration, with the new index valid and the old one gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_an_interrupted_index_replacement_completes() {
-    let db = TestDatabase::postgres().await;
-    let store = handset_store::connect(&db.url, &PoolSettings::default()).unwrap();
-    store.migrate().await.unwrap();
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url).await.unwrap();
+    let (_db, store, mut admin) = migrated_postgres().await;
     // As a database whose migration 16 was cut short: the old index still
     // there, the new one left invalid, 16 and 17 not recorded as applied.
     let interrupted = "CREATE INDEX transactions_provider_ref ON transactions (provider, provider_ref); \
